@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MNIST  ?= ../shared/datasets/mnist
+
+.PHONY: run test lint bench soak clean help
+
+help:
+	@echo "make run    create .venv, install, start the daemon on ./var/inbox"
+	@echo "make test   create .venv, install with extras, run the test suite"
+	@echo "make bench  throughput / latency / memory benchmark (writes bench-results/)"
+	@echo "make lint   ruff"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Runtime only: LiteRT, no TensorFlow, so `make run` stays a small install.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train,test]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	mkdir -p var/inbox
+	$(BIN)/digitwatch watch --config config/digitwatch.toml
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check digitwatch tests
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m tests.bench.run --out bench-results
+
+clean:
+	rm -rf $(VENV) var bench-results .pytest_cache

@@ -1,0 +1,66 @@
+"""Domain errors. Each carries the exit code the CLI turns it into."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; systemd's RestartPreventExitStatus lists CONFIG."""
+
+    OK = 0
+    SOME_FAILED = 1
+    USAGE = 2
+    CONFIG = 78  # EX_CONFIG from sysexits.h
+    MODEL = 79
+    DATA = 65  # EX_DATAERR
+
+
+class DigitwatchError(Exception):
+    """Base class; the message is one line meant for a person."""
+
+    exit_code: ExitCode = ExitCode.SOME_FAILED
+
+
+class DataError(DigitwatchError):
+    """A dataset file is missing, truncated or not what it claims to be."""
+
+    exit_code = ExitCode.DATA
+
+
+class ModelError(DigitwatchError):
+    """A model file cannot be loaded or does not have the expected signature."""
+
+    exit_code = ExitCode.MODEL
+
+
+class ConfigError(DigitwatchError):
+    """The effective configuration is invalid or unsafe."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class ImageError(DigitwatchError):
+    """An input scan cannot be turned into a digit. Subclasses name the reason."""
+
+    code = "bad_image"
+
+
+class EmptyFileError(ImageError):
+    code = "empty_file"
+
+
+class NotPNGError(ImageError):
+    code = "not_png"
+
+
+class CorruptImageError(ImageError):
+    code = "corrupt_image"
+
+
+class ImageTooLargeError(ImageError):
+    code = "image_too_large"
+
+
+class NoInkError(ImageError):
+    code = "no_ink"

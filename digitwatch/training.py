@@ -1,0 +1,434 @@
+"""Training, evaluation metrics and export. The only module that imports TensorFlow.
+
+Reads like a recipe: data -> model -> train -> export -> verify. The
+augmentation prepares the network for what `digitwatch.imaging` produces from
+real scans (slightly different stroke widths, blur, residual noise, imperfect
+centring), so it is applied to the MNIST digits as they are, in 28x28 space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from digitwatch.data import Mnist
+from digitwatch.errors import ModelError
+
+# TensorFlow logs a wall of CUDA probing on machines without a GPU.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
+
+SIDE = 28
+NUM_CLASSES = 10
+VALIDATION_SIZE = 5_000
+BATCH_SIZE = 128
+PEAK_LR = 2e-3
+LABEL_SMOOTHING = 0.1
+EXPORT_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that determines a training run."""
+
+    arch: str = "cnn"
+    epochs: int = 20
+    members: int = 4
+    width: int = 24
+    seed: int = 0
+    limit: int | None = None  # use only the first N training digits (tests, smoke runs)
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a training run produced, for the model card."""
+
+    model: keras.Model
+    val_accuracy: float
+    member_val_accuracy: list[float]
+    wall_seconds: float
+    train_count: int
+    val_count: int
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) MNIST digits -> float32 (N, 28, 28, 1) in [0, 1], ink high."""
+    return (images.astype(np.float32) / 255.0)[..., None]
+
+
+def split_train_validation(
+    mnist: Mnist, *, seed: int, limit: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hold out a validation split of the training digits; the test set is never touched."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(mnist.x_train))
+    if limit is not None:
+        order = order[:limit]
+    n_val = min(VALIDATION_SIZE, max(1, len(order) // 10))
+    val, train = order[:n_val], order[n_val:]
+    return (
+        to_input(mnist.x_train[train]),
+        mnist.y_train[train],
+        to_input(mnist.x_train[val]),
+        mnist.y_train[val],
+    )
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_mlp() -> keras.Model:
+    """The original student network: 128-128-10 dense."""
+    inputs = keras.Input((SIDE, SIDE, 1), name="digit")
+    x = layers.Flatten()(inputs)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dense(128, activation="relu")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name="mlp")
+
+
+def build_cnn_member(width: int, name: str) -> keras.Model:
+    """A batch-norm CNN: two stride-2 stages, then a 4x4 conv to a 1x1 feature vector."""
+    inputs = keras.Input((SIDE, SIDE, 1), name="digit")
+
+    def conv(x, filters: int, kernel: int, strides: int = 1, padding: str = "valid"):
+        x = layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU()(x)
+
+    x = conv(inputs, width, 3)
+    x = conv(x, width, 3)
+    x = conv(x, width, 5, strides=2, padding="same")
+    x = layers.Dropout(0.4)(x)
+    x = conv(x, 2 * width, 3)
+    x = conv(x, 2 * width, 3)
+    x = conv(x, 2 * width, 5, strides=2, padding="same")
+    x = layers.Dropout(0.4)(x)
+    x = conv(x, 4 * width, 4)
+    x = layers.Flatten()(x)
+    x = layers.Dropout(0.4)(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_ensemble(members: list[keras.Model]) -> keras.Model:
+    """Average member probabilities inside one graph, so one file serves them all."""
+    if len(members) == 1:
+        return members[0]
+    inputs = keras.Input((SIDE, SIDE, 1), name="digit")
+    outputs = layers.Average(name="mean_probability")([m(inputs) for m in members])
+    return keras.Model(inputs, outputs, name=f"cnn_ensemble_{len(members)}")
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def _random_affine(x: tf.Tensor, rng: tf.random.Generator) -> tf.Tensor:
+    """Rotation, anisotropic zoom, shear and shift: imperfect crops and slanted writing."""
+    n = tf.shape(x)[0]
+    angle = rng.uniform([n], -0.2, 0.2)  # about 11 degrees
+    zoom_x = rng.uniform([n], 0.88, 1.18)  # inverse map: >1 shrinks the digit
+    zoom_y = zoom_x * rng.uniform([n], 0.9, 1.1)
+    shear = rng.uniform([n], -0.25, 0.25)
+    shift_x = rng.uniform([n], -2.0, 2.0)
+    shift_y = rng.uniform([n], -2.0, 2.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # Output -> input pixel map: M = R(angle) @ Shear @ diag(zoom), about the centre.
+    m00 = zoom_x * cos
+    m01 = zoom_y * (cos * shear - sin)
+    m10 = zoom_x * sin
+    m11 = zoom_y * (sin * shear + cos)
+    c = (SIDE - 1) / 2.0
+    a2 = c - m00 * c - m01 * c + shift_x
+    b2 = c - m10 * c - m11 * c + shift_y
+    zeros = tf.zeros_like(angle)
+    transforms = tf.stack([m00, m01, a2, m10, m11, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=transforms,
+        output_shape=[SIDE, SIDE],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+
+def _blend(x: tf.Tensor, target: tf.Tensor, amount: tf.Tensor) -> tf.Tensor:
+    return x + amount[:, None, None, None] * (target - x)
+
+
+def _gated(rng: tf.random.Generator, n: tf.Tensor, p: float, low: float, high: float):
+    """Per-sample amount in [low, high] with probability p, else 0."""
+    on = tf.cast(rng.uniform([n]) < p, tf.float32)
+    return on * rng.uniform([n], low, high)
+
+
+_BLUR = tf.constant(
+    np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25]).reshape(3, 3, 1, 1), dtype=tf.float32
+)
+
+
+def make_augmenter(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Batch augmentation in graph ops: affine jitter, stroke width, blur, noise."""
+    rng = tf.random.Generator.from_seed(seed)
+
+    def augment(x: tf.Tensor) -> tf.Tensor:
+        n = tf.shape(x)[0]
+        x = _random_affine(x, rng)
+        dilated = tf.nn.max_pool2d(x, 3, 1, "SAME")
+        eroded = -tf.nn.max_pool2d(-x, 3, 1, "SAME")
+        # Pens and markers: thicker strokes; fine pens and faint scans: thinner.
+        x = _blend(x, dilated, _gated(rng, n, 0.35, 0.2, 1.0))
+        x = _blend(x, eroded, _gated(rng, n, 0.2, 0.2, 0.6))
+        blurred = tf.nn.conv2d(x, _BLUR, 1, "SAME")
+        x = _blend(x, blurred, _gated(rng, n, 0.3, 0.3, 1.0))
+        # Ink that is not fully saturated after normalization, and sensor noise.
+        x = x * (1.0 - _gated(rng, n, 0.2, 0.0, 0.3))[:, None, None, None]
+        sigma = _gated(rng, n, 0.3, 0.0, 0.08)[:, None, None, None]
+        x = x + sigma * rng.normal(tf.shape(x))
+        return tf.clip_by_value(x, 0.0, 1.0)
+
+    return augment
+
+
+# ---------------------------------------------------------------- training
+
+
+def _fit_verbosity() -> int:
+    """Keras progress bars on a terminal, one line per epoch in logs and CI."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _dataset(x, y, *, seed: int, augment: bool, batch: int = BATCH_SIZE) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((x, keras.ops.one_hot(y, NUM_CLASSES)))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch)
+    if augment:
+        augmenter = make_augmenter(seed)
+        ds = ds.map(lambda a, b: (augmenter(a), b), num_parallel_calls=1)
+    return ds.prefetch(2)
+
+
+def _train_member(
+    index: int, settings: TrainSettings, x_train, y_train, x_val, y_val
+) -> tuple[keras.Model, float]:
+    seed = settings.seed * 1000 + index
+    keras.utils.set_random_seed(seed)
+    model = build_cnn_member(settings.width, name=f"member_{index}")
+    steps = math.ceil(len(x_train) / BATCH_SIZE) * settings.epochs
+    warmup = min(steps // 10, math.ceil(len(x_train) / BATCH_SIZE))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        1e-4, decay_steps=max(1, steps - warmup), alpha=0.005,
+        warmup_target=PEAK_LR, warmup_steps=warmup,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
+        metrics=["accuracy"],
+    )
+    print(f"member {index + 1}/{settings.members}: {model.count_params()} parameters", flush=True)
+    model.fit(
+        _dataset(x_train, y_train, seed=seed, augment=settings.augment),
+        validation_data=_dataset(x_val, y_val, seed=seed, augment=False, batch=1000),
+        epochs=settings.epochs,
+        verbose=_fit_verbosity(),
+    )
+    return model, accuracy(predict(model, x_val), y_val)
+
+
+def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
+    """Train the requested architecture on the training split; never sees the test set."""
+    started = time.monotonic()
+    x_train, y_train, x_val, y_val = split_train_validation(
+        mnist, seed=settings.seed, limit=settings.limit
+    )
+    if settings.arch == "mlp":
+        keras.utils.set_random_seed(settings.seed)
+        model = build_mlp()
+        model.compile(
+            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+        model.fit(
+            x_train, y_train, epochs=settings.epochs, validation_data=(x_val, y_val),
+            verbose=_fit_verbosity(),
+        )
+        members_acc = [accuracy(predict(model, x_val), y_val)]
+    elif settings.arch == "cnn":
+        members, members_acc = [], []
+        for index in range(settings.members):
+            member, acc = _train_member(index, settings, x_train, y_train, x_val, y_val)
+            print(f"member {index + 1}: validation accuracy {acc:.4f}", flush=True)
+            members.append(member)
+            members_acc.append(acc)
+        model = build_ensemble(members)
+    else:
+        raise ValueError(f"unknown architecture {settings.arch!r}")
+    val_acc = accuracy(predict(model, x_val), y_val)
+    return TrainOutcome(
+        model=model,
+        val_accuracy=val_acc,
+        member_val_accuracy=members_acc,
+        wall_seconds=time.monotonic() - started,
+        train_count=len(x_train),
+        val_count=len(x_val),
+    )
+
+
+def predict(model: keras.Model, x: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """Class probabilities for float inputs (N, 28, 28, 1)."""
+    return np.asarray(model.predict(x, batch_size=batch, verbose=0))
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
+
+# ---------------------------------------------------------------- save, export, verify
+
+
+def load_keras_model(path: Path) -> keras.Model:
+    """Load a .keras file in safe mode (no arbitrary code from the file)."""
+    if path.suffix != ".keras":
+        raise ModelError(f"{path}: only .keras (and .tflite) models are accepted, not {path.suffix}")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # Keras raises many types for bad files
+        raise ModelError(f"{path}: cannot load Keras model ({exc})") from exc
+
+
+def export_tflite(model: keras.Model, path: Path) -> None:
+    """Convert to a float32 .tflite; the batch dimension stays dynamic (-1)."""
+    # from_keras_model captures the Keras 3 variables; a hand-made concrete
+    # function did not (its .tflite computed NaN).
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
+def verify_export(keras_probs: np.ndarray, tflite_probs: np.ndarray) -> float:
+    """Both files must agree on every argmax and on every probability to EXPORT_ATOL."""
+    disagree = int(np.sum(np.argmax(keras_probs, 1) != np.argmax(tflite_probs, 1)))
+    max_diff = float(np.max(np.abs(keras_probs - tflite_probs)))
+    if disagree or max_diff >= EXPORT_ATOL:
+        raise ModelError(
+            f"export mismatch: {disagree} argmax disagreements, max probability difference "
+            f"{max_diff:.2e} (limit {EXPORT_ATOL:.0e})"
+        )
+    return max_diff
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import ai_edge_litert
+    import cv2
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "ai_edge_litert": getattr(ai_edge_litert, "__version__", "unknown"),
+    }
+
+
+def write_model_card(path: Path, card: dict) -> None:
+    path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------- the whole recipe
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A `digitwatch train` invocation."""
+
+    data: Path | None
+    arch: str
+    epochs: int
+    members: int
+    width: int
+    out: Path
+    seed: int
+    limit: int | None
+    augment: bool
+    command: str
+
+
+def run_training(request: TrainRequest) -> dict:
+    """Train, save .keras, export .tflite, verify the pair on MNIST test, write the card."""
+    from digitwatch.data import load_mnist
+    from digitwatch.model import LiteRTClassifier
+
+    mnist = load_mnist(request.data)
+    settings = TrainSettings(
+        arch=request.arch, epochs=request.epochs, members=request.members,
+        width=request.width, seed=request.seed, limit=request.limit, augment=request.augment,
+    )
+    outcome = train(mnist, settings)
+    out = request.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tflite_path, card_path = out.with_suffix(".tflite"), out.with_suffix(".json")
+    outcome.model.save(out)
+    export_tflite(outcome.model, tflite_path)
+
+    # The test set is only measured here, after training is over: it reports,
+    # it never selects. The reloaded .keras is what users will load.
+    x_test = to_input(mnist.x_test)
+    keras_probs = predict(load_keras_model(out), x_test)
+    tflite_probs = LiteRTClassifier(tflite_path).predict(x_test)
+    max_diff = verify_export(keras_probs, tflite_probs)
+
+    card = {
+        "name": "digitwatch digits",
+        "architecture": (
+            f"{settings.members} x BN-CNN (width {settings.width}) averaged"
+            if settings.arch == "cnn" else "MLP 128-128-10"
+        ),
+        "arch": settings.arch,
+        "members": settings.members,
+        "parameters": int(outcome.model.count_params()),
+        "input": "float32 (N, 28, 28, 1) in [0, 1], ink high, MNIST-normalized",
+        "output": "float32 (N, 10) class probabilities",
+        "command": request.command,
+        "epochs": settings.epochs,
+        "seed": settings.seed,
+        "augmentation": settings.augment,
+        "data": {"source": mnist.source, "sha256": mnist.checksums},
+        "split": {"train": outcome.train_count, "validation": outcome.val_count,
+                  "test": len(x_test)},
+        "validation_accuracy": outcome.val_accuracy,
+        "member_validation_accuracy": outcome.member_val_accuracy,
+        "test_accuracy": {
+            "keras": accuracy(keras_probs, mnist.y_test),
+            "tflite": accuracy(tflite_probs, mnist.y_test),
+        },
+        "export_max_probability_difference": max_diff,
+        "training_wall_seconds": round(outcome.wall_seconds, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "versions": library_versions(),
+        "files": {
+            out.name: sha256_file(out),
+            tflite_path.name: sha256_file(tflite_path),
+        },
+    }
+    write_model_card(card_path, card)
+    return card
