@@ -10,6 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from digitwatch.errors import DigitwatchError
@@ -17,6 +18,7 @@ from digitwatch.errors import DigitwatchError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Read handwritten digits off scans dropped into an inbox folder.",
 )
 
@@ -84,6 +86,72 @@ def train(
         f"validation {card['validation_accuracy']:.4f}, "
         f"MNIST test {card['test_accuracy']['tflite']:.4f} (tflite)"
     )
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(help="A .tflite (LiteRT, fast) or .keras (imports TensorFlow) model.", show_default="models/digits.tflite"),
+]
+
+
+@app.command()
+def classify(
+    paths: Annotated[list[Path], typer.Argument(help="PNG files, or folders of them.")],
+    format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table,
+    model: ModelOption = None,
+    debug_dir: Annotated[
+        Path | None, typer.Option(help="Write each normalized 28x28 input here as a PNG.")
+    ] = None,
+    low_confidence: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Below this, status is low_confidence.")
+    ] = 0.5,
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = False,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
+    ] = 40_000_000,
+) -> None:
+    """Classify scans and print one record per file. Exit 1 if any file failed."""
+    from digitwatch.batch import classify_paths
+
+    failed = classify_paths(
+        paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
+        low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
+    )
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def evaluate(
+    data: DataOption = None,
+    model: ModelOption = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Folder for confusion.png and worst_errors.png.")
+    ] = None,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+) -> None:
+    """Score a model on the 10,000 MNIST test digits (never used in training)."""
+    from digitwatch import evaluation
+    from digitwatch.data import load_mnist, to_input
+    from digitwatch.model import load_classifier
+
+    mnist = load_mnist(data)
+    classifier = load_classifier(model)
+    x = to_input(mnist.x_test)
+    probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, len(x), 1000)])
+    ev = evaluation.evaluate(probs, mnist.y_test, model=classifier.model_id)
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        evaluation.confusion_png(ev, report / "confusion.png")
+        evaluation.worst_errors_png(mnist.x_test, probs, mnist.y_test, report / "worst_errors.png")
+    typer.echo(ev.to_json() if format is ReportFormat.json else evaluation.format_table(ev), nl=False)
+    if format is ReportFormat.json:
+        typer.echo()
 
 
 def main() -> None:

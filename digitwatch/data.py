@@ -148,3 +148,8 @@ def _validated(
         if len(y) and int(y.max()) > 9:
             raise DataError(f"{source}: y_{split} has label {int(y.max())}, expected 0-9")
     return Mnist(source=source, checksums=checksums, **arrays)
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) MNIST digits -> float32 (N, 28, 28, 1) in [0, 1], ink high."""
+    return (images.astype(np.float32) / 255.0)[..., None]

@@ -4,8 +4,12 @@ one for `.keras` files. Only the Keras path imports TensorFlow, and lazily.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +35,22 @@ def model_id_for(path: Path) -> str:
     return f"{path.name}@{digest[:12]}"
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """LiteRT's C++ runtime prints an INFO banner straight to fd 2 when it
+    builds its CPU delegate; that would break the one-line-per-error promise.
+    Failures still surface as Python exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class LiteRTClassifier:
     """Runs a .tflite model through LiteRT; safe to share between threads."""
 
@@ -38,8 +58,9 @@ class LiteRTClassifier:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
-            self._interpreter.allocate_tensors()
+            with _quiet_stderr():
+                self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"{path}: cannot load LiteRT model ({exc})") from exc
         inputs = self._interpreter.get_input_details()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.data import Mnist
+from digitwatch.data import Mnist, to_input
 from digitwatch.errors import ModelError
 
 # TensorFlow logs a wall of CUDA probing on machines without a GPU.
@@ -63,11 +63,6 @@ class TrainOutcome:
     wall_seconds: float
     train_count: int
     val_count: int
-
-
-def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) MNIST digits -> float32 (N, 28, 28, 1) in [0, 1], ink high."""
-    return (images.astype(np.float32) / 255.0)[..., None]
 
 
 def split_train_validation(

@@ -1,0 +1,425 @@
+"""Any scan in, one MNIST-normalized digit out. Pure functions over bytes and arrays.
+
+The path is: check the PNG container (refusing bombs from the header alone),
+decode, composite transparency onto white, turn ink dark-on-light, flatten
+uneven lighting and paper tone, find the digit among noise, specks and ruled
+lines, then apply MNIST's own normalization (LeCun, Cortes, Burges): crop to
+the digit, scale its longer side to 20 px keeping aspect ratio with
+anti-aliasing, and centre it in 28x28 by its centre of mass.
+
+Finding the digit runs twice with the same code: once on a reduced copy of the
+whole page (cheap, finds where the digit is), then on a crop around it
+resampled so the digit is WORK_SIDE pixels tall (accurate, independent of how
+large the page or the digit was).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from digitwatch.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    ImageTooLargeError,
+    NoInkError,
+    NotPNGError,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEFAULT_MAX_PIXELS = 40_000_000  # a 600 dpi A4 scan is 35 Mpx
+SIDE = 28
+BOX = 20  # MNIST: the digit's longer side, before centring in 28x28
+COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
+COARSE_SIDE = 512  # the whole page is searched at most this large
+WORK_SIDE = 80  # the digit's longer side while it is cleaned (4x MNIST's box)
+MNIST_STROKE = 2.4  # median stroke width of MNIST digits at 20 px, measured
+MIN_CONTRAST = 0.08  # weaker than this against the paper is not ink
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    """What IHDR says, read without decoding any pixels."""
+
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+    interlaced: bool
+
+
+@dataclass(frozen=True)
+class Digit:
+    """A normalized digit ready for the classifier, plus facts about its source."""
+
+    pixels: np.ndarray  # float32 (28, 28) in [0, 1], ink high
+    width: int
+    height: int
+
+
+# ---------------------------------------------------------------- container
+
+
+def _describe_magic(data: bytes) -> str:
+    known = {
+        b"\xff\xd8\xff": "a JPEG",
+        b"GIF8": "a GIF",
+        b"BM": "a BMP",
+        b"%PDF": "a PDF",
+        b"II*\x00": "a TIFF",
+        b"MM\x00*": "a TIFF",
+        b"RIFF": "a RIFF/WebP",
+    }
+    for magic, name in known.items():
+        if data.startswith(magic):
+            return f"{name} file"
+    if all(32 <= b < 127 or b in b"\r\n\t" for b in data[:64]):
+        return "a text file"
+    return "not an image"
+
+
+def read_png_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PngHeader:
+    """Validate the PNG container (signature, chunk lengths, CRCs, IEND) and size.
+
+    Walking the chunks costs one CRC pass over the file and turns truncated or
+    corrupted files into precise messages before the decoder sees them.
+    """
+    if not data:
+        raise EmptyFileError("empty file (0 bytes)")
+    if not data.startswith(PNG_SIGNATURE):
+        raise NotPNGError(f"not a PNG: {_describe_magic(data)}")
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise CorruptImageError("corrupt PNG: no IHDR header chunk")
+    width, height, bit_depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if width == 0 or height == 0 or width > 2**31 - 1 or height > 2**31 - 1:
+        raise CorruptImageError(f"corrupt PNG: impossible size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the "
+            f"limit of {max_pixels / 1e6:.1f} Mpx (max_pixels); refused before decoding"
+        )
+    pos, seen_idat = 8, False
+    while True:
+        if pos + 8 > len(data):
+            raise CorruptImageError(f"truncated PNG: ends at byte {len(data)} with no IEND chunk")
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            name = kind.decode("latin-1")
+            raise CorruptImageError(
+                f"truncated PNG: {name} chunk at byte {pos} needs {length} bytes, "
+                f"file ends at byte {len(data)}"
+            )
+        crc = struct.unpack(">I", data[end - 4 : end])[0]
+        if zlib.crc32(data[pos + 4 : end - 4]) != crc:
+            name = kind.decode("latin-1")
+            raise CorruptImageError(f"corrupt PNG: bad checksum in {name} chunk at byte {pos}")
+        seen_idat |= kind == b"IDAT"
+        if kind == b"IEND":
+            break
+        pos = end
+    if not seen_idat:
+        raise CorruptImageError("corrupt PNG: no image data (IDAT) chunk")
+    return PngHeader(width, height, bit_depth, color_type, bool(interlace))
+
+
+def decode_png(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """PNG bytes -> float32 gray (H, W) in [0, 1], transparency composited onto white."""
+    header = read_png_header(data, max_pixels=max_pixels)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.shape[0] != header.height or image.shape[1] != header.width:
+        raise CorruptImageError("corrupt PNG: image data does not decode")
+    return to_gray(image)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Any OpenCV image (gray, BGR, BGRA; 8 or 16 bit) -> float32 gray on white."""
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    img = image.astype(np.float32) * np.float32(1.0 / scale)
+    if img.ndim == 2:
+        return img
+    if img.shape[2] == 1:
+        return img[:, :, 0]
+    gray = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY)
+    if img.shape[2] == 4:
+        # Drawing apps export ink on transparency: what is see-through is paper.
+        alpha = img[:, :, 3]
+        gray = gray * alpha + (1.0 - alpha)
+    return gray
+
+
+# ---------------------------------------------------------------- page -> ink
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    h, w = gray.shape
+    k = max(1, min(h, w) // 32)
+    return np.concatenate([gray[:k].ravel(), gray[-k:].ravel(), gray[:, :k].ravel(), gray[:, -k:].ravel()])
+
+
+def dark_ink(gray: np.ndarray) -> np.ndarray:
+    """Make ink dark on light paper: screens and chalkboards show light ink on dark.
+
+    The paper is what the border shows; the ink is whichever extreme lies
+    further from it. Extremes are read off a shrunken copy so noise cancels,
+    and not off percentiles, because a thin digit can be under 1% of a page.
+    """
+    h, w = gray.shape
+    f = min(1.0, 256 / max(h, w))
+    small = gray if f == 1.0 else cv2.resize(
+        gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA
+    )
+    paper = float(np.median(_border(small)))
+    lighter = float(small.max()) - paper
+    darker = paper - float(small.min())
+    return 1.0 - gray if lighter > darker else gray
+
+
+def _poly_terms(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(u), u, v, u * u, u * v, v * v, u**3, u * u * v, u * v * v, v**3], -1)
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The page's brightness as a smooth cubic surface in page coordinates (0..1)."""
+
+    coef: np.ndarray
+
+    def at(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return np.clip(_poly_terms(u, v) @ self.coef, 0.05, None).astype(np.float32)
+
+    def over(self, shape: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+        """Evaluate over an (h, w) grid covering page box (u0, v0, u1, v1)."""
+        h, w = shape
+        u0, v0, u1, v1 = box
+        us = np.linspace(u0, u1, w, dtype=np.float32)
+        vs = np.linspace(v0, v1, h, dtype=np.float32)
+        return self.at(*np.meshgrid(us, vs))
+
+
+def estimate_paper(gray: np.ndarray) -> Paper:
+    """Fit paper brightness, ignoring ink: blockwise bright levels, then a robust cubic."""
+    cells = 24
+    h, w = gray.shape
+    small = cv2.resize(gray, (cells * 4, cells * 4), interpolation=cv2.INTER_AREA)
+    blocks = small.reshape(cells, 4, cells, 4).transpose(0, 2, 1, 3).reshape(cells, cells, 16)
+    level = np.percentile(blocks, 75, axis=2).ravel()
+    uv = (np.arange(cells, dtype=np.float32) + 0.5) / cells
+    u, v = (a.ravel() for a in np.meshgrid(uv, uv))
+    terms = _poly_terms(u, v)
+    keep = np.ones(level.shape, bool)
+    coef = np.zeros(terms.shape[1], np.float32)
+    for _ in range(4):
+        coef, *_ = np.linalg.lstsq(terms[keep], level[keep], rcond=None)
+        resid = level - terms @ coef
+        spread = 1.4826 * np.median(np.abs(resid[keep])) + 1e-3
+        # Cells darker than the surface are ink; drop them and refit.
+        keep = resid > -2.5 * spread
+        if keep.sum() < terms.shape[1] * 3:
+            break
+    return Paper(coef.astype(np.float32))
+
+
+def ink_map(gray: np.ndarray, paper: np.ndarray) -> np.ndarray:
+    """How much darker than the paper each pixel is, as a fraction: 0 paper, 1 black."""
+    return np.clip((paper - gray) / paper, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- finding the digit
+
+
+def _noise_sigma(ink: np.ndarray) -> float:
+    flat = ink.ravel()
+    if flat.size > 40_000:
+        flat = flat[:: flat.size // 40_000]
+    med = np.median(flat)
+    return float(1.4826 * np.median(np.abs(flat - med)))
+
+
+def _otsu(values: np.ndarray) -> float:
+    u8 = np.clip(values * 255.0, 0, 255).astype(np.uint8)
+    t, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t) / 255.0
+
+
+def _line_mask(mask: np.ndarray, span: float, slenderness: float) -> np.ndarray:
+    """Ruled lines: straight runs across `span` of the image, `slenderness` times
+    longer than thick. The ratio keeps a tall '1' in a tight crop from counting."""
+    h, w = mask.shape
+    horiz = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((1, max(3, int(w * span))), np.uint8))
+    vert = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((max(3, int(h * span)), 1), np.uint8))
+    runs = horiz | vert
+    if not runs.any():
+        return runs
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(runs, connectivity=8)
+    length = np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT])
+    thickness = stats[1:, cv2.CC_STAT_AREA] / np.maximum(length, 1)
+    slender = np.flatnonzero(length >= slenderness * thickness) + 1
+    return np.isin(labels, slender).astype(np.uint8)
+
+
+def segment(
+    ink: np.ndarray, *, line_span: float, slenderness: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed ink and the uint8 mask of the digit's pixels (specks and lines removed)."""
+    h, w = ink.shape
+    sigma = max(0.8, min(h, w) / 160)
+    smooth = cv2.GaussianBlur(ink, (0, 0), sigma)
+    noise = _noise_sigma(smooth)
+    peak = float(smooth.max())
+    threshold = max(MIN_CONTRAST, 4.0 * noise, 0.5 * _otsu(smooth), 0.25 * peak)
+    if peak < MIN_CONTRAST or peak <= 4.0 * noise:
+        raise NoInkError("no ink found: the image is blank or only noise")
+    mask = (smooth > threshold).astype(np.uint8)
+
+    lines = _line_mask(mask, line_span, slenderness)
+    if lines.any():
+        stroke = max(3, int(round(2 * sigma + 1)))
+        without = mask & ~cv2.dilate(lines, np.ones((3, 3), np.uint8))
+        # Strokes that crossed the line lost a piece; close the gap across it.
+        bridged = cv2.morphologyEx(without, cv2.MORPH_CLOSE, np.ones((stroke * 2 + 1, 1), np.uint8))
+        bridged |= cv2.morphologyEx(without, cv2.MORPH_CLOSE, np.ones((1, stroke * 2 + 1), np.uint8))
+        mask = without | (bridged & mask)
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        raise NoInkError("no ink found: only straight lines, no digit")
+    chosen = _choose_components(stats[1:], (h, w)) + 1
+    digit = np.isin(labels, chosen).astype(np.uint8)
+    return smooth, digit
+
+
+def _choose_components(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The digit is the largest blob plus sizeable blobs close to it; specks are dropped."""
+    h, w = shape
+    x, y, bw, bh, area = (stats[:, i].astype(np.float64) for i in range(5))
+    # Page frames and scanner shadows hug an edge and span it; they are not the digit.
+    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & (
+        (bw > 0.9 * w) | (bh > 0.9 * h)
+    )
+    score = np.where(frame, 0.0, area)
+    if score.max() <= 0:
+        score = area
+    main = int(np.argmax(score))
+    chosen = {main}
+    x0, y0, x1, y1 = x[main], y[main], x[main] + bw[main], y[main] + bh[main]
+    grew = True
+    while grew:
+        grew = False
+        reach = 0.35 * max(x1 - x0, y1 - y0)
+        for i in np.argsort(-area):
+            if i in chosen or frame[i] or area[i] < 0.06 * area[main]:
+                continue
+            near = (
+                x[i] < x1 + reach and x[i] + bw[i] > x0 - reach
+                and y[i] < y1 + reach and y[i] + bh[i] > y0 - reach
+            )
+            if near:
+                chosen.add(int(i))
+                x0, y0 = min(x0, x[i]), min(y0, y[i])
+                x1, y1 = max(x1, x[i] + bw[i]), max(y1, y[i] + bh[i])
+                grew = True
+    return np.array(sorted(chosen))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Mean stroke width of a mask: for long strokes, 2 x area / perimeter."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    perimeter = sum(cv2.arcLength(c, True) for c in contours)
+    return 2.0 * float(mask.sum()) / max(perimeter, 1.0)
+
+
+# ---------------------------------------------------------------- MNIST normalization
+
+
+def mnist_box(ink: np.ndarray) -> np.ndarray:
+    """Crop to the ink, scale the longer side to 20 px (anti-aliased), centre by mass in 28x28."""
+    ys, xs = np.nonzero(ink > 0)
+    crop = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(crop, size, interpolation=interp)
+    total = float(small.sum())
+    gy, gx = np.mgrid[0 : small.shape[0], 0 : small.shape[1]]
+    cy = float((small * gy).sum()) / total if total > 0 else (small.shape[0] - 1) / 2
+    cx = float((small * gx).sum()) / total if total > 0 else (small.shape[1] - 1) / 2
+    shift = np.float32([[1, 0, COM_CENTRE - cx], [0, 1, COM_CENTRE - cy]])
+    out = cv2.warpAffine(
+        small, shift, (SIDE, SIDE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def normalize(gray: np.ndarray) -> np.ndarray:
+    """A page (float32 gray, paper light or dark) -> the 28x28 MNIST-style digit."""
+    gray = dark_ink(np.asarray(gray, np.float32))
+    h, w = gray.shape
+    paper = estimate_paper(gray)
+
+    # Pass 1: where is the digit? On a copy of the page at most COARSE_SIDE large.
+    factor = min(1.0, COARSE_SIDE / max(h, w))
+    coarse = gray if factor == 1.0 else cv2.resize(
+        gray, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA
+    )
+    ch, cw = coarse.shape
+    _, mask = segment(ink_map(coarse, paper.over((ch, cw), (0, 0, 1, 1))), line_span=0.7, slenderness=25)
+    x0, y0, x1, y1 = (v / factor for v in _bbox(mask))
+
+    # Pass 2: a crop with a wide margin, resampled so the digit is WORK_SIDE tall.
+    side = max(x1 - x0, y1 - y0)
+    margin = 0.45 * side + 2 / factor
+    cx0, cy0 = max(0, int(x0 - margin)), max(0, int(y0 - margin))
+    cx1, cy1 = min(w, int(np.ceil(x1 + margin))), min(h, int(np.ceil(y1 + margin)))
+    scale = WORK_SIDE / side
+    size = (max(8, round((cx1 - cx0) * scale)), max(8, round((cy1 - cy0) * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    crop = cv2.resize(gray[cy0:cy1, cx0:cx1], size, interpolation=interp)
+    box = (cx0 / w, cy0 / h, cx1 / w, cy1 / h)
+    ink = ink_map(crop, paper.over(crop.shape, box))
+    smooth, mask = segment(ink, line_span=0.8, slenderness=12)
+
+    # Keep the anti-aliased edge of the strokes, nothing else on the page.
+    near = cv2.dilate(mask, np.ones((5, 5), np.uint8)).astype(bool)
+    digit = np.where(near, ink, 0.0).astype(np.float32)
+    cleaned = np.where(near, smooth, 0.0)
+    floor = 0.5 * float(np.percentile(cleaned[mask.astype(bool)], 10))
+    digit = np.clip((digit - floor) / max(1e-3, 1 - floor), 0, 1)
+    strength = float(np.percentile(digit[mask.astype(bool)], 90))
+    digit = np.clip(digit / max(strength, 1e-3), 0.0, 1.0)
+    digit = _normalize_stroke(digit, mask)
+    if not digit.any():
+        raise NoInkError("no ink found after cleaning")
+    return mnist_box(digit)
+
+
+def _normalize_stroke(digit: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Bring hairline or marker strokes toward MNIST's width at the final scale."""
+    x0, y0, x1, y1 = _bbox(mask)
+    to_box = BOX / max(x1 - x0, y1 - y0)
+    width = _stroke_width(mask) * to_box  # as it would be after scaling to 20 px
+    if width < 0.65 * MNIST_STROKE:
+        grow = (MNIST_STROKE - width) / to_box
+        k = max(3, int(round(grow)) | 1)
+        return cv2.dilate(digit, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    if width > 1.8 * MNIST_STROKE:
+        shrink = (width - 1.4 * MNIST_STROKE) / to_box
+        k = max(3, int(round(shrink)) | 1)
+        return cv2.erode(digit, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    return digit
+
+
+def load_digit(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Digit:
+    """PNG bytes -> Digit. Raises an ImageError subclass with a one-line message."""
+    gray = decode_png(data, max_pixels=max_pixels)
+    return Digit(pixels=normalize(gray), width=gray.shape[1], height=gray.shape[0])

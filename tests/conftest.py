@@ -1,0 +1,54 @@
+"""Shared fixtures: where MNIST and the shipped model are, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+SCAN_FIXTURES = Path(__file__).parent / "fixtures" / "scans"
+MNIST_DIR = Path(os.environ.get("DIGITWATCH_MNIST", ROOT.parent / "shared" / "datasets" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not found at {MNIST_DIR} (set DIGITWATCH_MNIST to its folder)")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    from digitwatch.data import load_mnist
+
+    return load_mnist(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def shipped_tflite() -> Path:
+    return MODELS / "digits.tflite"
+
+
+@pytest.fixture(scope="session")
+def classifier(shipped_tflite):
+    from digitwatch.model import LiteRTClassifier
+
+    return LiteRTClassifier(shipped_tflite)
+
+
+def label_of(path: Path) -> int:
+    """Fixture names end in -<label>.png."""
+    return int(path.stem.rsplit("-", 1)[1])
+
+
+def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "digitwatch.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs,
+    )

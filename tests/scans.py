@@ -1,0 +1,287 @@
+"""A realistic-scan generator: turns a digit's ink (MNIST test digits, font
+digits, drawn strokes) into the pages scanners, phones and drawing apps
+produce, in every PNG flavour. Used by the tests (small, seeded sets) and the
+accuracy benchmark (large sets).
+
+Each variation names one thing real scans do; "realistic" combines several at
+random, which is closest to what arrives in an inbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from tests import pngwrite
+
+VARIATIONS = [
+    "clean",
+    "paper_tone",
+    "uneven_light",
+    "noise",
+    "blur",
+    "specks",
+    "ruled_line",
+    "light_on_dark",
+    "small_on_large",
+    "large",
+    "thin_pen",
+    "marker",
+    "transparent",
+    "realistic",
+]
+
+
+@dataclass(frozen=True)
+class Scan:
+    png: bytes
+    label: int
+    variation: str
+    flavour: str
+    source: str
+
+
+def ink_from_mnist(digit: np.ndarray, height: int) -> np.ndarray:
+    """MNIST's 28x28 field scaled so its 20 px box becomes `height` px; float ink in [0, 1]."""
+    side = max(8, round(height * 28 / 20))
+    ink = cv2.resize(digit.astype(np.float32) / 255.0, (side, side), interpolation=cv2.INTER_CUBIC)
+    return np.clip(ink, 0, 1)
+
+
+HERSHEY = [
+    cv2.FONT_HERSHEY_SIMPLEX,
+    cv2.FONT_HERSHEY_DUPLEX,
+    cv2.FONT_HERSHEY_COMPLEX,
+    cv2.FONT_HERSHEY_TRIPLEX,
+    cv2.FONT_HERSHEY_SCRIPT_SIMPLEX,
+    cv2.FONT_HERSHEY_PLAIN,
+]
+
+
+def ink_from_font(label: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A digit in one of OpenCV's stroke fonts, slanted and jittered like handwriting."""
+    font = HERSHEY[rng.integers(len(HERSHEY))] | (cv2.FONT_ITALIC if rng.random() < 0.3 else 0)
+    scale = 4.0
+    thickness = int(rng.integers(3, 9))
+    (tw, th), base = cv2.getTextSize(str(label), font, scale, thickness)
+    canvas = np.zeros((th + base + 40, tw + 40), np.uint8)
+    cv2.putText(canvas, str(label), (20, th + 20), font, scale, 255, thickness, cv2.LINE_AA)
+    return _jitter(canvas.astype(np.float32) / 255.0, height, rng)
+
+
+# Hand-drawn stroke models: each digit a few polylines in a unit box, two styles
+# apiece, jittered per sample so no two are alike.
+STROKES: dict[int, list[list[list[tuple[float, float]]]]] = {
+    0: [[[(0.5, 0), (0.15, 0.2), (0.1, 0.6), (0.35, 1), (0.7, 0.95), (0.9, 0.5), (0.8, 0.1), (0.5, 0)]],
+        [[(0.55, 0.02), (0.25, 0.1), (0.12, 0.5), (0.3, 0.95), (0.65, 0.98), (0.88, 0.6), (0.75, 0.12), (0.5, 0.04)]]],
+    1: [[[(0.55, 0), (0.5, 1)]], [[(0.3, 0.2), (0.6, 0), (0.55, 1)]]],
+    2: [[[(0.15, 0.25), (0.4, 0), (0.75, 0.05), (0.8, 0.35), (0.5, 0.65), (0.1, 1), (0.9, 0.98)]],
+        [[(0.2, 0.2), (0.5, 0.02), (0.8, 0.2), (0.7, 0.5), (0.15, 0.95), (0.5, 0.9), (0.9, 0.95)]]],
+    3: [[[(0.15, 0.1), (0.5, 0), (0.8, 0.15), (0.7, 0.4), (0.4, 0.5), (0.75, 0.6), (0.85, 0.85), (0.5, 1), (0.1, 0.9)]],
+        [[(0.2, 0.05), (0.8, 0.05), (0.45, 0.45), (0.8, 0.6), (0.8, 0.9), (0.45, 1), (0.15, 0.88)]]],
+    4: [[[(0.6, 1), (0.62, 0)], [(0.62, 0), (0.1, 0.65), (0.9, 0.65)]],
+        [[(0.2, 0), (0.15, 0.55), (0.85, 0.55)], [(0.75, 0.05), (0.7, 1)]]],
+    5: [[[(0.85, 0), (0.25, 0), (0.2, 0.45), (0.6, 0.4), (0.85, 0.65), (0.7, 0.95), (0.15, 0.95)]],
+        [[(0.25, 0.02), (0.2, 0.45), (0.55, 0.38), (0.85, 0.6), (0.75, 0.92), (0.4, 1), (0.1, 0.85)], [(0.25, 0.02), (0.85, 0.02)]]],
+    6: [[[(0.75, 0), (0.35, 0.3), (0.15, 0.7), (0.4, 1), (0.8, 0.85), (0.75, 0.55), (0.4, 0.5), (0.2, 0.7)]],
+        [[(0.7, 0.02), (0.3, 0.35), (0.2, 0.8), (0.5, 1), (0.8, 0.75), (0.55, 0.5), (0.22, 0.65)]]],
+    7: [[[(0.1, 0.02), (0.9, 0), (0.4, 1)]], [[(0.1, 0.05), (0.9, 0.02), (0.55, 0.5), (0.45, 1)], [(0.35, 0.5), (0.8, 0.5)]]],
+    8: [[[(0.75, 0.15), (0.5, 0), (0.2, 0.15), (0.3, 0.4), (0.75, 0.6), (0.8, 0.9), (0.5, 1), (0.2, 0.9), (0.25, 0.6), (0.7, 0.4), (0.8, 0.15)]],
+        [[(0.5, 0.5), (0.2, 0.3), (0.5, 0), (0.8, 0.25), (0.5, 0.5), (0.15, 0.75), (0.5, 1), (0.85, 0.75), (0.5, 0.5)]]],
+    9: [[[(0.8, 0.3), (0.5, 0.5), (0.2, 0.35), (0.35, 0.02), (0.75, 0.05), (0.8, 0.3), (0.7, 1)]],
+        [[(0.82, 0.2), (0.5, 0), (0.2, 0.2), (0.35, 0.45), (0.8, 0.3), (0.8, 0.1), (0.75, 0.6), (0.6, 1)]]],
+}
+
+
+def ink_from_strokes(label: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A digit drawn as pen strokes from jittered control points (another 'writer')."""
+    style = STROKES[label][rng.integers(len(STROKES[label]))]
+    box = 200
+    width_frac = rng.uniform(0.55, 0.75) if label != 1 else rng.uniform(0.25, 0.4)
+    canvas = np.zeros((box + 60, box + 60), np.uint8)
+    thickness = int(rng.integers(10, 22))
+    for stroke in style:
+        pts = np.array(stroke, np.float64)
+        pts += rng.normal(0, 0.03, pts.shape)
+        # Smooth the polyline with a Chaikin pass so curves look written, not plotted.
+        for _ in range(3):
+            if len(pts) > 2:
+                q = 0.75 * pts[:-1] + 0.25 * pts[1:]
+                r = 0.25 * pts[:-1] + 0.75 * pts[1:]
+                pts = np.vstack([pts[:1], np.column_stack([q, r]).reshape(-1, 2), pts[-1:]])
+        xy = np.column_stack([30 + (pts[:, 0] - 0.5) * box * width_frac + box / 2, 30 + pts[:, 1] * box])
+        cv2.polylines(canvas, [np.round(xy * 4).astype(np.int32)], False, 255, thickness, cv2.LINE_AA, shift=2)
+    return _jitter(canvas.astype(np.float32) / 255.0, height, rng)
+
+
+def ink_from_uci(image8: np.ndarray, height: int) -> np.ndarray:
+    """scikit-learn's 8x8 UCI digits (0-16), upscaled smoothly as a fax-like source."""
+    ink = np.clip(image8.astype(np.float32) / 16.0, 0, 1)
+    big = cv2.resize(ink, (height, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(cv2.copyMakeBorder(big, height // 4, height // 4, height // 4, height // 4,
+                                      cv2.BORDER_CONSTANT, value=0), 0, 1)
+
+
+def _jitter(ink: np.ndarray, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Crop to the ink, slant and rotate a little, scale the ink to `height` px tall."""
+    ys, xs = np.nonzero(ink > 0.05)
+    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = ink.shape
+    pad = max(h, w)
+    ink = cv2.copyMakeBorder(ink, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    angle = rng.uniform(-10, 10)
+    shear = rng.uniform(-0.2, 0.2)
+    c = (ink.shape[1] / 2, ink.shape[0] / 2)
+    m = cv2.getRotationMatrix2D(c, angle, 1.0)
+    m[0, 1] += shear
+    m[0, 2] -= shear * c[1]
+    ink = cv2.warpAffine(ink, m, (ink.shape[1], ink.shape[0]), flags=cv2.INTER_LINEAR)
+    ys, xs = np.nonzero(ink > 0.05)
+    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    s = height / ink.shape[0]
+    out = cv2.resize(ink, (max(1, round(ink.shape[1] * s)), height), interpolation=cv2.INTER_AREA)
+    m = max(2, height // 6)
+    return cv2.copyMakeBorder(out, m, m, m, m, cv2.BORDER_CONSTANT, value=0)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def _recolour_stroke(ink: np.ndarray, rng: np.random.Generator, variation: str) -> np.ndarray:
+    h = ink.shape[0]
+    if variation == "thin_pen":
+        k = max(1, round(h / 40))
+        return cv2.erode(ink, np.ones((k, k), np.uint8)) if h > 60 else ink * 0.9
+    if variation == "marker":
+        k = max(3, round(h / 14)) | 1
+        return cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    return ink
+
+
+def render_page(
+    ink: np.ndarray, variation: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Place ink on a page made to look like `variation`; returns RGB float and alpha."""
+    if variation == "realistic":
+        picks = rng.choice(
+            ["paper_tone", "uneven_light", "noise", "blur", "specks", "ruled_line"],
+            size=int(rng.integers(2, 5)), replace=False,
+        )
+        parts = set(picks.tolist())
+    else:
+        parts = {variation}
+    ink = _recolour_stroke(ink, rng, variation)
+    ih, iw = ink.shape
+    if "small_on_large" in parts:
+        page_h = int(rng.integers(1200, 2000))
+    elif "large" in parts:
+        page_h = int(ih * rng.uniform(1.0, 1.15))
+    else:
+        page_h = int(ih * rng.uniform(1.6, 4.0))
+    page_w = max(iw + 2, int(page_h * rng.uniform(0.7, 1.4)))
+    page_h = max(page_h, ih + 2)
+    y = int(rng.integers(0, page_h - ih + 1))
+    x = int(rng.integers(0, page_w - iw + 1))
+    alpha = np.zeros((page_h, page_w), np.float32)
+    alpha[y : y + ih, x : x + iw] = ink
+
+    ink_rgb = np.array([0.1, 0.1, 0.12]) if rng.random() < 0.5 else np.array([0.1, 0.15, 0.45])
+    strength = rng.uniform(0.75, 1.0)
+    if "thin_pen" in parts:
+        strength = rng.uniform(0.55, 0.9)  # pencil and fine pens are lighter
+    paper = np.array([1.0, 1.0, 1.0])
+    if "paper_tone" in parts:
+        paper = np.array([rng.uniform(0.85, 0.97), rng.uniform(0.8, 0.95), rng.uniform(0.65, 0.9)])
+    if "transparent" in parts:
+        rgb = np.broadcast_to(ink_rgb, (page_h, page_w, 3)).astype(np.float32).copy()
+        return rgb, np.clip(alpha * strength, 0, 1)
+
+    a = (alpha * strength)[..., None]
+    rgb = paper * (1 - a) + ink_rgb * a
+    if "ruled_line" in parts:
+        line_rgb = np.array([0.55, 0.65, 0.85]) if rng.random() < 0.6 else np.array([0.5, 0.5, 0.5])
+        t = max(1, round(page_h / 300 * rng.uniform(0.8, 2.0)))
+        for ly in {y + int(ih * rng.uniform(0.55, 0.95)), y + int(ih * rng.uniform(0.1, 0.4))}:
+            rgb[max(0, ly - t // 2) : ly + (t + 1) // 2] *= line_rgb
+    if "specks" in parts:
+        for _ in range(int(rng.integers(3, 15))):
+            r = max(1, round(ih * rng.uniform(0.01, 0.035)))
+            cx, cy = int(rng.integers(0, page_w)), int(rng.integers(0, page_h))
+            cv2.circle(rgb, (cx, cy), r, tuple(float(v) for v in ink_rgb * 1.2), -1, cv2.LINE_AA)
+    if "uneven_light" in parts:
+        gy, gx = np.mgrid[0:page_h, 0:page_w].astype(np.float32)
+        gx, gy = gx / page_w, gy / page_h
+        theta = rng.uniform(0, 2 * np.pi)
+        ramp = np.cos(theta) * (gx - 0.5) + np.sin(theta) * (gy - 0.5)
+        vignette = (gx - 0.5) ** 2 + (gy - 0.5) ** 2
+        light = 1.0 - rng.uniform(0.25, 0.5) * (ramp + 0.5) - rng.uniform(0, 0.4) * vignette
+        rgb = rgb * np.clip(light, 0.3, 1)[..., None]
+    if "blur" in parts:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), max(0.8, ih / 60 * rng.uniform(1.0, 2.5)))
+    if "noise" in parts:
+        rgb = rgb + rng.normal(0, rng.uniform(0.03, 0.08), rgb.shape)
+    rgb = np.clip(rgb, 0, 1).astype(np.float32)
+    if "light_on_dark" in parts:
+        rgb = 1.0 - rgb
+    return rgb, None
+
+
+def digit_height(variation: str, rng: np.random.Generator) -> int:
+    if variation == "small_on_large":
+        return int(rng.integers(28, 60))
+    return int(rng.integers(24, 240))
+
+
+def make_scan(
+    ink_for: Callable[[int], np.ndarray],
+    label: int,
+    variation: str,
+    flavour: str,
+    rng: np.random.Generator,
+    source: str,
+) -> Scan:
+    """One page for one digit; `ink_for(height)` gives its ink at that height."""
+    ink = ink_for(digit_height(variation, rng))
+    rgb, alpha = render_page(ink, variation, rng)
+    if alpha is not None and not flavour.startswith(("gray_alpha", "rgba", "palette_alpha")):
+        flavour = ["gray_alpha8", "gray_alpha16", "rgba8", "rgba16", "palette_alpha"][
+            int(rng.integers(5))
+        ]
+    return Scan(pngwrite.encode_flavour(rgb, alpha, flavour), label, variation, flavour, source)
+
+
+def mnist_scans(
+    images: np.ndarray, labels: np.ndarray, variation: str, rng: np.random.Generator
+) -> Iterator[Scan]:
+    """Scans of MNIST digits, cycling through the PNG flavours."""
+    flavours = pngwrite.FLAVOURS
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        yield make_scan(
+            lambda h, im=image: ink_from_mnist(im, h), int(label), variation,
+            flavours[i % len(flavours)], rng, "mnist",
+        )
+
+
+def other_scans(count: int, source: str, rng: np.random.Generator) -> Iterator[Scan]:
+    """Scans of digits from other writers: 'strokes' (drawn), 'font' (Hershey), 'uci' (8x8)."""
+    flavours = pngwrite.FLAVOURS
+    uci = None
+    if source == "uci":
+        from sklearn.datasets import load_digits
+
+        uci = load_digits()
+    for i in range(count):
+        variation = VARIATIONS[i % len(VARIATIONS)]
+        flavour = flavours[(i * 5) % len(flavours)]
+        if uci is not None:
+            k = int(rng.integers(len(uci.target)))
+            label = int(uci.target[k])
+            ink_for = lambda h, im=uci.images[k]: ink_from_uci(im, h)  # noqa: E731
+        else:
+            label = i % 10
+            maker = ink_from_strokes if source == "strokes" else ink_from_font
+            ink_for = lambda h, lb=label: maker(lb, h, rng)  # noqa: E731
+        yield make_scan(ink_for, label, variation, flavour, rng, source)
