@@ -4,6 +4,8 @@ errors become exit codes.
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 from enum import Enum
@@ -13,6 +15,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from digitwatch.config import Settings
 from digitwatch.errors import DigitwatchError
 
 app = typer.Typer(
@@ -152,6 +155,84 @@ def evaluate(
     typer.echo(ev.to_json() if format is ReportFormat.json else evaluation.format_table(ev), nl=False)
     if format is ReportFormat.json:
         typer.echo()
+
+
+def _settings_from(config: Path | None, flags: dict) -> Settings:
+    from digitwatch.config import load_settings
+
+    return load_settings(config, dict(os.environ), flags)
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="DIGITWATCH_CONFIG", help="TOML settings file."),
+]
+
+
+def _watch_flags(**flags) -> dict:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@app.command()
+def watch(
+    config: ConfigOption = None,
+    once: Annotated[bool, typer.Option(help="Drain the inbox and exit (cron, tests).")] = False,
+    inbox: Annotated[Path | None, typer.Option(help="Folder to watch.")] = None,
+    processed: Annotated[Path | None, typer.Option(help="Where classified files go.")] = None,
+    failed: Annotated[Path | None, typer.Option(help="Where unreadable files go.")] = None,
+    review: Annotated[Path | None, typer.Option(help="Where low-confidence files go.")] = None,
+    results: Annotated[Path | None, typer.Option(help="The CSV or JSON-lines results file.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="csv or jsonl.")] = None,
+    model: Annotated[Path | None, typer.Option(help=".tflite or .keras model.")] = None,
+    patterns: Annotated[str | None, typer.Option(help="Comma-separated name patterns.")] = None,
+    recursive: Annotated[bool | None, typer.Option("--recursive/--no-recursive")] = None,
+    polling: Annotated[bool | None, typer.Option("--polling/--no-polling")] = None,
+    poll_interval: Annotated[float | None, typer.Option()] = None,
+    settle_seconds: Annotated[float | None, typer.Option()] = None,
+    rescan_seconds: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option()] = None,
+    review_threshold: Annotated[float | None, typer.Option()] = None,
+    stop_timeout: Annotated[float | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option()] = None,
+    max_pixels: Annotated[int | None, typer.Option()] = None,
+    instance: Annotated[str | None, typer.Option()] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
+) -> None:
+    """Watch the inbox: classify each new PNG, append a result line, move it aside."""
+    from digitwatch import logs
+    from digitwatch.config import check_paths
+    from digitwatch.daemon import Daemon
+    from digitwatch.model import load_classifier
+
+    flags = dict(locals())
+    for key in ("config", "once", "Daemon", "load_classifier", "logs", "check_paths"):
+        flags.pop(key, None)
+    settings = _settings_from(config, _watch_flags(**flags))
+    logs.configure(settings.log_format)
+    check_paths(settings)
+    classifier = load_classifier(settings.model)
+    raise typer.Exit(Daemon(settings, classifier).run(once=once))
+
+
+@app.command("check-config")
+def check_config(
+    config: ConfigOption = None,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+) -> None:
+    """Validate the settings (file < environment) and print the effective values."""
+    from digitwatch.config import check_paths
+
+    settings = _settings_from(config, {})
+    check_paths(settings)
+    values = settings.as_dict()
+    if format is ReportFormat.json:
+        typer.echo(json.dumps(values, indent=2))
+    else:
+        width = max(map(len, values))
+        for key, value in values.items():
+            typer.echo(f"{key.ljust(width)}  {value!r}" if not isinstance(value, str) else f"{key.ljust(width)}  {value}")
+    typer.echo("configuration ok", err=True)
 
 
 def main() -> None:

@@ -176,7 +176,8 @@ def dark_ink(gray: np.ndarray) -> np.ndarray:
     paper = float(np.median(_border(small)))
     lighter = float(small.max()) - paper
     darker = paper - float(small.min())
-    return 1.0 - gray if lighter > darker else gray
+    # Both tests: noise alone has extremes on both sides, and light paper is never "ink".
+    return 1.0 - gray if lighter > darker and paper < 0.5 else gray
 
 
 def _poly_terms(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -190,7 +191,7 @@ class Paper:
     coef: np.ndarray
 
     def at(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return np.clip(_poly_terms(u, v) @ self.coef, 0.05, None).astype(np.float32)
+        return np.clip(_poly_terms(u, v) @ self.coef, 0.2, None).astype(np.float32)
 
     def over(self, shape: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
         """Evaluate over an (h, w) grid covering page box (u0, v0, u1, v1)."""
@@ -358,7 +359,9 @@ def mnist_box(ink: np.ndarray) -> np.ndarray:
     out = cv2.warpAffine(
         small, shift, (SIDE, SIDE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
     )
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    # MNIST's strokes peak at full intensity; averaging down to 20 px dims ours.
+    peak = float(out.max())
+    return np.clip(out / peak if peak > 0 else out, 0.0, 1.0).astype(np.float32)
 
 
 def normalize(gray: np.ndarray) -> np.ndarray:

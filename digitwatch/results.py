@@ -8,9 +8,12 @@ flushing and syncing belong to whoever owns the file.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 STATUS_OK = "ok"
 STATUS_LOW = "low_confidence"
@@ -101,3 +104,89 @@ def table(results: list[Result]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5] for row in rows]
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def display_name(name: str) -> str:
+    """File names need not be UTF-8; show undecodable bytes as \\xNN so every
+    results line is valid UTF-8 (and valid JSON)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def render(result: Result, fmt: str, columns: tuple[str, ...] = DAEMON_COLUMNS) -> str:
+    return csv_line(result, columns) if fmt == "csv" else json_line(result, columns)
+
+
+class ResultsFile:
+    """The append-only results file that people `tail -f`.
+
+    Each append is one write of whole lines under an exclusive lock, then
+    fsync; a failed write is cut back off, so a reader never sees half a line.
+    The file is reopened when it was rotated or deleted under us, or on SIGHUP.
+    """
+
+    TAIL_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path = path
+        self.fmt = fmt
+        self._fd: int | None = None
+
+    def _ensure_open(self) -> int:
+        if self._fd is not None:
+            try:
+                st, mine = os.stat(self.path), os.fstat(self._fd)
+                same = (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+            except FileNotFoundError:
+                same = False
+            if same:
+                return self._fd
+            self.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        return self._fd
+
+    def reopen(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def append(self, lines: list[str]) -> None:
+        """Append whole lines durably, or raise OSError having written nothing."""
+        fd = self._ensure_open()
+        payload = "".join(lines).encode("utf-8", "backslashreplace")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A power cut mid-write left a torn last line: cut it away so
+                # the file stays whole records (its file is still claimed and
+                # will be written again).
+                tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+                cut = tail.rfind(b"\n")
+                size = max(0, size - len(tail) + cut + 1) if cut >= 0 else 0
+                os.ftruncate(fd, size)
+            if size == 0 and self.fmt == "csv":
+                payload = csv_header(DAEMON_COLUMNS).encode() + payload
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def contains(self, line: str) -> bool:
+        """Whether this exact line is in the file's recent tail (crash recovery)."""
+        try:
+            with self.path.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - self.TAIL_BYTES))
+                return line.encode("utf-8", "backslashreplace") in fh.read()
+        except FileNotFoundError:
+            return False

@@ -135,12 +135,12 @@ def build_ensemble(members: list[keras.Model]) -> keras.Model:
 def _random_affine(x: tf.Tensor, rng: tf.random.Generator) -> tf.Tensor:
     """Rotation, anisotropic zoom, shear and shift: imperfect crops and slanted writing."""
     n = tf.shape(x)[0]
-    angle = rng.uniform([n], -0.2, 0.2)  # about 11 degrees
-    zoom_x = rng.uniform([n], 0.88, 1.18)  # inverse map: >1 shrinks the digit
-    zoom_y = zoom_x * rng.uniform([n], 0.9, 1.1)
-    shear = rng.uniform([n], -0.25, 0.25)
-    shift_x = rng.uniform([n], -2.0, 2.0)
-    shift_y = rng.uniform([n], -2.0, 2.0)
+    angle = rng.uniform([n], -0.17, 0.17)  # about 10 degrees
+    zoom_x = rng.uniform([n], 0.9, 1.12)  # inverse map: >1 shrinks the digit
+    zoom_y = zoom_x * rng.uniform([n], 0.92, 1.08)
+    shear = rng.uniform([n], -0.15, 0.15)
+    shift_x = rng.uniform([n], -1.5, 1.5)
+    shift_y = rng.uniform([n], -1.5, 1.5)
     cos, sin = tf.cos(angle), tf.sin(angle)
     # Output -> input pixel map: M = R(angle) @ Shear @ diag(zoom), about the centre.
     m00 = zoom_x * cos
@@ -186,14 +186,12 @@ def make_augmenter(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
         x = _random_affine(x, rng)
         dilated = tf.nn.max_pool2d(x, 3, 1, "SAME")
         eroded = -tf.nn.max_pool2d(-x, 3, 1, "SAME")
-        # Pens and markers: thicker strokes; fine pens and faint scans: thinner.
-        x = _blend(x, dilated, _gated(rng, n, 0.35, 0.2, 1.0))
-        x = _blend(x, eroded, _gated(rng, n, 0.2, 0.2, 0.6))
+        x = _blend(x, dilated, _gated(rng, n, 0.25, 0.2, 1.0))
+        x = _blend(x, eroded, _gated(rng, n, 0.12, 0.2, 0.5))
         blurred = tf.nn.conv2d(x, _BLUR, 1, "SAME")
-        x = _blend(x, blurred, _gated(rng, n, 0.3, 0.3, 1.0))
-        # Ink that is not fully saturated after normalization, and sensor noise.
-        x = x * (1.0 - _gated(rng, n, 0.2, 0.0, 0.3))[:, None, None, None]
-        sigma = _gated(rng, n, 0.3, 0.0, 0.08)[:, None, None, None]
+        x = _blend(x, blurred, _gated(rng, n, 0.25, 0.3, 1.0))
+        # Residual noise inside the strokes after normalization.
+        sigma = _gated(rng, n, 0.15, 0.0, 0.05)[:, None, None, None]
         x = x + sigma * rng.normal(tf.shape(x))
         return tf.clip_by_value(x, 0.0, 1.0)
 

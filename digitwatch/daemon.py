@@ -1,0 +1,446 @@
+"""The watch loop: a file appears, is claimed, decoded and normalized in a worker
+thread, classified in a batch, its result line written and synced, and the
+file put away. Crash safety lives in `claims`; this module is the order of
+events, batching, back-off and signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import queue
+import signal
+import stat
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import structlog
+
+from digitwatch import claims, inbox, systemd
+from digitwatch.classify import Prepared, classify_batch, prepare_bytes
+from digitwatch.config import Settings
+from digitwatch.model import Classifier
+from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile, display_name, render
+
+log = structlog.get_logger("digitwatch")
+
+MAX_BACKOFF = 30.0
+SETTLE_CHECK_SECONDS = 0.2
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def read_claimed(path: Path, max_bytes: int = 256 * 1024 * 1024) -> bytes:
+    """Read a claimed file without following links or blocking on FIFOs/devices."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise _Refused("refused: a symbolic link (never followed)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device or socket"
+        raise _Refused(f"refused: a {kind}, not a regular file")
+    if st.st_size > max_bytes:
+        raise _Refused(f"refused: file is {st.st_size / 1e6:.0f} MB, over {max_bytes / 1e6:.0f} MB")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise _Refused("refused: not a regular file")
+        return fh.read(max_bytes + 1)
+
+
+class _Refused(Exception):
+    pass
+
+
+def prepare_claim(claim: claims.Claim, *, max_pixels: int) -> Prepared:
+    started = time.perf_counter()
+    name = display_name(claim.rel)
+    try:
+        data = read_claimed(claim.path)
+    except _Refused as exc:
+        return Prepared(name=name, sha256="", started=started, error=str(exc))
+    except OSError as exc:
+        return Prepared(name=name, sha256="", started=started, error=f"cannot read: {exc.strerror or exc}")
+    return prepare_bytes(name, data, started, max_pixels=max_pixels)
+
+
+@dataclass
+class _Batch:
+    """A batch whose commit failed part way; retried with back-off."""
+
+    entries: list[claims.Entry]
+    journal: Path | None = None
+    attempts: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass
+class Counters:
+    ok: int = 0
+    low_confidence: int = 0
+    error: int = 0
+    batches: int = 0
+    recovered: int = 0
+    by_status: dict = field(default_factory=dict)
+
+
+class Daemon:
+    """One instance of `digitwatch watch`."""
+
+    def __init__(self, settings: Settings, classifier: Classifier) -> None:
+        self.s = settings
+        self.classifier = classifier
+        self.instance = settings.instance_name()
+        self.inbox = settings.inbox.resolve()
+        self.events: queue.Queue = queue.Queue()
+        self.settler = inbox.Settler(settings.settle_seconds)
+        self.ready: dict[Path, None] = {}  # insertion-ordered set
+        self.in_flight: deque[tuple[claims.Claim, Future]] = deque()
+        self.done: list[tuple[claims.Claim, Prepared]] = []
+        self.oldest_done = 0.0
+        self.blocked: _Batch | None = None
+        self.stopping = threading.Event()
+        self.hup = threading.Event()
+        self.counters = Counters()
+        self.results = ResultsFile(settings.results, settings.format)
+        self.workspace: claims.Workspace | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self, *, once: bool = False) -> int:
+        self.workspace = claims.Workspace(self.inbox, self.instance)
+        self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
+        observer = None
+        try:
+            self._install_signals()
+            self._recover()
+            if not once:
+                observer = inbox.start_observer(
+                    self.inbox, recursive=self.s.recursive, polling=self.s.polling,
+                    poll_interval=self.s.poll_interval, out=self.events,
+                )
+            self._rescan()
+            log.info("daemon_started", instance=self.instance, model=self.classifier.model_id,
+                     once=once, pid=os.getpid(), settings=self.s.as_dict())
+            systemd.notify("READY=1", f"STATUS=watching {self.inbox}")
+            self._loop(once=once)
+        finally:
+            systemd.notify("STOPPING=1")
+            if observer is not None:
+                observer.stop()
+            self._drain_on_stop()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.workspace.close()
+            self.results.close()
+            c = self.counters
+            log.info("daemon_stopped", ok=c.ok, low_confidence=c.low_confidence, error=c.error,
+                     batches=c.batches, recovered=c.recovered)
+        return 0
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
+
+    def _loop(self, *, once: bool) -> None:
+        next_rescan = time.monotonic() + self.s.rescan_seconds
+        next_settle = 0.0
+        watchdog = systemd.Watchdog()
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            watchdog.ping(status=self._status())
+            if self.hup.is_set():
+                self.hup.clear()
+                self.results.reopen()
+                log.info("results_reopened", path=str(self.s.results))
+            if self.blocked is not None and now >= self.blocked.retry_at:
+                self._retry_blocked()
+            self._take_events(timeout=self._wait_time())
+            if now >= next_settle:
+                next_settle = now + SETTLE_CHECK_SECONDS
+                self._check_settling()
+            if now >= next_rescan:
+                next_rescan = now + self.s.rescan_seconds
+                self._rescan()
+                self._adopt()
+            if self.blocked is None:
+                self._claim_ready()
+            self._collect()
+            if self._batch_due():
+                self._commit_done()
+            if once and self._idle():
+                return
+
+    def _wait_time(self) -> float:
+        if self.done or self.in_flight:
+            return 0.002
+        if self.settler.waiting():
+            return SETTLE_CHECK_SECONDS
+        return 0.25
+
+    def _idle(self) -> bool:
+        return not (self.ready or self.in_flight or self.done or self.blocked
+                    or self.settler.waiting() or not self.events.empty())
+
+    def _status(self) -> str:
+        c = self.counters
+        return (f"ok={c.ok} low_confidence={c.low_confidence} error={c.error} "
+                f"in_flight={len(self.in_flight)} waiting={len(self.ready)}")
+
+    # ------------------------------------------------------------ intake
+
+    def _accept(self, path: Path) -> bool:
+        rel = inbox.relative_name(path, self.inbox)
+        if rel is None or (not self.s.recursive and "/" in rel):
+            return False
+        return inbox.ignored_reason(path.name, self.s.patterns) is None
+
+    def _take_events(self, timeout: float) -> None:
+        try:
+            path, settled = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            path = Path(os.path.abspath(path))
+            if self._accept(path):
+                if settled:
+                    self.settler.forget(path)
+                    self.ready[path] = None
+                elif self.settler.ready(path):
+                    self.ready[path] = None
+            try:
+                path, settled = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _check_settling(self) -> None:
+        for path in self.settler.waiting():
+            verdict = self.settler.ready(path)
+            if verdict:
+                self.ready[path] = None
+
+    def _rescan(self) -> None:
+        """Backlog at start and a periodic sweep: inotify drops events on overflow."""
+        for path in inbox.list_inbox(self.inbox, self.s.recursive):
+            if self._accept(path) and path not in self.ready and self.settler.ready(path):
+                self.ready[path] = None
+
+    def _claim_ready(self) -> None:
+        limit = 2 * self.s.batch_size
+        while self.ready and len(self.in_flight) + len(self.done) < limit:
+            path = next(iter(self.ready))
+            del self.ready[path]
+            rel = inbox.relative_name(path, self.inbox)
+            if rel is None:
+                continue
+            try:
+                claim = self.workspace.claim(path, rel)
+            except OSError as exc:
+                log.warning("claim_failed", file=display_name(rel), error=str(exc))
+                continue
+            if claim is not None:
+                self._submit(claim)
+
+    def _submit(self, claim: claims.Claim) -> None:
+        future = self.pool.submit(prepare_claim, claim, max_pixels=self.s.max_pixels)
+        self.in_flight.append((claim, future))
+
+    def _collect(self) -> None:
+        still = deque()
+        for claim, future in self.in_flight:
+            if future.done():
+                if not self.done:
+                    self.oldest_done = time.monotonic()
+                self.done.append((claim, future.result()))
+            else:
+                still.append((claim, future))
+        self.in_flight = still
+
+    def _batch_due(self) -> bool:
+        if not self.done or self.blocked is not None:
+            return False
+        if len(self.done) >= self.s.batch_size:
+            return True
+        if (time.monotonic() - self.oldest_done) * 1000 >= self.s.batch_wait_ms:
+            return True
+        # Nothing else is coming soon: do not make the batch in hand wait.
+        return not self.in_flight and not self.ready
+
+    # ------------------------------------------------------------ commit
+
+    def _commit_done(self) -> None:
+        batch, self.done = self.done[: self.s.batch_size], self.done[self.s.batch_size :]
+        self.oldest_done = time.monotonic()
+        self.counters.batches += 1
+        started = time.perf_counter()
+        results = classify_batch(self.classifier, [p for _, p in batch],
+                                 low_confidence=self.s.review_threshold)
+        entries = [claims.Entry(c, r) for (c, _), r in zip(batch, results, strict=True)]
+        pending = _Batch(entries)
+        self._try_commit(pending)
+        log.info("batch_classified", size=len(entries), ms=round((time.perf_counter() - started) * 1000, 2),
+                 queued=len(self.ready) + len(self.in_flight))
+
+    def _destination(self, result: Result, day: str) -> Path:
+        if result.status == STATUS_ERROR:
+            root = self.s.failed
+        elif result.status == STATUS_LOW and self.s.review is not None:
+            root = self.s.review
+        else:
+            root = self.s.processed
+        return root / day
+
+    def _try_commit(self, batch: _Batch) -> None:
+        try:
+            if batch.journal is None:
+                self._place(batch)
+            self._report(batch)
+        except OSError as exc:
+            batch.attempts += 1
+            delay = min(MAX_BACKOFF, 0.5 * 2 ** (batch.attempts - 1))
+            batch.retry_at = time.monotonic() + delay
+            self.blocked = batch
+            log.error("commit_failed", error=str(exc), files=len(batch.entries), retry_in_s=delay,
+                      attempt=batch.attempts)
+            return
+        self.blocked = None
+
+    def _retry_blocked(self) -> None:
+        batch, self.blocked = self.blocked, None
+        self._try_commit(batch)
+
+    def _place(self, batch: _Batch) -> None:
+        """Link each file to its destination and journal the batch; undone on failure."""
+        now = utc_now()
+        day = now.strftime("%Y-%m-%d")
+        ts = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        placed: list[claims.Entry] = []
+        try:
+            for entry in batch.entries:
+                name = os.path.basename(entry.claim.rel)
+                target = claims.place(entry.claim.path, self._destination(entry.result, day), name)
+                result = replace(entry.result, ts=ts, moved_to=display_name(str(target)),
+                                 instance=self.instance)
+                placed.append(claims.Entry(entry.claim, result))
+                if result.status == STATUS_ERROR:
+                    sidecar = target.with_name(target.name + ".error.json")
+                    claims.write_atomic(sidecar, json.dumps(result.as_dict(tuple(result.__dataclass_fields__)),
+                                                            ensure_ascii=False, indent=2).encode())
+            journal = self.workspace.journal_path()
+            claims.write_journal(journal, placed)
+        except OSError:
+            for entry in placed:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.result.moved_to)
+                    os.unlink(entry.result.moved_to + ".error.json")
+            raise
+        batch.entries, batch.journal = placed, journal
+
+    def _report(self, batch: _Batch, *, recovering: bool = False) -> None:
+        lines = [render(e.result, self.s.format) for e in batch.entries]
+        if recovering:
+            lines = [line for line in lines if not self.results.contains(line)]
+        if lines:
+            self.results.append(lines)
+        for folder in {Path(e.result.moved_to).parent for e in batch.entries}:
+            with contextlib.suppress(OSError):
+                claims.fsync_dir(folder)
+        for entry in batch.entries:
+            self.workspace.release(entry.claim)
+            self._count(entry.result)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(batch.journal)
+
+    def _count(self, r: Result) -> None:
+        fields = dict(file=r.file, digit=r.digit, confidence=r.confidence, status=r.status,
+                      sha256=r.sha256, width=r.width, height=r.height,
+                      latency_ms=round(r.latency_ms, 2), moved_to=r.moved_to)
+        if r.status == STATUS_ERROR:
+            self.counters.error += 1
+            log.warning("file_failed", error=r.error, **fields)
+        else:
+            if r.status == STATUS_LOW:
+                self.counters.low_confidence += 1
+            else:
+                self.counters.ok += 1
+            log.info("file_classified", **fields)
+
+    # ------------------------------------------------------------ recovery and stop
+
+    def _recover(self) -> None:
+        """Finish what dead instances (this one's past included) left half done."""
+        journals = self.workspace.adopt_dead()
+        self._finish_journals(journals)
+
+    def _adopt(self) -> None:
+        journals = self.workspace.adopt_dead()
+        if journals or any(self.workspace.dir.iterdir()):
+            self._finish_journals(journals)
+
+    def _finish_journals(self, journals: list[Path]) -> None:
+        journaled: set[str] = set()
+        for journal in journals:
+            entries = claims.read_journal(journal)
+            journaled |= {e.claim.token for e in entries}
+            batch = _Batch(entries, journal=journal)
+            for e in entries:
+                # The link may not have survived a power cut; the claim has.
+                if e.claim.path.exists() and not os.path.lexists(e.result.moved_to):
+                    os.link(e.claim.path, e.result.moved_to, follow_symlinks=False)
+            try:
+                self._report(batch, recovering=True)
+                self.counters.recovered += len(entries)
+            except OSError as exc:
+                batch.retry_at = time.monotonic() + 1.0
+                self.blocked = batch
+                log.error("recovery_report_failed", error=str(exc), journal=str(journal))
+                return
+        active = {c.token for c, _ in self.in_flight} | {c.token for c, _ in self.done}
+        leftovers = [c for c in self.workspace.leftover_claims(journaled | active)]
+        if self.blocked is not None:
+            leftovers = [c for c in leftovers if c.token not in {e.claim.token for e in self.blocked.entries}]
+        for claim in leftovers:
+            self._drop_orphan_link(claim)
+            self._submit(claim)
+            self.counters.recovered += 1
+        if journals or leftovers:
+            log.info("recovered", journals=len(journals), claims=len(leftovers))
+
+    def _drop_orphan_link(self, claim: claims.Claim) -> None:
+        """A crash between linking and journaling leaves a second name; remove it."""
+        today = utc_now()
+        days = [(today - dt.timedelta(days=d)).strftime("%Y-%m-%d") for d in (0, 1)]
+        roots = [r for r in (self.s.processed, self.s.failed, self.s.review) if r is not None]
+        with contextlib.suppress(OSError):
+            link = claims.find_link(claim.path, [root / d for root in roots for d in days])
+            if link is not None:
+                os.unlink(link)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link.with_name(link.name + ".error.json"))
+
+    def _drain_on_stop(self) -> None:
+        """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
+        deadline = time.monotonic() + self.s.stop_timeout
+        self.ready.clear()
+        while (self.in_flight or self.done or self.blocked) and time.monotonic() < deadline:
+            if self.blocked is not None:
+                if time.monotonic() >= self.blocked.retry_at:
+                    self._retry_blocked()
+                else:
+                    time.sleep(0.05)
+                continue
+            self._collect()
+            if self.done and not self.in_flight or len(self.done) >= self.s.batch_size:
+                self._commit_done()
+            else:
+                time.sleep(0.002)

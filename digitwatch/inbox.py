@@ -1,0 +1,146 @@
+"""What the inbox offers: the name rules, listing for backlog and rescans, and
+the watchdog glue that reports files that became ready.
+
+A file is ready when it was closed after writing or renamed into the inbox
+(inotify). In polling mode, and for files found by listing rather than by an
+event, it is ready once its size and mtime have been stable for
+`settle_seconds`: a scan can see a file that is still being written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import queue
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+WORK_DIR = ".digitwatch"  # claims live here, inside the inbox: same filesystem, atomic renames
+TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
+OS_LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", ".directory"})
+
+
+def ignored_reason(name: str, patterns: tuple[str, ...]) -> str | None:
+    """Why a file name is not taken, or None if it is. Case-insensitive."""
+    lowered = name.lower()
+    if lowered in OS_LITTER or lowered.startswith("._"):
+        return "os_litter"
+    if name.startswith("."):
+        return "dotfile"
+    if lowered.endswith(TEMP_SUFFIXES):
+        return "temporary"
+    if not any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns):
+        return "pattern"
+    return None
+
+
+def relative_name(path: Path, inbox: Path) -> str | None:
+    """The name as dropped, relative to the inbox; None for the work folder or outside."""
+    try:
+        rel = path.relative_to(inbox)
+    except ValueError:
+        return None
+    parts = rel.parts
+    if not parts or any(p.startswith(".") for p in parts[:-1]):
+        return None  # hidden folders, our own work folder included
+    return rel.as_posix()
+
+
+def list_inbox(inbox: Path, recursive: bool) -> Iterator[Path]:
+    """Every entry that is not a folder (links and FIFOs too: they are refused later)."""
+    stack = [inbox]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # vanished or unreadable: the next rescan will try again
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if recursive and not entry.name.startswith("."):
+                    stack.append(Path(entry.path))
+            else:
+                yield Path(entry.path)
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+
+
+class Settler:
+    """Decides when a listed file has stopped changing. Time comes from `clock`."""
+
+    def __init__(self, settle_seconds: float, clock: Callable[[], float] = time.time) -> None:
+        self._settle = settle_seconds
+        self._clock = clock
+        self._seen: dict[Path, _Seen] = {}
+
+    def ready(self, path: Path) -> bool | None:
+        """True when settled, False when still changing, None when gone."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self._seen.pop(path, None)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return True  # links, FIFOs, devices never "finish"; refuse them at once
+        previous = self._seen.get(path)
+        self._seen[path] = _Seen(st.st_size, st.st_mtime_ns)
+        quiet_for = self._clock() - st.st_mtime_ns / 1e9
+        unchanged = previous is None or (previous.size, previous.mtime_ns) == (st.st_size, st.st_mtime_ns)
+        if quiet_for >= self._settle and unchanged:
+            self._seen.pop(path, None)
+            return True
+        return False
+
+    def forget(self, path: Path) -> None:
+        self._seen.pop(path, None)
+
+    def waiting(self) -> list[Path]:
+        return list(self._seen)
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into (path, settled?) notices on a queue."""
+
+    def __init__(self, out: queue.Queue, polling: bool) -> None:
+        self._out = out
+        self._polling = polling
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self._out.put((Path(os.fsdecode(event.dest_path)), not self._polling))
+        elif isinstance(event, FileClosedEvent):
+            self._out.put((Path(os.fsdecode(event.src_path)), True))
+        elif self._polling and isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            # Polling sees no close events: the file must settle first.
+            self._out.put((Path(os.fsdecode(event.src_path)), False))
+
+
+def start_observer(inbox: Path, *, recursive: bool, polling: bool, poll_interval: float,
+                   out: queue.Queue) -> BaseObserver:
+    """A running watchdog observer that reports candidate files on `out`."""
+    observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else Observer()
+    observer.schedule(_Handler(out, polling), str(inbox), recursive=recursive)
+    observer.daemon = True
+    observer.start()
+    return observer
