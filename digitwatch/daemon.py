@@ -303,6 +303,9 @@ class Daemon:
     def _try_commit(self, batch: _Batch) -> None:
         try:
             if batch.journal is None:
+                # Open the results file first: if it cannot be written, the
+                # files stay claimed and nothing is placed yet.
+                self.results.open()
                 self._place(batch)
             self._report(batch)
         except OSError as exc:

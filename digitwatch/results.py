@@ -145,6 +145,10 @@ class ResultsFile:
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         return self._fd
 
+    def open(self) -> None:
+        """Open (or reopen after rotation) now; raises OSError if impossible."""
+        self._ensure_open()
+
     def reopen(self) -> None:
         self.close()
 

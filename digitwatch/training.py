@@ -302,6 +302,21 @@ def load_keras_model(path: Path) -> keras.Model:
         raise ModelError(f"{path}: cannot load Keras model ({exc})") from exc
 
 
+def _uncompiled(model: keras.Model) -> keras.Model:
+    # clone_model would copy the compile state too; from_config does not.
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def save_without_optimizer(model: keras.Model, path: Path) -> None:
+    """Save graph and weights only. Compiled members would each carry their Adam
+    state (twice their weights) into the file, even through a reload."""
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    bare = build_ensemble([_uncompiled(m) for m in members]) if members else _uncompiled(model)
+    bare.save(path)
+
+
 def export_tflite(model: keras.Model, path: Path) -> None:
     """Convert to a float32 .tflite; the batch dimension stays dynamic (-1)."""
     # from_keras_model captures the Keras 3 variables; a hand-made concrete
@@ -380,7 +395,7 @@ def run_training(request: TrainRequest) -> dict:
     out = request.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tflite_path, card_path = out.with_suffix(".tflite"), out.with_suffix(".json")
-    outcome.model.save(out)
+    save_without_optimizer(outcome.model, out)
     export_tflite(outcome.model, tflite_path)
 
     # The test set is only measured here, after training is over: it reports,

@@ -1,0 +1,120 @@
+"""Runs the real daemon (`python -m digitwatch.cli watch`) in a subprocess on real
+folders, and reads back its results file. Shared by the daemon tests and the
+benchmarks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "digits.tflite"
+GOOD = sorted((Path(__file__).parent / "fixtures" / "scans").glob("mnist-clean-*.png"))
+
+
+class DaemonProc:
+    """One daemon instance on folders under `base`."""
+
+    def __init__(self, base: Path, *extra: str, fmt: str = "jsonl", name: str = "d",
+                 results: Path | None = None, settle: float = 0.3, env: dict | None = None) -> None:
+        self.base = base
+        self.inbox = base / "inbox"
+        self.processed = base / "processed"
+        self.failed = base / "failed"
+        self.results = results or base / f"results.{fmt}"
+        self.fmt = fmt
+        self.log = base / f"{name}.log"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.args = [
+            sys.executable, "-m", "digitwatch.cli", "watch",
+            "--inbox", str(self.inbox), "--processed", str(self.processed),
+            "--failed", str(self.failed), "--results", str(self.results), "--format", fmt,
+            "--settle-seconds", str(settle), "--log-format", "json", "--model", str(MODEL),
+            "--instance", name, *extra,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *more: str, wait: bool = True) -> DaemonProc:
+        self._log_fh = self.log.open("ab")
+        self.proc = subprocess.Popen([*self.args, *more], stdout=self._log_fh,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
+        if wait:
+            self.wait_log("daemon_started", timeout=60)
+        return self
+
+    def run_once(self, timeout: float = 120) -> int:
+        with self.log.open("ab") as fh:
+            return subprocess.run([*self.args, "--once"], stdout=fh, stderr=subprocess.STDOUT,
+                                  cwd=ROOT, env=self.env, timeout=timeout).returncode
+
+    def wait_log(self, event: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.exists() and f'"event": "{event}"' in self.log.read_text(errors="replace"):
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                d = json.loads(line)
+                if d.get("event") == name:
+                    out.append(d)
+        return out
+
+    def lines(self) -> list[dict]:
+        return read_results(self.results, self.fmt)
+
+    def wait_lines(self, n: int, timeout: float = 30) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.lines()
+            if len(rows) >= n:
+                return rows
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{len(self.lines())} of {n} lines after {timeout}s:\n{self.log.read_text()[-2000:]}")
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout)
+        self._log_fh.close()
+        return rc
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._log_fh.close()
+
+
+def read_results(path: Path, fmt: str) -> list[dict]:
+    if not path.exists():
+        return []
+    text = path.read_bytes().decode("utf-8")
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(csv.DictReader(text.splitlines(keepends=True)))
+
+
+def drop(inbox: Path, name: str, data: bytes) -> Path:
+    """Drop a file the way careful tools do: write a temporary name, then rename."""
+    tmp = inbox / f".{name}.part"
+    tmp.write_bytes(data)
+    target = inbox / name
+    os.rename(tmp, target)
+    return target

@@ -1,0 +1,272 @@
+"""The watch daemon end to end: a real watchdog observer on real folders, real
+PNG files, the shipped model, real signals and subprocesses."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import hashlib
+import io
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import GOOD, DaemonProc, drop, read_results
+
+pytestmark = pytest.mark.slow
+
+PNG = GOOD[0].read_bytes()
+
+
+def png(i: int) -> bytes:
+    return GOOD[i % len(GOOD)].read_bytes()
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".error.json")]
+
+
+class TestIntake:
+    """Which files are taken, and when."""
+
+    def test_backlog_then_new_files(self, tmp_path):
+        d = DaemonProc(tmp_path)
+        for i in range(3):
+            (d.inbox / f"old{i}.png").write_bytes(png(i))
+            os.utime(d.inbox / f"old{i}.png", (time.time() - 60, time.time() - 60))
+        d.start()
+        d.wait_lines(3)
+        drop(d.inbox, "new.png", png(5))
+        rows = d.wait_lines(4)
+        assert d.terminate() == 0
+        assert sorted(r["file"] for r in rows) == ["new.png", "old0.png", "old1.png", "old2.png"]
+        assert all(r["status"] in ("ok", "low_confidence") for r in rows)
+        assert not files_under(d.inbox)
+        moved = files_under(d.processed)
+        assert len(moved) == 4
+        assert {r["moved_to"] for r in rows} == {str(p) for p in moved}
+
+    def test_slow_writer_gets_one_line_after_last_byte(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        target = d.inbox / "slow.png"
+        chunks = [PNG[i : i + len(PNG) // 6 + 1] for i in range(0, len(PNG), len(PNG) // 6 + 1)]
+        with target.open("wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                fh.flush()
+                time.sleep(0.6)
+            last_byte = time.time()
+        rows = d.wait_lines(1)
+        time.sleep(1.0)
+        assert d.terminate() == 0
+        rows = d.lines()
+        assert len(rows) == 1
+        assert rows[0]["status"] != "error"
+        assert rows[0]["sha256"] == hashlib.sha256(PNG).hexdigest()
+        ts = time.mktime(time.strptime(rows[0]["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        assert ts >= int(last_byte) - 1
+
+    def test_rescan_finds_file_no_event_reported(self, tmp_path):
+        d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
+        outside = tmp_path / "elsewhere.png"
+        outside.write_bytes(PNG)
+        # A hard link makes only IN_CREATE: no close-after-write, no rename.
+        os.link(outside, d.inbox / "linked.png")
+        rows = d.wait_lines(1, timeout=15)
+        assert d.terminate() == 0
+        assert rows[0]["file"] == "linked.png"
+
+    def test_stray_events_still_one_line(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        target = d.inbox / "touched.png"
+        target.write_bytes(PNG)
+        for _ in range(5):  # each open+close queues another "closed" event
+            with target.open("ab"):
+                pass
+        d.wait_lines(1)
+        time.sleep(1.5)
+        assert d.terminate() == 0
+        assert len(d.lines()) == 1
+
+    def test_ignore_rules(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        ignored = [".hidden.png", "scan.png.part", "scan.png.tmp", "x.png.crdownload", "x.png~",
+                   "Thumbs.db", ".DS_Store", "desktop.ini", "._scan.png", "notes.txt"]
+        for name in ignored:
+            (d.inbox / name).write_bytes(PNG)
+        (d.inbox / "folder.png").mkdir()
+        drop(d.inbox, "real.png", PNG)
+        d.wait_lines(1)
+        time.sleep(1.0)
+        assert d.terminate() == 0
+        assert [r["file"] for r in d.lines()] == ["real.png"]
+        left = sorted(p.name for p in d.inbox.iterdir() if p.name != ".digitwatch")
+        assert left == sorted([*ignored, "folder.png"])
+
+    def test_polling_mode(self, tmp_path):
+        d = DaemonProc(tmp_path, "--polling", "--poll-interval", "0.2").start()
+        drop(d.inbox, "polled.png", PNG)
+        (d.inbox / "written.png").write_bytes(png(3))
+        rows = d.wait_lines(2, timeout=20)
+        assert d.terminate() == 0
+        assert sorted(r["file"] for r in rows) == ["polled.png", "written.png"]
+
+
+class TestOutcomes:
+    """Where files go and what their lines say."""
+
+    def test_poison_files_beside_good_ones(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        bad = {"empty.png": b"", "text.png": b"not an image", "cut.png": PNG[: len(PNG) // 2]}
+        for name, data in bad.items():
+            drop(d.inbox, name, data)
+        for i in range(5):
+            drop(d.inbox, f"good{i}.png", png(i))
+        rows = d.wait_lines(8)
+        assert d.proc.poll() is None
+        assert d.terminate() == 0
+        by_name = {r["file"]: r for r in rows}
+        for name in bad:
+            assert by_name[name]["status"] == "error" and by_name[name]["error"]
+            sidecar = Path(by_name[name]["moved_to"] + ".error.json")
+            assert sidecar.is_file() and str(d.failed) in str(sidecar)
+        assert all(by_name[f"good{i}.png"]["status"] != "error" for i in range(5))
+        assert len(files_under(d.failed)) == 3 and len(files_under(d.processed)) == 5
+
+    def test_name_collisions_never_overwrite(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        for n in range(3):
+            drop(d.inbox, "same.png", png(n))
+            d.wait_lines(n + 1)
+        assert d.terminate() == 0
+        rows = d.lines()
+        moved = [Path(r["moved_to"]) for r in rows]
+        assert sorted(p.name for p in moved) == ["same-2.png", "same-3.png", "same.png"]
+        for r, p in zip(rows, moved, strict=True):
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == r["sha256"]
+
+    def test_symlink_and_fifo_refused_not_followed(self, tmp_path):
+        secret = tmp_path / "secret.txt"
+        secret.write_text("do not read")
+        d = DaemonProc(tmp_path).start()
+        os.symlink(secret, d.inbox / "link.png")
+        os.mkfifo(d.inbox / "pipe.png")
+        rows = d.wait_lines(2, timeout=15)
+        assert d.terminate() == 0
+        assert {r["file"]: r["status"] for r in rows} == {"link.png": "error", "pipe.png": "error"}
+        assert all("refused" in r["error"] for r in rows)
+        assert secret.read_text() == "do not read"
+        assert (Path(next(r for r in rows if r["file"] == "link.png")["moved_to"])).is_symlink()
+
+    def test_csv_quoting_and_formula_injection(self, tmp_path):
+        d = DaemonProc(tmp_path, fmt="csv").start()
+        names = ['a,b.png', 'say "hi".png', "two\nlines.png", "ünïcödé 数字.png",
+                 "=cmd.png", "+1.png", "-2.png", "@sum.png"]
+        for name in names:
+            drop(d.inbox, name, PNG)
+        d.wait_lines(len(names))
+        assert d.terminate() == 0
+        text = d.results.read_text(encoding="utf-8")
+        assert text.count("ts,file,digit") == 1
+        rows = list(csv.DictReader(io.StringIO(text)))
+        expected = {("'" + n if n[0] in "=+-@" else n) for n in names}
+        assert {r["file"] for r in rows} == expected
+
+    def test_jsonl_lines_are_whole_json(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        drop(d.inbox, "x\ny.png", PNG)
+        rows = d.wait_lines(1)
+        assert d.terminate() == 0
+        assert rows[0]["file"] == "x\ny.png"
+        assert len(d.results.read_text().splitlines()) == 1
+        assert set(rows[0]) >= {"ts", "file", "digit", "confidence", "status", "error", "sha256",
+                                "width", "height", "model", "latency_ms", "moved_to", "instance"}
+
+
+class TestNeverLoseAFile:
+    """Signals, kills and concurrent instances: every file ends with exactly one line."""
+
+    def check_exactly_once(self, names: set[str], rows: list[dict], base: Path) -> None:
+        counts = collections.Counter(r["file"] for r in rows)
+        dupes = {n: c for n, c in counts.items() if c > 1}
+        assert not dupes, f"duplicated: {dupes}"
+        assert set(counts) == names, f"lost: {names - set(counts)}"
+        placed = files_under(base / "processed") + files_under(base / "failed")
+        assert len(placed) == len(names)
+        assert not [p for p in (base / "inbox").rglob("*") if p.is_file() and p.name != "lock"]
+
+    def test_sigterm_mid_batch_exits_zero_and_loses_nothing(self, tmp_path):
+        d = DaemonProc(tmp_path, "--stop-timeout", "10", "--batch-size", "8").start()
+        names = {f"t{i:03d}.png" for i in range(80)}
+        for n in sorted(names):
+            drop(d.inbox, n, png(hash(n)))
+        d.wait_lines(1)
+        started = time.monotonic()
+        assert d.terminate(timeout=15) == 0
+        assert time.monotonic() - started < 10
+        assert d.events("daemon_stopped")
+        # Whatever was not taken is still in the inbox; a second run drains it.
+        assert d.run_once() == 0
+        self.check_exactly_once(names, d.lines(), tmp_path)
+
+    def test_sigkill_at_random_points(self, tmp_path):
+        rng = random.Random(1)
+        d = DaemonProc(tmp_path, "--batch-size", "4")
+        names = {f"k{i:03d}.png" for i in range(150)}
+        for n in sorted(names):
+            drop(d.inbox, n, png(hash(n)))
+        kills = 0
+        while kills < 12:
+            d.start(wait=False)
+            time.sleep(rng.uniform(0.5, 2.5))
+            d.kill()
+            kills += 1
+        assert d.run_once() == 0
+        self.check_exactly_once(names, d.lines(), tmp_path)
+
+    def test_three_instances_share_one_inbox(self, tmp_path):
+        results = tmp_path / "shared.jsonl"
+        daemons = [DaemonProc(tmp_path, name=f"i{k}", results=results).start() for k in range(3)]
+        names = {f"m{i:03d}.png" for i in range(90)}
+        for n in sorted(names):
+            drop(daemons[0].inbox, n, png(hash(n)))
+        daemons[0].wait_lines(90, timeout=60)
+        for dp in daemons:
+            assert dp.terminate() == 0
+        rows = read_results(results, "jsonl")
+        self.check_exactly_once(names, rows, tmp_path)
+
+    def test_unwritable_results_leaves_file_and_retries(self, tmp_path):
+        d = DaemonProc(tmp_path, results=tmp_path / "out" / "results.jsonl")
+        (tmp_path / "out").mkdir()
+        # A directory where the results file should be: every append fails.
+        d.results.mkdir()
+        d.start()
+        drop(d.inbox, "waiting.png", PNG)
+        d.wait_log("commit_failed", timeout=20)
+        assert d.proc.poll() is None
+        assert not files_under(d.processed)
+        # Fix the problem: the file goes through on a retry, once.
+        d.results.rmdir()
+        rows = d.wait_lines(1, timeout=40)
+        assert d.terminate() == 0
+        assert [r["file"] for r in rows] == ["waiting.png"]
+        assert len(files_under(d.processed)) == 1
+
+    def test_sighup_reopens_results(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        drop(d.inbox, "one.png", PNG)
+        d.wait_lines(1)
+        rotated = d.results.with_suffix(".1")
+        os.rename(d.results, rotated)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log("results_reopened")
+        drop(d.inbox, "two.png", PNG)
+        rows = d.wait_lines(1)
+        assert d.terminate() == 0
+        assert [r["file"] for r in rows] == ["two.png"]
+        assert [r["file"] for r in read_results(rotated, "jsonl")] == ["one.png"]

@@ -1,0 +1,107 @@
+"""Training end to end on a small slice, export round-trip, and the shipped model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from digitwatch.errors import ModelError
+from tests.conftest import MODELS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_run(mnist_dir, tmp_path_factory):
+    from digitwatch.training import TrainRequest, run_training
+
+    out = tmp_path_factory.mktemp("train") / "small.keras"
+    card = run_training(TrainRequest(
+        data=mnist_dir, arch="cnn", epochs=1, members=2, width=8, out=out, seed=3,
+        limit=600, augment=True, command="digitwatch train (test)",
+    ))
+    return out, card
+
+
+class TestTraining:
+    """A few hundred digits, one epoch: a loadable model and an agreeing export."""
+
+    def test_files_and_card(self, small_run):
+        out, card = small_run
+        assert out.is_file() and out.with_suffix(".tflite").is_file()
+        written = json.loads(out.with_suffix(".json").read_text())
+        assert written == json.loads(json.dumps(card))
+        assert card["split"] == {"train": 540, "validation": 60, "test": 10000}
+        assert card["members"] == 2 and card["parameters"] > 0
+        from digitwatch.training import sha256_file
+
+        assert card["files"]["small.tflite"] == sha256_file(out.with_suffix(".tflite"))
+        assert card["export_max_probability_difference"] < 1e-4
+
+    def test_keras_and_litert_agree(self, small_run, mnist):
+        from digitwatch.data import to_input
+        from digitwatch.model import KerasClassifier, LiteRTClassifier
+
+        out, _ = small_run
+        x = to_input(mnist.x_test[:200])
+        a = KerasClassifier(out).predict(x)
+        b = LiteRTClassifier(out.with_suffix(".tflite")).predict(x)
+        assert np.abs(a - b).max() < 1e-4
+        assert (a.argmax(1) == b.argmax(1)).all()
+
+    def test_mlp_is_the_original_network(self):
+        from digitwatch.training import build_mlp
+
+        m = build_mlp()
+        dense = [layer for layer in m.layers if layer.__class__.__name__ == "Dense"]
+        assert [d.units for d in dense] == [128, 128, 10]
+        assert m.count_params() == 784 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
+
+    def test_augmenter_keeps_range_and_changes_digits(self, mnist):
+        from digitwatch.data import to_input
+        from digitwatch.training import make_augmenter
+
+        x = to_input(mnist.x_train[:64])
+        y = make_augmenter(0)(x).numpy()
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+        assert np.abs(y - x).mean() > 0.01
+
+    def test_export_mismatch_fails_loudly(self):
+        from digitwatch.training import verify_export
+
+        p = np.full((3, 10), 0.1, np.float32)
+        p[:, 0] = 0.2
+        q = p.copy()
+        q[1] = np.roll(q[1], 1)
+        with pytest.raises(ModelError, match="1 argmax disagreements"):
+            verify_export(p, q)
+        with pytest.raises(ModelError, match="probability difference"):
+            verify_export(p, p + 2e-4)
+
+    def test_unsafe_formats_refused(self, tmp_path):
+        from digitwatch.training import load_keras_model
+
+        (tmp_path / "m.h5").write_bytes(b"x")
+        with pytest.raises(ModelError, match="only .keras"):
+            load_keras_model(tmp_path / "m.h5")
+
+
+class TestShippedModel:
+    """The model in models/ meets the bar and matches its card."""
+
+    def test_card_matches_files(self):
+        from digitwatch.training import sha256_file
+
+        card = json.loads((MODELS / "digits.json").read_text())
+        for name, digest in card["files"].items():
+            assert sha256_file(MODELS / name) == digest
+        assert card["test_accuracy"]["tflite"] >= 0.996
+
+    def test_tflite_accuracy_on_mnist_test(self, mnist, classifier):
+        from digitwatch.data import to_input
+
+        x = to_input(mnist.x_test)
+        probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, 10000, 1000)])
+        assert float(np.mean(probs.argmax(1) == mnist.y_test)) >= 0.996
