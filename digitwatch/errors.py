@@ -11,9 +11,8 @@ class ExitCode(IntEnum):
     OK = 0
     SOME_FAILED = 1
     USAGE = 2
-    CONFIG = 78  # EX_CONFIG from sysexits.h
-    MODEL = 79
-    DATA = 65  # EX_DATAERR
+    DATA = 65  # EX_DATAERR from sysexits.h
+    CONFIG = 78  # EX_CONFIG
 
 
 class DigitwatchError(Exception):
@@ -29,9 +28,10 @@ class DataError(DigitwatchError):
 
 
 class ModelError(DigitwatchError):
-    """A model file cannot be loaded or does not have the expected signature."""
+    """A model file cannot be loaded or does not have the expected signature.
+    Named by the user with --model, so it is a usage error."""
 
-    exit_code = ExitCode.MODEL
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(DigitwatchError):

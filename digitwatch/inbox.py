@@ -134,6 +134,16 @@ class _Handler(FileSystemEventHandler):
         elif self._polling and isinstance(event, FileCreatedEvent | FileModifiedEvent):
             # Polling sees no close events: the file must settle first.
             self._out.put((Path(os.fsdecode(event.src_path)), False))
+        elif isinstance(event, FileCreatedEvent):
+            # Links, FIFOs and devices are never written and closed: refuse them
+            # now rather than at the next rescan. Regular files wait for close.
+            path = Path(os.fsdecode(event.src_path))
+            try:
+                regular = stat.S_ISREG(os.lstat(path).st_mode)
+            except OSError:
+                return
+            if not regular:
+                self._out.put((path, True))
 
 
 def start_observer(inbox: Path, *, recursive: bool, polling: bool, poll_interval: float,
