@@ -99,7 +99,10 @@ class OutFormat(str, Enum):
 
 ModelOption = Annotated[
     Path | None,
-    typer.Option(help="A .tflite (LiteRT, fast) or .keras (imports TensorFlow) model.", show_default="models/digits.tflite"),
+    typer.Option(
+        help="A .tflite (LiteRT, fast) or .keras (imports TensorFlow) model.",
+        show_default="models/digits.tflite",
+    ),
 ]
 
 
@@ -231,7 +234,8 @@ def check_config(
     else:
         width = max(map(len, values))
         for key, value in values.items():
-            typer.echo(f"{key.ljust(width)}  {value!r}" if not isinstance(value, str) else f"{key.ljust(width)}  {value}")
+            shown = value if isinstance(value, str) else repr(value)
+            typer.echo(f"{key.ljust(width)}  {shown}")
     typer.echo("configuration ok", err=True)
 
 

@@ -12,10 +12,11 @@ import dataclasses
 import fnmatch
 import os
 import socket
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 from digitwatch.errors import ConfigError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS

@@ -182,11 +182,21 @@ class Daemon:
                 return
 
     def _wait_time(self) -> float:
-        if self.done or self.in_flight:
-            return 0.002
+        """How long the loop may sleep. Workers wake it early through the event
+        queue when a file is prepared, so it never spins on futures."""
+        if self.ready and self.blocked is None and self._has_capacity():
+            return 0.0
+        if self.done:
+            age_ms = (time.monotonic() - self.oldest_done) * 1000
+            return max(0.0, (self.s.batch_wait_ms - age_ms) / 1000)
+        if self.in_flight:
+            return 0.1
         if self.settler.waiting():
             return SETTLE_CHECK_SECONDS
         return 0.25
+
+    def _has_capacity(self) -> bool:
+        return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
 
     def _idle(self) -> bool:
         return not (self.ready or self.in_flight or self.done or self.blocked
@@ -207,12 +217,13 @@ class Daemon:
 
     def _take_events(self, timeout: float) -> None:
         try:
-            path, settled = self.events.get(timeout=timeout)
+            path, settled = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
         except queue.Empty:
             return
         while True:
-            path = Path(os.path.abspath(path))
-            if self._accept(path):
+            if path is None:  # a worker finished a file: just a wake-up
+                pass
+            elif self._accept(path := Path(os.path.abspath(path))):
                 if settled:
                     self.settler.forget(path)
                     self.ready[path] = None
@@ -236,8 +247,7 @@ class Daemon:
                 self.ready[path] = None
 
     def _claim_ready(self) -> None:
-        limit = 2 * self.s.batch_size
-        while self.ready and len(self.in_flight) + len(self.done) < limit:
+        while self.ready and self._has_capacity():
             path = next(iter(self.ready))
             del self.ready[path]
             rel = inbox.relative_name(path, self.inbox)
@@ -253,6 +263,7 @@ class Daemon:
 
     def _submit(self, claim: claims.Claim) -> None:
         future = self.pool.submit(prepare_claim, claim, max_pixels=self.s.max_pixels)
+        future.add_done_callback(lambda _: self.events.put((None, False)))
         self.in_flight.append((claim, future))
 
     def _collect(self) -> None:

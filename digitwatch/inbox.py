@@ -128,7 +128,8 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         if isinstance(event, FileMovedEvent):
-            self._out.put((Path(os.fsdecode(event.dest_path)), not self._polling))
+            if event.dest_path:  # empty when moved out of the inbox
+                self._out.put((Path(os.fsdecode(event.dest_path)), not self._polling))
         elif isinstance(event, FileClosedEvent):
             self._out.put((Path(os.fsdecode(event.src_path)), True))
         elif self._polling and isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -149,7 +150,17 @@ class _Handler(FileSystemEventHandler):
 def start_observer(inbox: Path, *, recursive: bool, polling: bool, poll_interval: float,
                    out: queue.Queue) -> BaseObserver:
     """A running watchdog observer that reports candidate files on `out`."""
-    observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else Observer()
+    if polling:
+        observer: BaseObserver = PollingObserver(timeout=poll_interval)
+    else:
+        try:
+            # Full events report a file moved in from outside the inbox as a
+            # move, not a bare creation: `mv ~/scan.png inbox/` is complete.
+            from watchdog.observers.inotify import InotifyObserver
+
+            observer = InotifyObserver(generate_full_events=True)
+        except ImportError:  # not Linux
+            observer = Observer()
     observer.schedule(_Handler(out, polling), str(inbox), recursive=recursive)
     observer.daemon = True
     observer.start()

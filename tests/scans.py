@@ -283,5 +283,5 @@ def other_scans(count: int, source: str, rng: np.random.Generator) -> Iterator[S
         else:
             label = i % 10
             maker = ink_from_strokes if source == "strokes" else ink_from_font
-            ink_for = lambda h, lb=label: maker(lb, h, rng)  # noqa: E731
+            ink_for = lambda h, lb=label, mk=maker: mk(lb, h, rng)  # noqa: E731
         yield make_scan(ink_for, label, variation, flavour, rng, source)

@@ -83,7 +83,7 @@ class TestNormalization:
             rgb, _ = page_with_digit(image, height=int(np.random.default_rng(0).integers(40, 300)))
             d = imaging.normalize(rgb[..., 0])
             assert d.shape == (28, 28) and d.dtype == np.float32
-            assert 0.0 <= d.min() and d.max() <= 1.0 and d.max() > 0.9
+            assert d.min() >= 0.0 and d.max() <= 1.0 and d.max() > 0.9
             ys, xs = np.nonzero(d > 0.05)
             assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 in range(19, 23)
             gy, gx = np.mgrid[0:28, 0:28]
