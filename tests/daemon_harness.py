@@ -118,3 +118,6 @@ def drop(inbox: Path, name: str, data: bytes) -> Path:
     target = inbox / name
     os.rename(tmp, target)
     return target
+
+
+PNG_GOOD = GOOD[0].read_bytes()

@@ -227,3 +227,20 @@ def test_decompression_bomb_refused_without_allocating(monkeypatch):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 10 * 1024 * 1024  # far below the 400 MB the pixels would take
+
+
+class TestCommittedScans:
+    """The committed realistic scans (tests/make_fixtures.py) through the real path."""
+
+    def test_every_committed_scan_is_read_correctly(self, classifier):
+        from tests.conftest import SCAN_FIXTURES, label_of
+
+        files = sorted(SCAN_FIXTURES.glob("*.png"))
+        assert len(files) >= 40
+        wrong = []
+        for f in files:
+            digit = imaging.load_digit(f.read_bytes())
+            predicted = int(np.argmax(classifier.predict(digit.pixels[None])))
+            if predicted != label_of(f):
+                wrong.append((f.name, predicted))
+        assert not wrong
