@@ -156,8 +156,15 @@ def start_observer(inbox: Path, *, recursive: bool, polling: bool, poll_interval
         try:
             # Full events report a file moved in from outside the inbox as a
             # move, not a bare creation: `mv ~/scan.png inbox/` is complete.
+            from watchdog.observers import inotify_move_event_grouper
             from watchdog.observers.inotify import InotifyObserver
 
+            # watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its
+            # IN_MOVED_TO, and its queue is FIFO: each claim (a rename out of
+            # the inbox) would delay every later event by half a second. The
+            # two halves of a rename arrive in the same read, so 20 ms still
+            # pairs them.
+            inotify_move_event_grouper.InotifyMoveEventGrouper.delay = 0.02
             observer = InotifyObserver(generate_full_events=True)
         except ImportError:  # not Linux
             observer = Observer()
