@@ -12,7 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 SCAN_FIXTURES = Path(__file__).parent / "fixtures" / "scans"
-MNIST_DIR = Path(os.environ.get("DIGITWATCH_MNIST", ROOT.parent / "shared" / "datasets" / "mnist"))
+
+
+def _find_mnist() -> Path:
+    """DIGITWATCH_MNIST, else a shared/datasets/mnist beside or above the checkout."""
+    if "DIGITWATCH_MNIST" in os.environ:
+        return Path(os.environ["DIGITWATCH_MNIST"])
+    for parent in ROOT.parents:
+        candidate = parent / "shared" / "datasets" / "mnist"
+        if candidate.is_dir():
+            return candidate
+    return ROOT.parent / "shared" / "datasets" / "mnist"
+
+
+MNIST_DIR = _find_mnist()
 
 
 @pytest.fixture(scope="session")
