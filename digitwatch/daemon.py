@@ -112,21 +112,19 @@ class Daemon:
         self.results = ResultsFile(settings.results, settings.format)
         self.workspace: claims.Workspace | None = None
         self.pool: ThreadPoolExecutor | None = None
+        self.observer = None
+        self.inbox_missing = False
 
     # ------------------------------------------------------------ lifecycle
 
     def run(self, *, once: bool = False) -> int:
         self.workspace = claims.Workspace(self.inbox, self.instance)
         self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
-        observer = None
         try:
             self._install_signals()
             self._recover()
             if not once:
-                observer = inbox.start_observer(
-                    self.inbox, recursive=self.s.recursive, polling=self.s.polling,
-                    poll_interval=self.s.poll_interval, out=self.events,
-                )
+                self._watch()
             self._rescan()
             log.info("daemon_started", instance=self.instance, model=self.classifier.model_id,
                      once=once, pid=os.getpid(), settings=self.s.as_dict())
@@ -134,8 +132,8 @@ class Daemon:
             self._loop(once=once)
         finally:
             systemd.notify("STOPPING=1")
-            if observer is not None:
-                observer.stop()
+            if self.observer is not None:
+                self.observer.stop()
             self._drain_on_stop()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.workspace.close()
@@ -144,6 +142,33 @@ class Daemon:
             log.info("daemon_stopped", ok=c.ok, low_confidence=c.low_confidence, error=c.error,
                      batches=c.batches, recovered=c.recovered)
         return 0
+
+    def _watch(self) -> None:
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                self.observer.stop()
+        self.observer = inbox.start_observer(
+            self.inbox, recursive=self.s.recursive, polling=self.s.polling,
+            poll_interval=self.s.poll_interval, out=self.events,
+        )
+
+    def _check_inbox(self, *, watching: bool) -> bool:
+        """The inbox may be removed and recreated under us (an admin, a remount):
+        its watch and our claim folder went with it, so start both again."""
+        if not self.inbox.is_dir():
+            if not self.inbox_missing:
+                self.inbox_missing = True
+                log.error("inbox_missing", inbox=str(self.inbox))
+            return False
+        if self.inbox_missing or not self.workspace.dir.is_dir():
+            self.inbox_missing = False
+            self.workspace.close()
+            self.workspace = claims.Workspace(self.inbox, self.instance)
+            if watching:
+                self._watch()
+            log.warning("inbox_reappeared", inbox=str(self.inbox))
+            self._rescan()
+        return True
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -155,6 +180,7 @@ class Daemon:
     def _loop(self, *, once: bool) -> None:
         next_rescan = time.monotonic() + self.s.rescan_seconds
         next_settle = 0.0
+        inbox_ok = True
         watchdog = systemd.Watchdog()
         while not self.stopping.is_set():
             now = time.monotonic()
@@ -168,12 +194,15 @@ class Daemon:
             self._take_events(timeout=self._wait_time())
             if now >= next_settle:
                 next_settle = now + SETTLE_CHECK_SECONDS
+                inbox_ok = self._check_inbox(watching=not once)
+                if once and not inbox_ok:
+                    return
                 self._check_settling()
-            if now >= next_rescan:
+            if now >= next_rescan and inbox_ok:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
                 self._adopt()
-            if self.blocked is None:
+            if self.blocked is None and inbox_ok:
                 self._claim_ready()
             self._collect()
             if self._batch_due():
@@ -341,6 +370,11 @@ class Daemon:
         placed: list[claims.Entry] = []
         try:
             for entry in batch.entries:
+                if not os.path.lexists(entry.claim.path):
+                    # Deleted under us (the inbox was removed with our claims in
+                    # it): nothing left to place or report.
+                    log.error("claim_vanished", file=entry.result.file)
+                    continue
                 name = os.path.basename(entry.claim.rel)
                 target = claims.place(entry.claim.path, self._destination(entry.result, day), name)
                 result = replace(entry.result, ts=ts, moved_to=display_name(str(target)),

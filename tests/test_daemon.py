@@ -270,3 +270,33 @@ class TestNeverLoseAFile:
         assert d.terminate() == 0
         assert [r["file"] for r in rows] == ["two.png"]
         assert [r["file"] for r in read_results(rotated, "jsonl")] == ["one.png"]
+
+
+class TestFaults:
+    """The daemon survives its folders being pulled out from under it."""
+
+    def test_inbox_removed_and_recreated(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        drop(d.inbox, "before.png", PNG)
+        d.wait_lines(1)
+        import shutil
+
+        shutil.rmtree(d.inbox)
+        d.wait_log("inbox_missing", timeout=10)
+        d.inbox.mkdir()
+        d.wait_log("inbox_reappeared", timeout=10)
+        drop(d.inbox, "after.png", PNG)
+        rows = d.wait_lines(2, timeout=20)
+        assert d.proc.poll() is None
+        assert d.terminate() == 0
+        assert [r["file"] for r in rows] == ["before.png", "after.png"]
+
+    def test_results_file_deleted_under_it(self, tmp_path):
+        d = DaemonProc(tmp_path).start()
+        drop(d.inbox, "one.png", PNG)
+        d.wait_lines(1)
+        d.results.unlink()
+        drop(d.inbox, "two.png", PNG)
+        rows = d.wait_lines(1, timeout=20)
+        assert d.terminate() == 0
+        assert [r["file"] for r in rows] == ["two.png"]
