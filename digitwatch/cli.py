@@ -201,6 +201,8 @@ def watch(
     max_pixels: Annotated[int | None, typer.Option()] = None,
     instance: Annotated[str | None, typer.Option()] = None,
     log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 = off.")] = None,
+    metrics_bind: Annotated[str | None, typer.Option(help="Address for the metrics port.")] = None,
 ) -> None:
     """Watch the inbox: classify each new PNG, append a result line, move it aside."""
     from digitwatch import logs

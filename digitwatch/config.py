@@ -49,6 +49,8 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     instance: str = ""
     log_format: str = "auto"
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
 
     def instance_name(self) -> str:
         return self.instance or socket.gethostname()
@@ -157,6 +159,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"format = {s.format!r}: use csv or jsonl")
     if s.log_format not in ("auto", "json", "console"):
         raise ConfigError(f"log_format = {s.log_format!r}: use auto, json or console")
+    if not 0 <= s.metrics_port <= 65535:
+        raise ConfigError("metrics_port must be 0 (off) or a TCP port")
     for key in ("batch_size", "workers", "max_pixels"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key} must be at least 1")

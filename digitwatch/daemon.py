@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from digitwatch import claims, inbox, systemd
+from digitwatch.metrics import Metrics
 from digitwatch.classify import Prepared, classify_batch, prepare_bytes
 from digitwatch.config import Settings
 from digitwatch.model import Classifier
@@ -114,10 +115,13 @@ class Daemon:
         self.pool: ThreadPoolExecutor | None = None
         self.observer = None
         self.inbox_missing = False
+        self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
 
     # ------------------------------------------------------------ lifecycle
 
     def run(self, *, once: bool = False) -> int:
+        self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
+                               model_id=self.classifier.model_id, instance=self.instance)
         self.workspace = claims.Workspace(self.inbox, self.instance)
         self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
         try:
@@ -138,6 +142,7 @@ class Daemon:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.workspace.close()
             self.results.close()
+            self.metrics.close()
             c = self.counters
             log.info("daemon_stopped", ok=c.ok, low_confidence=c.low_confidence, error=c.error,
                      batches=c.batches, recovered=c.recovered)
@@ -271,9 +276,13 @@ class Daemon:
 
     def _rescan(self) -> None:
         """Backlog at start and a periodic sweep: inotify drops events on overflow."""
+        backlog = 0
         for path in inbox.list_inbox(self.inbox, self.s.recursive):
-            if self._accept(path) and path not in self.ready and self.settler.ready(path):
-                self.ready[path] = None
+            if self._accept(path):
+                backlog += 1
+                if path not in self.ready and self.settler.ready(path):
+                    self.ready[path] = None
+        self.metrics.depth(len(self.ready) + len(self.in_flight) + len(self.done), backlog)
 
     def _claim_ready(self) -> None:
         while self.ready and self._has_capacity():
@@ -328,6 +337,8 @@ class Daemon:
         entries = [claims.Entry(c, r) for (c, _), r in zip(batch, results, strict=True)]
         pending = _Batch(entries)
         self._try_commit(pending)
+        self.metrics.batch_done(len(entries))
+        self.metrics.depth(len(self.ready) + len(self.in_flight) + len(self.done))
         log.info("batch_classified", size=len(entries), ms=round((time.perf_counter() - started) * 1000, 2),
                  queued=len(self.ready) + len(self.in_flight))
 
@@ -410,6 +421,7 @@ class Daemon:
             os.unlink(batch.journal)
 
     def _count(self, r: Result) -> None:
+        self.metrics.file_done(r.status, r.latency_ms)
         fields = dict(file=r.file, digit=r.digit, confidence=r.confidence, status=r.status,
                       sha256=r.sha256, width=r.width, height=r.height,
                       latency_ms=round(r.latency_ms, 2), moved_to=r.moved_to)

@@ -1,0 +1,60 @@
+"""Optional Prometheus endpoint (`metrics_port`; off at 0). Bound to 127.0.0.1
+by default: scraping is for a local agent or an SSH tunnel, not the world."""
+
+from __future__ import annotations
+
+from digitwatch.errors import ConfigError
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """Counters the daemon updates; a no-op object when the endpoint is off."""
+
+    def __init__(self, port: int, bind: str, *, model_id: str, instance: str) -> None:
+        self.enabled = port > 0
+        if not self.enabled:
+            return
+        try:
+            import prometheus_client as prom
+        except ImportError as exc:
+            raise ConfigError("metrics_port is set but prometheus_client is not installed "
+                              "(pip install 'digitwatch[metrics]')") from exc
+        self.registry = prom.CollectorRegistry()
+        self.files = prom.Counter("digitwatch_files", "Files handled, by result status",
+                                  ["status"], registry=self.registry)
+        self.latency = prom.Histogram("digitwatch_file_latency_seconds",
+                                      "From starting work on a file to its result",
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch = prom.Histogram("digitwatch_batch_size", "Files per model call",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.queue = prom.Gauge("digitwatch_queue_depth", "Files claimed or ready, not yet reported",
+                                registry=self.registry)
+        self.backlog = prom.Gauge("digitwatch_inbox_backlog", "Files waiting in the inbox at the last scan",
+                                  registry=self.registry)
+        info = prom.Info("digitwatch_model", "The model in use", registry=self.registry)
+        info.info({"model": model_id, "instance": instance})
+        try:
+            self.server, self.thread = prom.start_http_server(port, addr=bind, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"metrics_port {port} on {bind}: {exc.strerror or exc}") from exc
+
+    def file_done(self, status: str, latency_ms: float) -> None:
+        if self.enabled:
+            self.files.labels(status=status).inc()
+            self.latency.observe(latency_ms / 1000.0)
+
+    def batch_done(self, size: int) -> None:
+        if self.enabled:
+            self.batch.observe(size)
+
+    def depth(self, queued: int, backlog: int | None = None) -> None:
+        if self.enabled:
+            self.queue.set(queued)
+            if backlog is not None:
+                self.backlog.set(backlog)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.server.shutdown()
