@@ -10,6 +10,7 @@ help:
 	@echo "make run    create .venv, install, start the daemon on ./var/inbox"
 	@echo "make test   create .venv, install with extras, run the test suite"
 	@echo "make bench  throughput / latency / memory benchmark (writes bench-results/)"
+	@echo "make soak   fault table and a 100k-file soak (writes bench-results/)"
 	@echo "make lint   ruff"
 
 $(BIN)/python:
@@ -37,6 +38,11 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m tests.bench.run --out bench-results
+
+# Faults (SIGKILL loop, disk full, results deleted, inbox recreated) and a
+# 100,000-file soak; about 15 minutes here. SOAK_ARGS to shorten.
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m tests.bench.soak --out bench-results $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) var bench-results .pytest_cache

@@ -1,0 +1,238 @@
+"""`make soak`: faults and a long run, reported as files in, result lines out,
+files lost and duplicated lines.
+
+    python -m tests.bench.soak [--files 5000] [--kills 50] [--soak-files 100000] [--out DIR]
+
+Faults: SIGKILL loop with restarts; results disk full (a small tmpfs, needs
+root; skipped otherwise); results file deleted under the daemon; inbox
+removed and recreated. Soak: many files through one daemon while RSS, open
+file descriptors and throughput are sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench.run import make_pool
+from tests.daemon_harness import DaemonProc, read_results
+
+
+def placed(base: Path) -> int:
+    return sum(1 for root in ("processed", "failed") for p in (base / root).rglob("*")
+               if p.is_file() and not p.name.endswith(".error.json"))
+
+
+def tally(name: str, files_in: int, rows: list[dict], base: Path, note: str = "") -> dict:
+    counts = collections.Counter(r["file"] for r in rows)
+    return {
+        "fault": name,
+        "files_in": files_in,
+        "lines_out": len(rows),
+        "files_placed": placed(base),
+        "lost": files_in - len(counts),
+        "duplicated": sum(c - 1 for c in counts.values() if c > 1),
+        "note": note,
+    }
+
+
+def fill(inbox_stage: Path, pool, n: int, prefix: str) -> list[Path]:
+    inbox_stage.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = inbox_stage / f"{prefix}{i:06d}.png"
+        p.write_bytes(pool[i % len(pool)][0])
+        out.append(p)
+    return out
+
+
+def sigkill_loop(work: Path, pool, files: int, kills: int) -> dict:
+    base = work / "kill"
+    d = DaemonProc(base, "--batch-size", "16")
+    for p in fill(base / "stage", pool, files, "k"):
+        os.rename(p, d.inbox / p.name)
+    rng = random.Random(5)
+    done = 0
+    for _ in range(kills):
+        d.start(wait=False)
+        time.sleep(rng.uniform(0.8, 2.0))
+        d.kill()
+        done += 1
+    assert d.run_once(timeout=600) == 0
+    return tally("SIGKILL loop", files, d.lines(), base, f"{done} kills at random moments, then one --once")
+
+
+def disk_full(work: Path, pool, files: int = 300) -> dict:
+    base = work / "full"
+    mnt = base / "results-fs"
+    mnt.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        return {"fault": "results disk full", "skipped": f"cannot mount tmpfs: {r.stderr.decode().strip()}"}
+    try:
+        d = DaemonProc(base, results=mnt / "results.jsonl").start()
+        for p in fill(base / "stage", pool, files, "f"):
+            os.rename(p, d.inbox / p.name)
+        d.wait_log("commit_failed", timeout=60)
+        time.sleep(3)
+        alive = d.proc.poll() is None
+        stuck = sum(1 for _ in d.inbox.rglob("*.png"))
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+        d.wait_lines(files, timeout=120)
+        d.terminate()
+        rows = read_results(mnt / "results.jsonl", "jsonl")
+        return tally("results disk full", files, rows, base,
+                     f"48 KB tmpfs filled; daemon alive: {alive}; {stuck} files waited in the inbox; "
+                     "then grown to 16 MB")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def results_deleted(work: Path, pool, files: int = 600) -> dict:
+    base = work / "deleted"
+    d = DaemonProc(base).start()
+    keep = base / "kept-old-results.jsonl"
+    staged = fill(base / "stage", pool, files, "r")
+    for i, p in enumerate(staged):
+        os.rename(p, d.inbox / p.name)
+        if i == files // 2:
+            time.sleep(0.5)
+            os.link(d.results, keep)  # a second name, so the old lines can be counted
+            os.unlink(d.results)
+    d.wait_lines(1, timeout=30)
+    deadline = time.monotonic() + 120
+    while placed(base) < files and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    d.terminate()
+    rows = read_results(keep, "jsonl") + d.lines()
+    return tally("results file deleted", files, rows, base, "deleted half way; lines counted in both files")
+
+
+def inbox_recreated(work: Path, pool, files: int = 400) -> dict:
+    base = work / "recreated"
+    d = DaemonProc(base).start()
+    first = fill(base / "stage", pool, files // 2, "a")
+    for p in first:
+        os.rename(p, d.inbox / p.name)
+    d.wait_lines(len(first), timeout=60)
+    shutil.rmtree(d.inbox)
+    time.sleep(1.0)
+    d.inbox.mkdir()
+    d.wait_log("inbox_reappeared", timeout=30)
+    second = fill(base / "stage2", pool, files - len(first), "b")
+    for p in second:
+        os.rename(p, d.inbox / p.name)
+    d.wait_lines(files, timeout=60)
+    alive = d.proc.poll() is None
+    d.terminate()
+    return tally("inbox removed and recreated", files, d.lines(), base,
+                 f"half before, half after; daemon alive: {alive}")
+
+
+class LineCounter:
+    """Counts lines appended to a file, reading only what is new."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.count = path, 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return self.count
+        self.offset += len(chunk)
+        self.count += chunk.count(b"\n")
+        return self.count
+
+
+def soak(work: Path, pool, files: int) -> dict:
+    base = work / "soak"
+    d = DaemonProc(base, "--batch-size", "32").start()
+    stage = base / "stage"
+    stage.mkdir()
+    samples = []
+    lines = LineCounter(d.results)
+    chunk = 1000
+    started = time.perf_counter()
+    for start in range(0, files, chunk):
+        batch = fill(stage, pool, min(chunk, files - start), f"s{start // chunk:04d}-")
+        t0 = time.perf_counter()
+        for p in batch:
+            os.rename(p, d.inbox / p.name)
+        while lines() < start + len(batch):
+            time.sleep(0.05)
+        rate = len(batch) / (time.perf_counter() - t0)
+        status = Path(f"/proc/{d.proc.pid}/status").read_text()
+        rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+        fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+        samples.append({"files": start + len(batch), "rss_mb": round(rss, 1), "fds": fds,
+                        "files_per_s": round(rate, 1)})
+        # Keep the disk from filling: processed files are not needed after counting.
+        for day in (base / "processed").iterdir():
+            for p in day.iterdir():
+                p.unlink()
+    elapsed = time.perf_counter() - started
+    total_lines = lines()
+    d.terminate()
+    first, last = samples[0], samples[-1]
+    tenth = max(1, len(samples) // 10)
+    early = sum(s["files_per_s"] for s in samples[:tenth]) / tenth
+    late = sum(s["files_per_s"] for s in samples[-tenth:]) / tenth
+    return {"files": files, "lines": total_lines, "seconds": round(elapsed, 1),
+            "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
+            "rss_mb_max": max(s["rss_mb"] for s in samples),
+            "fds_first": first["fds"], "fds_last": last["fds"], "fds_max": max(s["fds"] for s in samples),
+            "files_per_s_first_tenth": round(early, 1), "files_per_s_last_tenth": round(late, 1),
+            "samples": samples}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--kills", type=int, default=50)
+    ap.add_argument("--soak-files", type=int, default=100_000)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="digitwatch-soak-"))
+    pool = make_pool(40)
+    try:
+        faults = [
+            sigkill_loop(work, pool, args.files, args.kills),
+            disk_full(work, pool),
+            results_deleted(work, pool),
+            inbox_recreated(work, pool),
+        ]
+        long_run = soak(work, pool, args.soak_files) if args.soak_files else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'fault':<30} {'files in':>9} {'lines out':>10} {'placed':>7} {'lost':>5} {'dup':>4}  note")
+    for f in faults:
+        if "skipped" in f:
+            print(f"{f['fault']:<30} skipped: {f['skipped']}")
+            continue
+        print(f"{f['fault']:<30} {f['files_in']:>9} {f['lines_out']:>10} {f['files_placed']:>7} "
+              f"{f['lost']:>5} {f['duplicated']:>4}  {f['note']}")
+    if long_run:
+        s = long_run
+        print(f"\nsoak: {s['files']} files, {s['lines']} lines in {s['seconds']} s; "
+              f"RSS {s['rss_mb_first']} -> {s['rss_mb_last']} MB (max {s['rss_mb_max']}); "
+              f"fds {s['fds_first']} -> {s['fds_last']} (max {s['fds_max']}); "
+              f"files/s first tenth {s['files_per_s_first_tenth']}, last tenth {s['files_per_s_last_tenth']}")
+    (args.out / "soak.json").write_text(json.dumps({"faults": faults, "soak": long_run}, indent=2))
+    print(f"wrote {args.out / 'soak.json'}")
+
+
+if __name__ == "__main__":
+    main()
