@@ -23,9 +23,9 @@ from pathlib import Path
 import structlog
 
 from digitwatch import claims, inbox, systemd
-from digitwatch.metrics import Metrics
 from digitwatch.classify import Prepared, classify_batch, prepare_bytes
 from digitwatch.config import Settings
+from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile, display_name, render
 

@@ -5,7 +5,6 @@ keeps running; nothing outside its folders is touched."""
 from __future__ import annotations
 
 import os
-import struct
 import time
 import zlib
 

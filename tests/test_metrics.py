@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_bound_to_localhost_only(tmp_path):
     with socket.socket() as s:
         s.settimeout(1)
         assert s.connect_ex(("127.0.0.1", port)) == 0
-    listening = open("/proc/net/tcp").read()
+    listening = Path("/proc/net/tcp").read_text()
     assert f"0100007F:{port:04X}" in listening
     assert f"00000000:{port:04X}" not in listening
     assert d.terminate() == 0

@@ -3,6 +3,7 @@ in order over a real datagram socket by the real daemon."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -41,10 +42,8 @@ def test_notify_ready_watchdog_stopping_in_order(tmp_path):
     messages: list[str] = []
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(TimeoutError):
             messages.append(server.recv(4096).decode())
-        except TimeoutError:
-            pass
     assert d.terminate() == 0
     while True:
         try:
