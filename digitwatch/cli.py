@@ -172,10 +172,6 @@ ConfigOption = Annotated[
 ]
 
 
-def _watch_flags(**flags) -> dict:
-    return {k: v for k, v in flags.items() if v is not None}
-
-
 @app.command()
 def watch(
     config: ConfigOption = None,
@@ -205,15 +201,14 @@ def watch(
     metrics_bind: Annotated[str | None, typer.Option(help="Address for the metrics port.")] = None,
 ) -> None:
     """Watch the inbox: classify each new PNG, append a result line, move it aside."""
+    # Every parameter but these two is a setting; None means "not given".
+    flags = {k: v for k, v in locals().items() if k not in ("config", "once") and v is not None}
     from digitwatch import logs
     from digitwatch.config import check_paths
     from digitwatch.daemon import Daemon
     from digitwatch.model import load_classifier
 
-    flags = dict(locals())
-    for key in ("config", "once", "Daemon", "load_classifier", "logs", "check_paths"):
-        flags.pop(key, None)
-    settings = _settings_from(config, _watch_flags(**flags))
+    settings = _settings_from(config, flags)
     logs.configure(settings.log_format)
     check_paths(settings)
     classifier = load_classifier(settings.model)
