@@ -43,11 +43,12 @@ def make_pool(count: int, seed: int = 0) -> list[tuple[bytes, int]]:
     return pool
 
 
-def stage(folder: Path, pool, n: int) -> list[Path]:
+def stage(folder: Path, pool, n: int, prefix: str = "scan") -> list[Path]:
+    """Write n files cycling through the pool, ready to be renamed into an inbox."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        p = folder / f"scan{i:05d}.png"
+        p = folder / f"{prefix}{i:06d}.png"
         p.write_bytes(pool[i % len(pool)][0])
         paths.append(p)
     return paths

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from tests.bench.run import make_pool
+from tests.bench.run import stage as fill
 from tests.daemon_harness import DaemonProc, read_results
 
 
@@ -42,16 +43,6 @@ def tally(name: str, files_in: int, rows: list[dict], base: Path, note: str = ""
         "duplicated": sum(c - 1 for c in counts.values() if c > 1),
         "note": note,
     }
-
-
-def fill(inbox_stage: Path, pool, n: int, prefix: str) -> list[Path]:
-    inbox_stage.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        p = inbox_stage / f"{prefix}{i:06d}.png"
-        p.write_bytes(pool[i % len(pool)][0])
-        out.append(p)
-    return out
 
 
 def sigkill_loop(work: Path, pool, files: int, kills: int) -> dict:
