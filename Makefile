@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-MNIST  ?= ../shared/datasets/mnist
 
 .PHONY: run test lint bench soak clean help
 

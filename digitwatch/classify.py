@@ -4,8 +4,10 @@ then classify a batch at once. Shared by `digitwatch classify` and the daemon.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.errors import ImageError, ImageTooLargeError
+from digitwatch.errors import ImageError, RefusedError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
 from digitwatch.model import Classifier
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, STATUS_OK, Result
@@ -35,13 +37,37 @@ class Prepared:
     error: str = ""
 
 
-def read_limited(path: Path, max_bytes: int) -> bytes:
-    """Read a whole file, refusing ones larger than max_bytes before reading them."""
-    with path.open("rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > max_bytes:
-            raise ImageTooLargeError(
-                f"file is {size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB"
+def _refuse_unless_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise RefusedError("is a directory, not a file")
+    if stat.S_ISLNK(mode):
+        raise RefusedError("refused: a symbolic link (never followed)")
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+    raise RefusedError(f"refused: a {kind}, not a regular file")
+
+
+def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes:
+    """Read a whole regular file, never blocking on a FIFO or device and refusing
+    files over max_bytes before reading them. With follow_links=False (the
+    daemon's inbox) a symbolic link is refused rather than followed."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    if not follow_links:
+        # Look before opening: opening a device node can itself have effects.
+        _refuse_unless_regular(os.lstat(path).st_mode)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RefusedError("refused: a symbolic link (never followed)") from exc
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        _refuse_unless_regular(st.st_mode)
+        if st.st_size > max_bytes:
+            raise RefusedError(
+                f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB"
             )
         return fh.read(max_bytes + 1)
 
@@ -61,16 +87,15 @@ def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int) ->
 
 def prepare_file(
     path: Path, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES, follow_links: bool = True,
 ) -> Prepared:
-    """Read and normalize one file. OS errors (vanished, unreadable) become errors too."""
+    """Read and normalize one file. Refusals and OS errors (vanished,
+    unreadable) become the record's error, never an exception."""
     started = time.perf_counter()
     try:
-        data = read_limited(path, max_bytes)
+        data = read_file(path, max_bytes, follow_links=follow_links)
     except ImageError as exc:
         return Prepared(name=name, sha256="", started=started, error=str(exc))
-    except IsADirectoryError:
-        return Prepared(name=name, sha256="", started=started, error="is a directory, not a file")
     except OSError as exc:
         reason = exc.strerror or str(exc)
         return Prepared(name=name, sha256="", started=started, error=f"cannot read: {reason}")

@@ -15,8 +15,10 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.config import Settings
 from digitwatch.errors import DigitwatchError
+from digitwatch.imaging import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     add_completion=False,
@@ -116,11 +118,11 @@ def classify(
     ] = None,
     low_confidence: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Below this, status is low_confidence.")
-    ] = 0.5,
+    ] = DEFAULT_LOW_CONFIDENCE,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = False,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
-    ] = 40_000_000,
+    ] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.batch import classify_paths

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import tomllib
 
+from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.errors import ConfigError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 
@@ -43,7 +44,7 @@ class Settings:
     rescan_seconds: float = 60.0
     batch_size: int = 32
     batch_wait_ms: float = 20.0
-    review_threshold: float = 0.5
+    review_threshold: float = DEFAULT_LOW_CONFIDENCE
     stop_timeout: float = 20.0
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS

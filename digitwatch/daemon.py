@@ -12,18 +12,17 @@ import json
 import os
 import queue
 import signal
-import stat
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from digitwatch import claims, inbox, systemd
-from digitwatch.classify import Prepared, classify_batch, prepare_bytes
+from digitwatch.classify import Prepared, classify_batch, prepare_file
 from digitwatch.config import Settings
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
@@ -39,37 +38,9 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def read_claimed(path: Path, max_bytes: int = 256 * 1024 * 1024) -> bytes:
-    """Read a claimed file without following links or blocking on FIFOs/devices."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise _Refused("refused: a symbolic link (never followed)")
-    if not stat.S_ISREG(st.st_mode):
-        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device or socket"
-        raise _Refused(f"refused: a {kind}, not a regular file")
-    if st.st_size > max_bytes:
-        raise _Refused(f"refused: file is {st.st_size / 1e6:.0f} MB, over {max_bytes / 1e6:.0f} MB")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise _Refused("refused: not a regular file")
-        return fh.read(max_bytes + 1)
-
-
-class _Refused(Exception):
-    pass
-
-
 def prepare_claim(claim: claims.Claim, *, max_pixels: int) -> Prepared:
-    started = time.perf_counter()
-    name = display_name(claim.rel)
-    try:
-        data = read_claimed(claim.path)
-    except _Refused as exc:
-        return Prepared(name=name, sha256="", started=started, error=str(exc))
-    except OSError as exc:
-        return Prepared(name=name, sha256="", started=started, error=f"cannot read: {exc.strerror or exc}")
-    return prepare_bytes(name, data, started, max_pixels=max_pixels)
+    """A claimed file is read without following links: the inbox is untrusted."""
+    return prepare_file(claim.path, display_name(claim.rel), max_pixels=max_pixels, follow_links=False)
 
 
 @dataclass
@@ -89,7 +60,6 @@ class Counters:
     error: int = 0
     batches: int = 0
     recovered: int = 0
-    by_status: dict = field(default_factory=dict)
 
 
 class Daemon:
@@ -206,7 +176,7 @@ class Daemon:
             if now >= next_rescan and inbox_ok:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
-                self._adopt()
+                self._recover()
             if self.blocked is None and inbox_ok:
                 self._claim_ready()
             self._collect()
@@ -228,6 +198,9 @@ class Daemon:
         if self.settler.waiting():
             return SETTLE_CHECK_SECONDS
         return 0.25
+
+    def _queued(self) -> int:
+        return len(self.ready) + len(self.in_flight) + len(self.done)
 
     def _has_capacity(self) -> bool:
         return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
@@ -282,7 +255,7 @@ class Daemon:
                 backlog += 1
                 if path not in self.ready and self.settler.ready(path):
                     self.ready[path] = None
-        self.metrics.depth(len(self.ready) + len(self.in_flight) + len(self.done), backlog)
+        self.metrics.depth(self._queued(), backlog)
 
     def _claim_ready(self) -> None:
         while self.ready and self._has_capacity():
@@ -338,7 +311,7 @@ class Daemon:
         pending = _Batch(entries)
         self._try_commit(pending)
         self.metrics.batch_done(len(entries))
-        self.metrics.depth(len(self.ready) + len(self.in_flight) + len(self.done))
+        self.metrics.depth(self._queued())
         log.info("batch_classified", size=len(entries), ms=round((time.perf_counter() - started) * 1000, 2),
                  queued=len(self.ready) + len(self.in_flight))
 
@@ -438,14 +411,9 @@ class Daemon:
     # ------------------------------------------------------------ recovery and stop
 
     def _recover(self) -> None:
-        """Finish what dead instances (this one's past included) left half done."""
-        journals = self.workspace.adopt_dead()
-        self._finish_journals(journals)
-
-    def _adopt(self) -> None:
-        journals = self.workspace.adopt_dead()
-        if journals or any(self.workspace.dir.iterdir()):
-            self._finish_journals(journals)
+        """Finish what dead instances (this one's past included) left half done.
+        Runs at start and on every rescan: another instance may have died."""
+        self._finish_journals(self.workspace.adopt_dead())
 
     def _finish_journals(self, journals: list[Path]) -> None:
         journaled: set[str] = set()
@@ -466,7 +434,7 @@ class Daemon:
                 log.error("recovery_report_failed", error=str(exc), journal=str(journal))
                 return
         active = {c.token for c, _ in self.in_flight} | {c.token for c, _ in self.done}
-        leftovers = [c for c in self.workspace.leftover_claims(journaled | active)]
+        leftovers = self.workspace.leftover_claims(journaled | active)
         if self.blocked is not None:
             leftovers = [c for c in leftovers if c.token not in {e.claim.token for e in self.blocked.entries}]
         for claim in leftovers:

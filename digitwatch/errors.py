@@ -64,3 +64,9 @@ class ImageTooLargeError(ImageError):
 
 class NoInkError(ImageError):
     code = "no_ink"
+
+
+class RefusedError(ImageError):
+    """Not a regular file (a link, FIFO, device) or too large to read."""
+
+    code = "refused"
