@@ -95,13 +95,30 @@ class Workspace:
         """Atomically take `path`; None if it vanished or another instance took it."""
         token = f"{next(self._tokens):08d}"
         target = self.dir / token / rel
-        target.parent.mkdir(parents=True)
+        # The token folder keeps the name as dropped (any length, any
+        # subfolders) for recovery; plain mkdir calls, this runs per file.
+        os.mkdir(self.dir / token)
+        if "/" in rel:
+            os.makedirs(target.parent)
         try:
             os.rename(path, target)
         except FileNotFoundError:
-            shutil.rmtree(self.dir / token, ignore_errors=True)
+            self._drop_token_dir(token, rel)
             return None
         return Claim(token, rel, target)
+
+    def _drop_token_dir(self, token: str, rel: str) -> None:
+        """Remove a token folder emptied of its file: rmdir per level, a few
+        syscalls where rmtree costs dozens; rmtree only if something else is in it."""
+        parts = rel.split("/")[:-1]
+        try:
+            for depth in range(len(parts), 0, -1):
+                os.rmdir(self.dir / token / "/".join(parts[:depth]))
+            os.rmdir(self.dir / token)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(self.dir / token, ignore_errors=True)
 
     def journal_path(self) -> Path:
         return self.dir / f"journal-{next(self._batches):08d}.json"
@@ -110,7 +127,7 @@ class Workspace:
         """The claim is reported: drop our name for the file and its token folder."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(claim.path)
-        shutil.rmtree(self.dir / claim.token, ignore_errors=True)
+        self._drop_token_dir(claim.token, claim.rel)
 
     def adopt_dead(self) -> list[Path]:
         """Move claim folders of dead instances into ours; returns their journals."""
@@ -197,9 +214,8 @@ def place(src: Path, folder: Path, name: str) -> Path:
 
     A hard link is created exclusively (EEXIST means taken: try the next
     name). Where links cannot be made (another filesystem), the file is copied
-    into an exclusively created name instead.
+    into an exclusively created name instead. `folder` must exist.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     for candidate_name in _candidate_names(name):
         target = folder / candidate_name
         try:

@@ -69,7 +69,12 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
             raise RefusedError(
                 f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB"
             )
-        return fh.read(max_bytes + 1)
+        # Ask for the size fstat gave (+1 to see growth): read(max_bytes) would
+        # allocate the whole limit up front, every file.
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:  # still growing; take what is there, up to the limit
+            data += fh.read(max_bytes + 1 - len(data))
+        return data
 
 
 def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int) -> Prepared:

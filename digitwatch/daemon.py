@@ -90,6 +90,8 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     def run(self, *, once: bool = False) -> int:
+        import cv2
+        cv2.setNumThreads(1)
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
         self.workspace = claims.Workspace(self.inbox, self.instance)
@@ -352,6 +354,7 @@ class Daemon:
         day = now.strftime("%Y-%m-%d")
         ts = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         placed: list[claims.Entry] = []
+        made: set[Path] = set()  # destination folders created in this batch
         try:
             for entry in batch.entries:
                 if not os.path.lexists(entry.claim.path):
@@ -360,7 +363,11 @@ class Daemon:
                     log.error("claim_vanished", file=entry.result.file)
                     continue
                 name = os.path.basename(entry.claim.rel)
-                target = claims.place(entry.claim.path, self._destination(entry.result, day), name)
+                folder = self._destination(entry.result, day)
+                if folder not in made:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    made.add(folder)
+                target = claims.place(entry.claim.path, folder, name)
                 result = replace(entry.result, ts=ts, moved_to=display_name(str(target)),
                                  instance=self.instance)
                 placed.append(claims.Entry(entry.claim, result))
