@@ -67,6 +67,9 @@ def train(
         int | None, typer.Option(help="Train on only the first N training digits (smoke runs).")
     ] = None,
     augment: Annotated[bool, typer.Option(help="cnn: scan-like augmentation.")] = True,
+    quantize: Annotated[
+        bool, typer.Option(help="int8 .tflite (about 4x faster on CPU); --no-quantize keeps float32.")
+    ] = True,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
     from digitwatch.training import TrainRequest, run_training
@@ -83,6 +86,7 @@ def train(
         seed=seed,
         limit=limit,
         augment=augment and arch is Arch.cnn,
+        quantize=quantize,
         command="digitwatch " + shlex.join(sys.argv[1:]),
     )
     card = run_training(request)

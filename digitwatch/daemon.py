@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import structlog
 
 from digitwatch import claims, inbox, systemd
@@ -90,7 +91,8 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     def run(self, *, once: bool = False) -> int:
-        import cv2
+        # The workers are the parallelism: OpenCV's own thread pool on top of
+        # them only adds contention (measured: 2000 files 7.0 -> 6.0 s).
         cv2.setNumThreads(1)
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)

@@ -20,7 +20,21 @@ def small_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "small.keras"
     card = run_training(TrainRequest(
         data=mnist_dir, arch="cnn", epochs=1, members=2, width=8, out=out, seed=3,
-        limit=600, augment=True, command="digitwatch train (test)",
+        limit=600, augment=True, command="digitwatch train (test)", quantize=False,
+    ))
+    return out, card
+
+
+@pytest.fixture(scope="module")
+def quantized_run(mnist_dir, tmp_path_factory):
+    # One epoch on 600 digits leaves batch-norm statistics unsettled and the
+    # answers near ties, which int8 rounding flips; a small MLP trains enough.
+    from digitwatch.training import TrainRequest, run_training
+
+    out = tmp_path_factory.mktemp("train-int8") / "mlp.keras"
+    card = run_training(TrainRequest(
+        data=mnist_dir, arch="mlp", epochs=2, members=1, width=8, out=out, seed=3,
+        limit=5000, augment=False, command="digitwatch train (test, int8)",
     ))
     return out, card
 
@@ -39,6 +53,14 @@ class TestTraining:
 
         assert card["files"]["small.tflite"] == sha256_file(out.with_suffix(".tflite"))
         assert card["export_max_probability_difference"] < 1e-4
+
+    def test_int8_export_is_smaller_and_verified(self, small_run, quantized_run):
+        out, card = quantized_run
+        assert card["tflite_quantization"].startswith("int8")
+        assert card["test_accuracy"]["tflite"] >= card["test_accuracy"]["keras"] - 0.001
+        assert card["test_accuracy"]["keras"] > 0.85
+        # int8 weights: about a quarter of the float32 file.
+        assert out.with_suffix(".tflite").stat().st_size < 0.4 * out.stat().st_size
 
     def test_keras_and_litert_agree(self, small_run, mnist):
         from digitwatch.data import to_input
@@ -79,6 +101,22 @@ class TestTraining:
             verify_export(p, q)
         with pytest.raises(ModelError, match="probability difference"):
             verify_export(p, p + 2e-4)
+
+    def test_int8_export_judged_by_argmax_and_accuracy(self):
+        from digitwatch.training import verify_export
+
+        labels = np.zeros(1000, np.int64)
+        p = np.full((1000, 10), 0.05, np.float32)
+        p[:, 0] = 0.55
+        # Rounding noise far above the float32 tolerance is fine for int8...
+        assert verify_export(p, p + 0.01, labels) == pytest.approx(0.01)
+        with pytest.raises(ModelError, match="probability difference"):
+            verify_export(p, p + 0.01)
+        # ...but changed answers are not: 6 of 1000 is over 0.5%.
+        q = p.copy()
+        q[:6] = np.roll(q[:6], 1, axis=1)
+        with pytest.raises(ModelError, match="int8 export mismatch: 6 argmax"):
+            verify_export(p, q, labels)
 
     def test_unsafe_formats_refused(self, tmp_path):
         from digitwatch.training import load_keras_model
