@@ -7,6 +7,8 @@ events, batching, back-off and signals.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
 import json
 import os
@@ -32,7 +34,23 @@ from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile, di
 log = structlog.get_logger("digitwatch")
 
 MAX_BACKOFF = 30.0
+M_ARENA_MAX = -8  # glibc <malloc.h>
 SETTLE_CHECK_SECONDS = 0.2
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas before any thread starts.
+
+    Each thread that allocates may get its own arena (up to 8 per core), and
+    the decoder's megabyte buffers, freed in one arena and needed in another,
+    left RSS creeping up in ~2 MB steps over a 100,000-file soak (163 -> 173
+    MB); with 2 arenas it stayed flat. Same as MALLOC_ARENA_MAX=2, but it also
+    holds under `make run` and any other launcher. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
 
 
 def utc_now() -> dt.datetime:
@@ -91,6 +109,7 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     def run(self, *, once: bool = False) -> int:
+        limit_malloc_arenas()
         # The workers are the parallelism: OpenCV's own thread pool on top of
         # them only adds contention (measured: 2000 files 7.0 -> 6.0 s).
         cv2.setNumThreads(1)
