@@ -481,7 +481,9 @@ def normalize(gray: np.ndarray) -> np.ndarray:
     # or inverted. A small faint digit on a large page can fade into the noise at
     # that size: then the next finer level is searched.
     levels = pyramid(gray, COARSE_SIDE, COARSE_RETRIES + 1)
-    for i, (level, k) in enumerate(levels):
+    k = 1
+    for i, (level, step) in enumerate(levels):
+        k = step  # the level the digit was found on sets the scale below
         coarse = _unit(level)
         light_ink = ink_is_light(coarse)
         if light_ink:

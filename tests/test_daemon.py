@@ -300,3 +300,14 @@ class TestFaults:
         rows = d.wait_lines(1, timeout=20)
         assert d.terminate() == 0
         assert [r["file"] for r in rows] == ["two.png"]
+
+
+def test_malloc_arena_cap_applies_on_glibc():
+    """The RSS plateau in the soak depends on this call taking effect."""
+    import platform
+
+    from digitwatch.daemon import limit_malloc_arenas
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt(M_ARENA_MAX) is glibc's")
+    assert limit_malloc_arenas(2) is True
