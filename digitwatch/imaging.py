@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections import deque
 from dataclasses import dataclass
 
 import cv2
@@ -142,11 +143,9 @@ def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.shape[0] != header.height or image.shape[1] != header.width:
         raise CorruptImageError("corrupt PNG: image data does not decode")
-    if image.dtype == np.uint8 and (image.ndim == 2 or image.shape[2] in (1, 3)):
-        if image.ndim == 2:
-            return image
-        if image.shape[2] == 1:
-            return image[:, :, 0]
+    if image.dtype == np.uint8 and image.ndim == 2:
+        return image
+    if image.dtype == np.uint8 and image.shape[2] == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     return to_gray(image)
 
@@ -184,13 +183,13 @@ def pyramid(gray: np.ndarray, side: int, levels: int) -> list[tuple[np.ndarray, 
     coarsest first, each with the factor k it was reduced by (coarse pixel (y, x)
     sits at page (y*k, x*k)). Gaussian pyramid steps: anti-aliased and, with
     SIMD, half the cost of one INTER_AREA resize to the same size."""
-    out = [(gray, 1)]
+    kept: deque[tuple[np.ndarray, int]] = deque([(gray, 1)], maxlen=levels)
     k = 1
     while max(gray.shape) > side and min(gray.shape) >= 2:
         gray = cv2.pyrDown(gray)
         k *= 2
-        out = [*out[-(levels - 1):], (gray, k)] if levels > 1 else [(gray, k)]
-    return out[::-1]
+        kept.append((gray, k))
+    return list(reversed(kept))
 
 
 # ---------------------------------------------------------------- page -> ink
@@ -272,7 +271,6 @@ _PAPER_PINV = np.linalg.pinv(_PAPER_TERMS)  # the first, unweighted fit
 def estimate_paper(gray: np.ndarray) -> Paper:
     """Fit paper brightness, ignoring ink: blockwise bright levels, then a robust cubic."""
     cells = PAPER_CELLS
-    h, w = gray.shape
     # The coarse page is already low-passed; linear sampling is enough here.
     small = cv2.resize(gray, (cells * 4, cells * 4), interpolation=cv2.INTER_LINEAR)
     blocks = small.reshape(cells, 4, cells, 4).transpose(0, 2, 1, 3).reshape(cells, cells, 16)
@@ -280,19 +278,17 @@ def estimate_paper(gray: np.ndarray) -> Paper:
     terms = _PAPER_TERMS
     level = level.astype(np.float64)
     keep = np.ones(level.shape, bool)
-    for i in range(4):
-        if i == 0:
-            coef = _PAPER_PINV @ level
-        else:
-            # Normal equations: a 10x10 solve, a fifth of what lstsq's SVD costs.
-            sel = terms[keep]
-            coef = np.linalg.solve(sel.T @ sel, sel.T @ level[keep])
+    coef = _PAPER_PINV @ level
+    for _ in range(3):
         resid = level - terms @ coef
         spread = 1.4826 * _quantile(np.abs(resid[keep]), 0.5) + 1e-3
         # Cells darker than the surface are ink; drop them and refit.
         keep = resid > -2.5 * spread
         if keep.sum() < terms.shape[1] * 3:
             break
+        # Normal equations: a 10x10 solve, a fifth of what lstsq's SVD costs.
+        sel = terms[keep]
+        coef = np.linalg.solve(sel.T @ sel, sel.T @ level[keep])
     return Paper(coef)
 
 
@@ -337,7 +333,7 @@ def _line_mask(mask: np.ndarray, span: float, slenderness: float) -> np.ndarray:
         runs[:, cols] |= cv2.morphologyEx(
             np.ascontiguousarray(mask[:, cols]), cv2.MORPH_OPEN, np.ones((kh, 1), np.uint8)
         )
-    if not rows.size and not cols.size or not runs.any():
+    if not runs.any():
         return runs
     count, labels, stats = _components(runs)
     length = np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT])

@@ -187,15 +187,18 @@ def soak(work: Path, pool, files: int) -> dict:
     d.terminate()
     first, last = samples[0], samples[-1]
     tenth = max(1, len(samples) // 10)
-    early = sum(s["files_per_s"] for s in samples[:tenth]) / tenth
-    late = sum(s["files_per_s"] for s in samples[-tenth:]) / tenth
+
+    def mean(rows: list[dict], key: str, digits: int) -> float:
+        return round(sum(r[key] for r in rows) / len(rows), digits)
+
     return {"files": files, "lines": total_lines, "seconds": round(elapsed, 1),
             "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
             "rss_mb_max": max(s["rss_mb"] for s in samples),
             "fds_first": first["fds"], "fds_last": last["fds"], "fds_max": max(s["fds"] for s in samples),
-            "files_per_s_first_tenth": round(early, 1), "files_per_s_last_tenth": round(late, 1),
-            "cpu_ms_per_file_first_tenth": round(sum(s["cpu_ms_per_file"] for s in samples[:tenth]) / tenth, 2),
-            "cpu_ms_per_file_last_tenth": round(sum(s["cpu_ms_per_file"] for s in samples[-tenth:]) / tenth, 2),
+            "files_per_s_first_tenth": mean(samples[:tenth], "files_per_s", 1),
+            "files_per_s_last_tenth": mean(samples[-tenth:], "files_per_s", 1),
+            "cpu_ms_per_file_first_tenth": mean(samples[:tenth], "cpu_ms_per_file", 2),
+            "cpu_ms_per_file_last_tenth": mean(samples[-tenth:], "cpu_ms_per_file", 2),
             "samples": samples}
 
 
