@@ -4,8 +4,11 @@ Every input goes through these states, each durable on disk:
 
 1. **in the inbox**: `inbox/a.png`.
 2. **claimed**: renamed (atomically; of several instances exactly one wins)
-   to `inbox/.digitwatch/<instance-dir>/<token>/a.png`. A crash here leaves the
-   claim, which is classified again on restart.
+   to `inbox/.digitwatch/<instance-dir>/<token>-a.png`, or into a token
+   folder, `<token>/sub/a.png`, when the name has folders in it or would not
+   fit in NAME_MAX beside the token. Either way the name as dropped can be read
+   back off the path. A crash here leaves the claim, which is classified again
+   on restart.
 3. **placed**: hard-linked into `processed/`, `failed/` or `review/` under a
    name nobody else holds (link creation is exclusive), and the batch's
    records written to a journal. A crash here: the journal says which lines
@@ -31,7 +34,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from digitwatch.inbox import WORK_DIR
@@ -42,11 +45,30 @@ NAME_MAX = 255
 
 @dataclass(frozen=True)
 class Claim:
-    """A file taken out of the inbox into this instance's folder."""
+    """A file taken (or about to be taken) out of the inbox into this instance's folder."""
 
     token: str
     rel: str  # the name relative to the inbox, as dropped
-    path: Path  # where the file is now
+    path: Path  # where the file is once claimed
+
+    @property
+    def flat(self) -> bool:
+        """Whether the claim is a file directly in the instance folder (no token folder)."""
+        return self.path.parents[self.rel.count("/")].name != self.token
+
+
+_FLAT = re.compile(r"(\d{8}a?)-(.+)", re.S)
+
+
+def claim_path(folder: Path, token: str, rel: str) -> Path:
+    """Where a claim lives: `<token>-<name>` when that is one short enough
+    name (no mkdir and rmdir per file, ~80 us of kernel time here), else
+    `<token>/<rel>`. A longer token never makes a name flat that was not, so
+    re-tokening on adoption keeps a token folder a token folder."""
+    flat = f"{token}-{rel}"
+    if "/" not in rel and len(os.fsencode(flat)) <= NAME_MAX:
+        return folder / flat
+    return folder / token / rel
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,43 +113,36 @@ class Workspace:
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 
-    def claim(self, path: Path, rel: str) -> Claim | None:
-        """Atomically take `path`; None if it vanished or another instance took it."""
+    def reserve(self, rel: str) -> Claim:
+        """A fresh token and the path the claim will have; nothing touches the
+        disk, so the loop can hand the claim itself to a worker."""
         token = f"{next(self._tokens):08d}"
-        target = self.dir / token / rel
-        # The token folder keeps the name as dropped (any length, any
-        # subfolders) for recovery; plain mkdir calls, this runs per file.
-        os.mkdir(self.dir / token)
-        if "/" in rel:
-            os.makedirs(target.parent)
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            self._drop_token_dir(token, rel)
-            return None
-        return Claim(token, rel, target)
+        return Claim(token, rel, claim_path(self.dir, token, rel))
 
-    def _drop_token_dir(self, token: str, rel: str) -> None:
-        """Remove a token folder emptied of its file: rmdir per level, a few
-        syscalls where rmtree costs dozens; rmtree only if something else is in it."""
-        parts = rel.split("/")[:-1]
+    @staticmethod
+    def take(claim: Claim, source: Path) -> bool:
+        """Atomically rename `source` to the claim's path; False if it vanished
+        or another instance took it first. Safe to run in any thread."""
+        if not claim.flat:
+            os.makedirs(claim.path.parent)
         try:
-            for depth in range(len(parts), 0, -1):
-                os.rmdir(self.dir / token / "/".join(parts[:depth]))
-            os.rmdir(self.dir / token)
+            os.rename(source, claim.path)
         except FileNotFoundError:
-            pass
-        except OSError:
-            shutil.rmtree(self.dir / token, ignore_errors=True)
+            if not claim.flat:
+                _drop_token_dir(claim)
+            return False
+        return True
 
     def journal_path(self) -> Path:
         return self.dir / f"journal-{next(self._batches):08d}.json"
 
-    def release(self, claim: Claim) -> None:
-        """The claim is reported: drop our name for the file and its token folder."""
+    @staticmethod
+    def release(claim: Claim) -> None:
+        """The claim is reported: drop our name for the file (and its token folder)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(claim.path)
-        self._drop_token_dir(claim.token, claim.rel)
+        if not claim.flat:
+            _drop_token_dir(claim)
 
     def adopt_dead(self) -> list[Path]:
         """Move claim folders of dead instances into ours; returns their journals."""
@@ -162,33 +177,55 @@ class Workspace:
                 token = f"{next(self._tokens):08d}a"
                 os.rename(entry, self.dir / token)
                 renamed[entry.name] = token
+            elif m := _FLAT.fullmatch(entry.name):
+                token = f"{next(self._tokens):08d}a"
+                target = claim_path(self.dir, token, m.group(2))
+                if target.parent != self.dir:
+                    target.parent.mkdir()
+                os.rename(entry, target)
+                renamed[m.group(1)] = token
         journals = []
         for entry in sorted(other.glob("journal-*.json")):
             moved = []
             for e in read_journal(entry):
                 token = renamed.get(e.claim.token, e.claim.token)
-                claim = Claim(token, e.claim.rel, self.dir / token / e.claim.rel)
-                moved.append(Entry(claim, e.result))
+                moved.append(Entry(Claim(token, e.claim.rel, claim_path(self.dir, token, e.claim.rel)), e.result))
             target = self.journal_path()
             write_journal(target, moved)
             journals.append(target)
         shutil.rmtree(other, ignore_errors=True)
         return journals
 
-    def leftover_claims(self, journaled: set[str]) -> list[Claim]:
-        """Claims in our folder that no journal mentions: to be classified again."""
+    def leftover_claims(self, skip: set[str]) -> list[Claim]:
+        """Claims in our folder whose token is not in `skip` (journaled or in
+        hand): to be classified again."""
         claims = []
-        for token_dir in sorted(self.dir.iterdir()):
-            if not token_dir.is_dir() or token_dir.name in journaled:
-                continue
-            files = [p for p in token_dir.rglob("*") if not p.is_dir()]
-            if not files:
-                shutil.rmtree(token_dir, ignore_errors=True)
-                continue
-            for f in files:
-                rel = f.relative_to(token_dir).as_posix()
-                claims.append(Claim(token_dir.name, rel, f))
+        for entry in sorted(self.dir.iterdir()):
+            if entry.is_dir():
+                if entry.name in skip:
+                    continue
+                files = [p for p in entry.rglob("*") if not p.is_dir()]
+                if not files:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                for f in files:
+                    claims.append(Claim(entry.name, f.relative_to(entry).as_posix(), f))
+            elif (m := _FLAT.fullmatch(entry.name)) and m.group(1) not in skip:
+                claims.append(Claim(m.group(1), m.group(2), entry))
         return claims
+
+
+def _drop_token_dir(claim: Claim) -> None:
+    """Remove a token folder emptied of its file: rmdir per level, a few
+    syscalls where rmtree costs dozens; rmtree only if something else is in it."""
+    depth = claim.rel.count("/")
+    try:
+        for folder in claim.path.parents[: depth + 1]:
+            os.rmdir(folder)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(claim.path.parents[depth], ignore_errors=True)
 
 
 # ---------------------------------------------------------------- placing files
@@ -265,7 +302,7 @@ class Entry:
 
 def write_journal(path: Path, entries: list[Entry]) -> None:
     body = [
-        {"token": e.claim.token, "rel": e.claim.rel, "path": str(e.claim.path), "result": asdict(e.result)}
+        {"token": e.claim.token, "rel": e.claim.rel, "path": str(e.claim.path), "result": e.result.as_dict()}
         for e in entries
     ]
     write_atomic(path, json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogateescape"))

@@ -12,7 +12,7 @@ import fcntl
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 STATUS_OK = "ok"
@@ -38,12 +38,14 @@ class Result:
     moved_to: str = ""
     instance: str = ""
 
-    def as_dict(self, columns: tuple[str, ...]) -> dict[str, object]:
-        d = asdict(self)
-        return {c: d[c] for c in columns}
+    def as_dict(self, columns: tuple[str, ...] | None = None) -> dict[str, object]:
+        """The fields named (all by default). Every field is a scalar, so no
+        dataclasses.asdict: its recursive deep copy cost ~40 us per record."""
+        return {c: getattr(self, c) for c in columns or RESULT_FIELDS}
 
 
-CLASSIFY_COLUMNS = tuple(f.name for f in fields(Result) if f.name not in ("ts", "moved_to", "instance"))
+RESULT_FIELDS = tuple(f.name for f in fields(Result))
+CLASSIFY_COLUMNS = tuple(f for f in RESULT_FIELDS if f not in ("ts", "moved_to", "instance"))
 DAEMON_COLUMNS = ("ts", *CLASSIFY_COLUMNS, "moved_to", "instance")
 
 # Spreadsheets run cells that start with these as formulas (CSV injection).
