@@ -112,6 +112,8 @@ class Daemon:
         self.observer = None
         self.inbox_missing = False
         self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
+        self._wake_lock = threading.Lock()
+        self._submitted = self._finished = self._unwoken = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -304,9 +306,23 @@ class Daemon:
             self._submit(self.workspace.reserve(rel), path)
 
     def _submit(self, claim: claims.Claim, source: Path | None = None) -> None:
+        with self._wake_lock:
+            self._submitted += 1
         future = self.pool.submit(prepare_claim, claim, source, max_pixels=self.s.max_pixels)
-        future.add_done_callback(lambda _: self.events.put((None, False)))
+        future.add_done_callback(self._prepared)
         self.in_flight.append((claim, future))
+
+    def _prepared(self, _future: Future) -> None:
+        """Runs in the worker. Wake the loop when the pool has nothing else in
+        hand (a lone file is never kept waiting) or half a batch is ready; waking
+        it for every file in a burst cost a loop turn and a GIL hand-off each."""
+        with self._wake_lock:
+            self._finished += 1
+            self._unwoken += 1
+            if self._finished < self._submitted and self._unwoken < max(1, self.s.batch_size // 2):
+                return
+            self._unwoken = 0
+        self.events.put((None, False))
 
     def _collect(self) -> None:
         still = deque()

@@ -66,6 +66,38 @@ def decode_only(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
+def _rate(fn, items, threads: int) -> float:
+    """items/s of fn over items in `threads` threads (after a short warm-up)."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fn, items[:10]))
+        start = time.perf_counter()
+        list(pool.map(fn, items))
+        return len(items) / (time.perf_counter() - start)
+
+
+def stage_costs(paths: list[Path]) -> dict:
+    """What one file costs, stage by stage, on one thread and on two: where the
+    daemon's time goes, and which stages two threads can run side by side
+    (OpenCV releases the GIL; the many small numpy steps of normalize do not)."""
+    from digitwatch import imaging
+    from digitwatch.classify import prepare_file
+
+    cv2.setNumThreads(1)  # as in the daemon
+    datas = [p.read_bytes() for p in paths]
+    grays = [imaging.decode_gray(d) for d in datas]
+    stages = {
+        "decode": (lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED), datas),
+        "normalize": (imaging.normalize, grays),
+        "prepare_file": (lambda p: prepare_file(p, p.name, follow_links=False,
+                                                max_pixels=imaging.DEFAULT_MAX_PIXELS), paths),
+    }
+    out = {}
+    for name, (fn, items) in stages.items():
+        one, two = _rate(fn, items, 1), _rate(fn, items, 2)
+        out[name] = {"ms_per_file_1_thread": 1000 / one, "speedup_2_threads": two / one}
+    return out
+
+
 def original_loop(paths: list[Path]) -> float:
     """files/s of the student script: imread, resize, invert, model.predict per file."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -173,6 +205,7 @@ def main() -> None:
         sizes = [len(d) for d, _ in pool]
         files = stage(work / "stage-a", pool, args.files)
         decode = decode_only(files)
+        costs = stage_costs(files[:400])
         original = original_loop(files[:200])
         burst = daemon_run(work / "burst", files, rate=None)
         paced_files = stage(work / "stage-b", pool, int(50 * args.paced_seconds))
@@ -186,6 +219,7 @@ def main() -> None:
         "original_loop_files_per_s": original,
         "burst": burst,
         "paced_50_per_s": paced,
+        "stage_costs": costs,
         "ratio_vs_decode_only": burst["files_per_s"] / decode,
         "ratio_vs_original": burst["files_per_s"] / original,
     }
@@ -202,6 +236,9 @@ def main() -> None:
         ("daemon peak RSS (burst)", f"{burst['peak_rss_mb']:.0f} MB", "bar: <= 250"),
         ("daemon peak RSS (paced)", f"{paced['peak_rss_mb']:.0f} MB", ""),
     ]
+    for name, c in costs.items():
+        rows.append((f"{name}, one thread", f"{c['ms_per_file_1_thread']:.2f} ms/file",
+                     f"2 threads: {c['speedup_2_threads']:.2f}x"))
     if args.accuracy:
         from tests.bench import accuracy
 
