@@ -116,8 +116,13 @@ class Workspace:
     def reserve(self, rel: str) -> Claim:
         """A fresh token and the path the claim will have; nothing touches the
         disk, so the loop can hand the claim itself to a worker."""
-        token = f"{next(self._tokens):08d}"
+        token = self._token()
         return Claim(token, rel, claim_path(self.dir, token, rel))
+
+    def _token(self, suffix: str = "") -> str:
+        """Unique in this folder; adopted claims get suffix "a" so they can never
+        meet one of our own numbers."""
+        return f"{next(self._tokens):08d}{suffix}"
 
     @staticmethod
     def take(claim: Claim, source: Path) -> bool:
@@ -174,11 +179,11 @@ class Workspace:
         renamed: dict[str, str] = {}
         for entry in sorted(other.iterdir()):
             if entry.is_dir():
-                token = f"{next(self._tokens):08d}a"
+                token = self._token("a")
                 os.rename(entry, self.dir / token)
                 renamed[entry.name] = token
             elif m := _FLAT.fullmatch(entry.name):
-                token = f"{next(self._tokens):08d}a"
+                token = self._token("a")
                 target = claim_path(self.dir, token, m.group(2))
                 if target.parent != self.dir:
                     target.parent.mkdir()

@@ -495,10 +495,10 @@ class Daemon:
                 self.blocked = batch
                 log.error("recovery_report_failed", error=str(exc), journal=str(journal))
                 return
-        active = {c.token for c, _ in self.in_flight} | {c.token for c, _ in self.done}
-        leftovers = self.workspace.leftover_claims(journaled | active)
+        in_hand = {c.token for c, _ in self.in_flight} | {c.token for c, _ in self.done}
         if self.blocked is not None:
-            leftovers = [c for c in leftovers if c.token not in {e.claim.token for e in self.blocked.entries}]
+            in_hand |= {e.claim.token for e in self.blocked.entries}
+        leftovers = self.workspace.leftover_claims(journaled | in_hand)
         for claim in leftovers:
             self._drop_orphan_link(claim)
             self._submit(claim)

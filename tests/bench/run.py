@@ -54,16 +54,13 @@ def stage(folder: Path, pool, n: int, prefix: str = "scan") -> list[Path]:
     return paths
 
 
+def _decode(data: bytes) -> None:
+    cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
 def decode_only(paths: list[Path]) -> float:
     """files/s of a plain 2-thread read + decode loop: the floor any pipeline pays."""
-
-    def one(p: Path) -> None:
-        cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(one, paths))
-    return len(paths) / (time.perf_counter() - start)
+    return _rate(lambda p: _decode(p.read_bytes()), paths, 2)
 
 
 def _rate(fn, items, threads: int) -> float:
@@ -86,7 +83,7 @@ def stage_costs(paths: list[Path]) -> dict:
     datas = [p.read_bytes() for p in paths]
     grays = [imaging.decode_gray(d) for d in datas]
     stages = {
-        "decode": (lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED), datas),
+        "decode": (_decode, datas),
         "normalize": (imaging.normalize, grays),
         "prepare_file": (lambda p: prepare_file(p, p.name, follow_links=False,
                                                 max_pixels=imaging.DEFAULT_MAX_PIXELS), paths),
