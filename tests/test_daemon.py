@@ -7,8 +7,10 @@ import collections
 import csv
 import hashlib
 import io
+import json
 import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ def png(i: int) -> bytes:
 
 
 def files_under(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".error.json")]
+    return [p for p in folder.rglob("*") if p.is_file() and ".errors" not in p.parts]
 
 
 class TestIntake:
@@ -132,8 +134,11 @@ class TestOutcomes:
         by_name = {r["file"]: r for r in rows}
         for name in bad:
             assert by_name[name]["status"] == "error" and by_name[name]["error"]
-            sidecar = Path(by_name[name]["moved_to"] + ".error.json")
+            # Sidecars live in .errors/, a folder only the daemon writes: never another input's name.
+            moved = Path(by_name[name]["moved_to"])
+            sidecar = moved.parent / ".errors" / (moved.name + ".error.json")
             assert sidecar.is_file() and str(d.failed) in str(sidecar)
+            assert json.loads(sidecar.read_text())["file"] == name
         assert all(by_name[f"good{i}.png"]["status"] != "error" for i in range(5))
         assert len(files_under(d.failed)) == 3 and len(files_under(d.processed)) == 5
 
@@ -145,7 +150,10 @@ class TestOutcomes:
         assert d.terminate() == 0
         rows = d.lines()
         moved = [Path(r["moved_to"]) for r in rows]
-        assert sorted(p.name for p in moved) == ["same-2.png", "same-3.png", "same.png"]
+        # The first keeps its name; later ones get a unique suffix at once (no probing).
+        assert moved[0].name == "same.png"
+        assert all(re.fullmatch(r"same-[0-9a-f]+-\d{8}\.png", p.name) for p in moved[1:])
+        assert len(set(moved)) == 3
         for r, p in zip(rows, moved, strict=True):
             assert hashlib.sha256(p.read_bytes()).hexdigest() == r["sha256"]
 
