@@ -335,17 +335,14 @@ class Workspace:
             with parent_of(self.inbox_fd, claim.rel) as (src_fd, src_leaf), \
                     parent_of(claim.folder.fd, claim.local, create=True) as (dst_fd, dst_leaf):
                 os.rename(src_leaf, dst_leaf, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError as exc:
+            # Gone, or a sub-folder on its way swapped for a link (ELOOP,
+            # ENOTDIR with O_NOFOLLOW): not ours to take, never entered.
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
             if not claim.flat:
                 _drop_token_dirs(claim.folder.fd, claim.local)
             return False
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            # A sub-folder of the inbox swapped for a link: never entered.
-            if not claim.flat:
-                _drop_token_dirs(claim.folder.fd, claim.local)
-            raise RefusedError("refused: a folder on the way is a symbolic link") from None
         checkpoint("claimed")
         return True
 

@@ -30,7 +30,7 @@ from digitwatch import claims, commit, inbox, logs, systemd
 from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, classify_batch, prepare_bytes
 from digitwatch.config import Settings
 from digitwatch.crashpoints import checkpoint
-from digitwatch.errors import ImageError, RefusedError
+from digitwatch.errors import ImageError
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile
@@ -67,13 +67,8 @@ def prepare_claim(claim: claims.Claim, workspace: claims.Workspace | None, *, ma
     in a worker, keeping the rename off the loop's thread. None: it vanished,
     another instance took it, or a folder on its way is a link. A claimed
     file is read by descriptor without following links: the inbox is untrusted."""
-    if workspace is not None:
-        try:
-            if not workspace.take(claim):
-                return None
-        except RefusedError as exc:
-            log.warning("claim_refused", file=claim.display, error=str(exc))
-            return None
+    if workspace is not None and not workspace.take(claim):
+        return None
     started = time.perf_counter()
     try:
         data = claims.read_claim(claim, DEFAULT_MAX_BYTES)

@@ -86,7 +86,7 @@ def _tree(root: Path) -> dict[bytes, bytes]:
     for dirpath, _dirs, files in os.walk(os.fsencode(root)):
         for f in files:
             p = os.path.join(dirpath, f)
-            out[p] = os.readlink(p) if os.path.islink(p) else open(p, "rb").read()
+            out[p] = os.readlink(p) if os.path.islink(p) else Path(os.fsdecode(p)).read_bytes()
     return out
 
 
@@ -120,12 +120,12 @@ def test_crash_at_step_then_recover(tmp_path, request, kind, step, n, then):
     placed = _placed(out / "processed") + _placed(out / "failed")
     assert len(placed) == len(INPUTS), placed
     by_name = {r["file"]: r for r in rows}
-    for raw, (name, data) in INPUTS.items():
+    for name, data in INPUTS.values():
         r = by_name[name]
         moved = [p for p in placed if os.fsdecode(p).encode("utf-8", "surrogateescape")
                  .decode("utf-8", "backslashreplace") == r["moved_to"]]
         assert len(moved) == 1, (name, r["moved_to"])
-        assert open(moved[0], "rb").read() == data
+        assert Path(os.fsdecode(moved[0])).read_bytes() == data
         assert r["sha256"] in ("", hashlib.sha256(data).hexdigest())
         if kind == "link":
             assert os.stat(moved[0]).st_nlink == 1  # the claim's name is gone
