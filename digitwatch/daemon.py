@@ -548,11 +548,13 @@ class Daemon:
             self.workspace.quarantine(folder.fd, name, folder.path, reason)
         journaled: set[bytes] = set()
         finished = recovered = 0
+        untrusted = False
         for name in listing.journals:
             try:
                 intents = commit.read_journal(folder, name, self.s.results, self.committer.roots)
             except commit.JournalError as exc:
                 self.workspace.quarantine(folder.fd, name, folder.path, f"journal {exc}")
+                untrusted = True
                 continue
             journaled |= {i.claim.token for i in intents}
             checkpoint("recovering")
@@ -566,6 +568,13 @@ class Daemon:
                 log.error("recovery_incomplete", folder=str(folder.path), journal=name,
                           files=len(out.parked), error=out.error)
         leftovers = [c for c in listing.claims if c.token not in journaled]
+        if untrusted:
+            # Which of these the bad journal named (and maybe reported) is
+            # unknown: classifying them again could duplicate lines. Set aside.
+            for top in sorted({c.local.split(b"/")[0] for c in leftovers}):
+                self.workspace.quarantine(folder.fd, os.fsdecode(top), folder.path,
+                                          "claim beside a quarantined journal")
+            leftovers = []
         for claim in leftovers:
             try:
                 mine = self.workspace.adopt(claim)
