@@ -205,6 +205,10 @@ class Daemon:
             systemd.notify("READY=1", f"STATUS=watching {self.inbox}")
             self._loop(once=once)
         finally:
+            if threading.current_thread() is threading.main_thread():
+                # Stopping: a late HUP has nothing to reopen, and must not kill
+                # the process once the interpreter resets its handlers on exit.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             systemd.notify("STOPPING=1")
             if self.observer is not None:
                 self.observer.stop()
