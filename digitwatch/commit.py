@@ -208,18 +208,21 @@ def write_journal(folder: Folder, name: str, results: Path, intents: list[Intent
     claims.write_new(folder.fd, name.encode(), encode_journal(results, intents), replace=True)
 
 
-def reported_lines(path: Path) -> set[bytes]:
-    """The lines in the results file's recent tail (recovery appends only others)."""
+def reported_tail(path: Path) -> bytes:
+    """The results file's recent tail, with a newline in front so every whole
+    line in it is found as b"\n" + line (recovery appends only the others)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return set()
+        return b"\n"
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return set()
+            return b"\n"
         size = fh.seek(0, os.SEEK_END)
         fh.seek(max(0, size - TAIL_BYTES))
-        return set(fh.read().splitlines(keepends=True))
+        data = fh.read()
+        # A tail cut mid-line: its first partial line cannot match a whole line.
+        return (b"\n" if size <= TAIL_BYTES else b"") + data
 
 
 # ---------------------------------------------------------------- placing
@@ -447,8 +450,9 @@ class Committer:
     def _report(self, placed: list[Intent], *, dedupe: bool) -> None:
         lines = [render(i.result, self.fmt) for i in placed]
         if dedupe and lines:
-            seen = reported_lines(self.results_path)
-            lines = [line for line in lines if line.encode("utf-8", "backslashreplace") not in seen]
+            # Whole lines, searched as bytes: a CSV record may hold a quoted newline.
+            tail = reported_tail(self.results_path)
+            lines = [line for line in lines if b"\n" + line.encode("utf-8", "backslashreplace") not in tail]
         if lines:
             self.results.append(lines)
         checkpoint("reported")
