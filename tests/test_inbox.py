@@ -182,15 +182,24 @@ class TestRecursiveNewFolders:
     def test_deep_and_wide_trees(self, tmp_path):
         inbox = tmp_path / "inbox"
         inbox.mkdir()
-        fd = os.open(inbox, os.O_RDONLY)
-        for _ in range(1200):  # deeper than Python's recursion limit
-            os.mkdir("d", dir_fd=fd)
-            fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
-            os.close(parent)
-        os.close(os.open("x.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
-        os.close(fd)
-        deep = inbox.joinpath(*["d"] * 1200)
-        for i in range(2000):  # more folders than a default descriptor limit
-            (inbox / f"w{i}").mkdir()
-        (inbox / "w1999" / "y.png").write_bytes(b"x")
-        assert set(list_inbox(inbox, True)) == {deep / "x.png", inbox / "w1999" / "y.png"}
+        depth = 1100  # deeper than Python's recursion limit
+        fds = [os.open(inbox, os.O_RDONLY)]
+        try:
+            for _ in range(depth):
+                os.mkdir("d", dir_fd=fds[-1])
+                fds.append(os.open("d", os.O_RDONLY, dir_fd=fds[-1]))
+            os.close(os.open("x.png", os.O_WRONLY | os.O_CREAT, dir_fd=fds[-1]))
+            for i in range(2000):  # more folders than a default descriptor limit
+                (inbox / f"w{i}").mkdir()
+            (inbox / "w1999" / "y.png").write_bytes(b"x")
+            deep = inbox.joinpath(*["d"] * depth)
+            assert set(list_inbox(inbox, True)) == {deep / "x.png", inbox / "w1999" / "y.png"}
+        finally:
+            # Bottom up, by descriptor: pytest's own clean-up (shutil.rmtree)
+            # recurses per level and would fail on this tree in a later session.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("x.png", dir_fd=fds[-1])
+            for i in range(len(fds) - 1, 0, -1):
+                os.close(fds[i])
+                os.rmdir("d", dir_fd=fds[i - 1])
+            os.close(fds[0])
