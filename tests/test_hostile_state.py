@@ -28,11 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import GOOD, PNG_GOOD, DaemonProc, drop
+from tests.daemon_harness import PNG_GOOD, DaemonProc, drop
 
 pytestmark = pytest.mark.slow
 
 EX_CONFIG = 78
+SCANS = sorted((Path(__file__).parent / "fixtures" / "scans").glob("*.png"))
 OLD = time.time() - 3 * 86400  # mtime for planted folders: long dead
 RESULT_KEYS = ("file", "digit", "confidence", "status", "error", "sha256", "width", "height",
                "model", "latency_ms", "ts", "moved_to", "instance")
@@ -61,9 +62,9 @@ def snapshot(root: Path) -> dict[str, tuple]:
 def make_victim(folder: Path) -> Path:
     """A folder outside the daemon's: a scan, a text file, a sub-folder of scans."""
     (folder / "sub").mkdir(parents=True)
-    (folder / "x.png").write_bytes(GOOD[1].read_bytes())
+    (folder / "x.png").write_bytes(SCANS[1].read_bytes())
     (folder / "secret.txt").write_text("keep out\n")
-    (folder / "sub" / "y.png").write_bytes(GOOD[2].read_bytes())
+    (folder / "sub" / "y.png").write_bytes(SCANS[2].read_bytes())
     os.utime(folder / "sub", (OLD, OLD))
     return folder
 
@@ -167,7 +168,7 @@ def test_workdir_links_to_parent_in_make_run_layout(tmp_path):
     d = DaemonProc(var, "--rescan-seconds", "1")
     history = var / "processed" / "2026-11-20"
     history.mkdir(parents=True)
-    for i, src in enumerate(GOOD[:3]):
+    for i, src in enumerate(SCANS[3:6]):
         (history / f"old-{i}.png").write_bytes(src.read_bytes())
     (var / "failed" / "2026-11-20").mkdir(parents=True)
     (var / "failed" / "2026-11-20" / "bad.png").write_bytes(b"not a png")
@@ -457,8 +458,8 @@ def test_snapshot_sees_changes(tmp_path):
     """The victim check itself can fail: a removed, replaced or added name shows."""
     victim = make_victim(tmp_path / "v")
     before = snapshot(victim)
-    (victim / "secret.txt").unlink()
-    (victim / "secret.txt").write_text("keep out\n")  # same bytes, new inode
+    (victim / "copy.txt").write_text("keep out\n")
+    os.replace(victim / "copy.txt", victim / "secret.txt")  # same bytes, another inode
     assert snapshot(victim) != before
     before = snapshot(victim)
     (victim / "sub" / "new").write_bytes(b"")
