@@ -248,3 +248,17 @@ class TestRegularFileOnly:
             assert time.monotonic() - started < 5
         f.append(["{}\n"])
         assert path.read_bytes() == b"{}\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_daemon_creates_results_file_at_start(tmp_path, fmt):
+    """`tail -f results.csv` works right after start: the file exists, with its header."""
+    from tests.daemon_harness import DaemonProc
+
+    d = DaemonProc(tmp_path, fmt=fmt).start()
+    try:
+        assert d.results.exists()
+        assert d.results.read_text() == (",".join(DAEMON_COLUMNS) + "\n" if fmt == "csv" else "")
+    finally:
+        assert d.terminate() == 0
