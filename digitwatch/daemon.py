@@ -192,6 +192,10 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
         try:
             self._install_signals()
+            try:  # created now, CSV header included, so `tail -f` works from the start
+                self.results.open()
+            except OSError as exc:  # each commit retries it and reports commit_failed
+                log.error("results_unavailable", path=str(self.s.results), error=str(exc))
             self._recover(starting=True)
             if not once:
                 self._watch()
