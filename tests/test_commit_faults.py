@@ -10,6 +10,7 @@ no temporary file anywhere, nothing outside the configured folders touched."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import signal
@@ -139,3 +140,83 @@ def test_crash_at_step_then_recover(tmp_path, request, kind, step, n, then):
     assert sorted(os.listdir(d.inbox / ".digitwatch")) == ["quarantine"]
     assert os.listdir(d.inbox / ".digitwatch" / "quarantine") == []
     assert _tree(outside) == before_outside
+
+
+def _check_once(d: DaemonProc, names: set[str]) -> list[dict]:
+    rows = read_results(d.results, "jsonl")
+    assert collections.Counter(r["file"] for r in rows) == collections.Counter(names)
+    # moved_to is the display form: a path only where the name is UTF-8.
+    assert all(os.path.lexists(r["moved_to"]) for r in rows if "\\x" not in r["moved_to"])
+    return rows
+
+
+def test_day_folder_archived_before_recovery(tmp_path):
+    """A day folder moved away between crash and restart: recovery recreates it
+    and places what it must (it used to die on FileNotFoundError every start)."""
+    d = DaemonProc(tmp_path, "--recursive", "--batch-size", "16", "--batch-wait-ms", "3000", settle=0.05)
+    _plant(d.inbox)
+    crash = DaemonProc(tmp_path, "--recursive", "--batch-size", "16", "--batch-wait-ms", "3000", settle=0.05,
+                       env={"DIGITWATCH_CRASH_AT": "placed:2"})
+    assert crash.run_once() == -signal.SIGKILL
+    (tmp_path / "archive").mkdir()
+    for day in list((tmp_path / "processed").iterdir()):
+        day.rename(tmp_path / "archive" / day.name)
+    assert d.run_once() == 0, d.log.read_text()[-3000:]
+    _check_once(d, {name for name, _ in INPUTS.values()})
+    assert os.listdir(d.inbox / ".digitwatch" / "quarantine") == []
+
+
+def test_results_unwritable_during_recovery_then_fixed(tmp_path):
+    """A dead instance's journal whose lines cannot be written yet waits, and is
+    appended exactly once when the results file is back (9 lines for 6 before)."""
+    args = ("--recursive", "--batch-size", "16", "--batch-wait-ms", "3000")
+    d = DaemonProc(tmp_path, *args, settle=0.05)
+    _plant(d.inbox)
+    crash = DaemonProc(tmp_path, *args, settle=0.05, env={"DIGITWATCH_CRASH_AT": "placed_batch:1"})
+    assert crash.run_once() == -signal.SIGKILL
+    if d.results.exists():
+        d.results.unlink()
+    d.results.mkdir()  # unwritable, even for root
+    d.start()
+    d.wait_log("recovery_incomplete", timeout=30)
+    assert d.terminate() == 0
+    d.results.rmdir()
+    assert d.run_once() == 0, d.log.read_text()[-3000:]
+    assert d.run_once() == 0  # and once more: nothing is appended again
+    _check_once(d, {name for name, _ in INPUTS.values()})
+
+
+def test_disk_full_copy_leaves_no_partial_file(tmp_path):
+    """processed/ on a full filesystem: copies fail (ENOSPC), the files stay
+    claimed and retry; no partial file under any real name (a 0-byte
+    `name-2.png` per retry before); once there is room, one copy each."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
+    try:
+        d = DaemonProc(tmp_path, "--processed", str(mnt / "processed"), "--failed", str(mnt / "failed"))
+        (mnt / "processed").mkdir()
+        (mnt / "failed").mkdir()
+        with open(mnt / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+        d.start()
+        big = sorted(GOOD[0].parent.glob("*.png"), key=lambda p: p.stat().st_size)[-3:]
+        names = {f"full{i}.png" for i in range(3)}
+        for name, src in zip(sorted(names), big, strict=True):
+            (d.inbox / name).write_bytes(src.read_bytes())
+        d.wait_log("commit_failed", timeout=30)
+        time.sleep(1.0)
+        assert d.lines() == []
+        partial = [p for p in (mnt / "processed").rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+        assert partial == []
+        (mnt / "filler").unlink()
+        d.wait_lines(3, timeout=40)
+        assert d.terminate() == 0
+        _check_once(d, names)
+        placed = [p for p in (mnt / "processed").rglob("*") if p.is_file()]
+        assert len(placed) == 3 and not [p for p in placed if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
