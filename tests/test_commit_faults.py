@@ -13,6 +13,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -56,7 +57,31 @@ CASES = [("link", *c) for c in STEPS] + [
     ("copy", "released", 2, None),
     ("copy", "copied", 1, "copied"),  # a half-done copy, then again in recovery
     ("copy", "reported", 1, "recovered"),
+    # Same filesystem, but linking refused (EPERM): copies for lack of permission.
+    ("eperm", "copied", 2, None),
+    ("eperm", "placed", 1, None),
+    ("eperm", "reported", 1, "recovered"),
 ]
+
+# Without CAP_FOWNER and CAP_DAC_OVERRIDE, root may not hard-link a file it
+# neither owns nor can write (fs.protected_hardlinks=1): link() fails with
+# EPERM, deterministically, so placement falls back to copying.
+NO_LINK = ["setpriv", "--bounding-set", "-fowner,-dac_override"]
+
+
+def _link_refused(tmp_path: Path) -> str | None:
+    """None if NO_LINK really makes link() fail here, else why not."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return "needs root and setpriv (util-linux)"
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    os.chown(probe, 65534, 65534)
+    r = subprocess.run([*NO_LINK, "ln", str(probe), str(tmp_path / "probe2")], capture_output=True)
+    probe.unlink()
+    if r.returncode == 0:
+        (tmp_path / "probe2").unlink()
+        return "linking a file of another user is not refused here (fs.protected_hardlinks off?)"
+    return None
 
 
 @pytest.fixture
@@ -99,6 +124,8 @@ def _placed(root: Path) -> list[bytes]:
                          ids=[f"{k}-{s}{n}-{t or 'clean'}" for k, s, n, t in CASES])
 def test_crash_at_step_then_recover(tmp_path, request, kind, step, n, then):
     out = request.getfixturevalue("tmpfs") if kind == "copy" else tmp_path
+    if kind == "eperm" and (why := _link_refused(tmp_path)):
+        pytest.skip(why)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("untouched")
@@ -107,11 +134,16 @@ def test_crash_at_step_then_recover(tmp_path, request, kind, step, n, then):
             "--failed", str(out / "failed"))
     d = DaemonProc(tmp_path, *args, settle=0.05)
     _plant(d.inbox)
-
     crash = DaemonProc(tmp_path, *args, settle=0.05, env={"DIGITWATCH_CRASH_AT": f"{step}:{n}"})
+    again = DaemonProc(tmp_path, *args, settle=0.05, env={"DIGITWATCH_CRASH_AT": f"{then}:1"})
+    if kind == "eperm":
+        for dirpath, _dirs, files in os.walk(os.fsencode(d.inbox)):
+            for f in files:
+                os.chown(os.path.join(dirpath, f), 65534, 65534)
+        for proc in (d, crash, again):
+            proc.args = [*NO_LINK, *proc.args]
     assert crash.run_once() == -signal.SIGKILL, f"never reached {step}:{n}:\n{crash.log.read_text()[-2000:]}"
     if then is not None:
-        again = DaemonProc(tmp_path, *args, settle=0.05, env={"DIGITWATCH_CRASH_AT": f"{then}:1"})
         assert again.run_once() == -signal.SIGKILL, f"recovery never reached {then}"
     assert d.run_once() == 0, d.log.read_text()[-3000:]
 
@@ -128,8 +160,8 @@ def test_crash_at_step_then_recover(tmp_path, request, kind, step, n, then):
         assert len(moved) == 1, (name, r["moved_to"])
         assert Path(os.fsdecode(moved[0])).read_bytes() == data
         assert r["sha256"] in ("", hashlib.sha256(data).hexdigest())
-        if kind == "link":
-            assert os.stat(moved[0]).st_nlink == 1  # the claim's name is gone
+        # The claim's name is gone; a copy is a new inode with one name.
+        assert os.stat(moved[0]).st_nlink == 1
     assert by_name["broken.png"]["status"] == "error"
     sidecars = [p for p in _tree(out / "failed") if b"/.errors/" in p]
     assert len(sidecars) == 1 and sidecars[0].endswith(b".error.json")
