@@ -523,6 +523,9 @@ def _token_claims(folder: Folder, token: bytes) -> list[Claim]:
     if not found:
         with contextlib.suppress(OSError):
             _rmtree_empty(folder.fd, token)
+    if any(c.flat for c in found):
+        # We only make token folders for names that cannot be flat.
+        raise UntrustedError("holds a name this daemon would not put there")
     return found
 
 

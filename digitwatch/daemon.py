@@ -115,6 +115,8 @@ class WakeQueue(queue.Queue):
     def __init__(self) -> None:
         super().__init__()
         self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.rfd, select.POLLIN)
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
@@ -127,15 +129,10 @@ class WakeQueue(queue.Queue):
     def sleep(self, timeout: float) -> None:
         """Until something is put, a signal arrives, or `timeout` passes."""
         if timeout > 0 and self.empty():
-            select.select([self.rfd], [], [], timeout)
+            self._poll.poll(timeout * 1000)
         with contextlib.suppress(BlockingIOError):
             while os.read(self.rfd, 4096):
                 pass
-
-    def close(self) -> None:
-        for fd in (self.rfd, self.wfd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 @dataclass
@@ -221,7 +218,8 @@ class Daemon:
             for ws in (*self._retired, self.workspace):
                 ws.close()
             self.results.close()
-            self.events.close()
+            # The self-pipe stays open until the process ends: a signal landing
+            # after a close would write into whatever file reused its number.
             self.metrics.close()
             c = self.counters
             log.info("daemon_stopped", ok=c.ok, low_confidence=c.low_confidence, error=c.error,
