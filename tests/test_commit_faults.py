@@ -42,7 +42,6 @@ STEPS = [
     ("claimed", 3, None),
     ("journaled", 1, None),
     ("placed", 1, None),
-    ("placed", 3, None),
     ("placed_batch", 1, None),
     ("reported", 1, None),
     ("released", 2, None),
