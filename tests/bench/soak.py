@@ -65,14 +65,22 @@ def sigkill_loop(work: Path, pool, files: int, kills: int) -> dict:
     for p in fill(base / "stage", pool, files, "k"):
         os.rename(p, d.inbox / p.name)
     rng = random.Random(5)
-    done = 0
+    done = caught = 0
     for _ in range(kills):
         d.start(wait=False)
         time.sleep(rng.uniform(0.8, 2.0))
         d.kill()
         done += 1
+        caught += in_hand(base)
     assert d.run_once(timeout=600) == 0
-    return tally("SIGKILL loop", files, d.lines(), base, f"{done} kills at random moments, then one --once")
+    return tally("SIGKILL loop", files, d.lines(), base,
+                 f"{done} kills at random moments ({caught} caught claims/journals in hand), then one --once")
+
+
+def in_hand(base: Path) -> bool:
+    """Whether a killed instance left claims or journals: the kill interrupted work."""
+    state = base / "inbox" / ".digitwatch"
+    return any(p.name not in ("lock", "owner.json") for p in state.glob("*/*") if p.parent.name != "quarantine")
 
 
 def kill_bar(work: Path, pool, files: int, kills: int, *, other_fs: bool) -> dict:
@@ -115,9 +123,7 @@ def kill_bar(work: Path, pool, files: int, kills: int, *, other_fs: bool) -> dic
                 time.sleep(rng.uniform(0.0, 0.5))
                 d.kill()
                 timed += 1
-            state = base / "inbox" / ".digitwatch"
-            caught += any(p.name not in ("lock", "owner.json") for p in state.glob("*/*")
-                          if p.parent.name != "quarantine")
+            caught += in_hand(base)
         assert d.run_once(timeout=900) == 0
         rows = d.lines()
         result = tally(name, files, rows, out, f"{aimed} kills at a crash point between placing and "
