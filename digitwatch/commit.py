@@ -314,17 +314,19 @@ class Committer:
 
     # ------------------------------------------------------------ folders
 
-    def _day_fd(self, dest: str, day: str, cache: dict[tuple[str, str], int]) -> int:
+    def _day_fd(self, dest: str, day: str, cache: dict[tuple[str, str], int], *, create: bool = True) -> int:
         """The day folder, created if needed and opened without following a link.
         Opened per pass, never cached across: it may be archived between batches."""
         key = (dest, day)
         if key not in cache:
             root = self.roots[dest]
-            root.mkdir(parents=True, exist_ok=True)
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
             root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(day, 0o755, dir_fd=root_fd)
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(day, 0o755, dir_fd=root_fd)
                 cache[key] = os.open(day, DIR_FLAGS, dir_fd=root_fd)
             finally:
                 os.close(root_fd)
@@ -462,9 +464,8 @@ class Committer:
         does the proof that a copied target is ours."""
         try:
             claims.release(intent.claim)
-            day_fd = self._day_fd(intent.dest, intent.day, fds)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(intent.tmp, dir_fd=day_fd)
+                os.unlink(intent.tmp, dir_fd=self._day_fd(intent.dest, intent.day, fds, create=False))
         except OSError as exc:
             log.warning("release_failed", file=intent.result.file, error=str(exc))
             return

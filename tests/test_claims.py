@@ -278,3 +278,34 @@ def test_collision_names_are_unique_and_fit():
     assert commit.unique_name(b"noext", tag) == b"noext-1a2b3c-00000042"
     long = commit.unique_name(b"x" * 255, tag)
     assert len(long) == 255 and long.endswith(b"-" + tag)
+
+
+class TestCommitter:
+    """The protocol's own edge cases, on real folders without a daemon."""
+
+    def test_target_taken_after_planning_gets_a_new_journaled_name(self, tmp_path):
+        import datetime as dt
+
+        from digitwatch.results import ResultsFile
+
+        ws = _ws(tmp_path)
+        _drop(ws.inbox, b"a.png", b"mine")
+        claim = ws.reserve("a.png")
+        assert ws.take(claim)
+        roots = {"processed": tmp_path / "p", "failed": tmp_path / "f"}
+        results = tmp_path / "r.jsonl"
+        c = commit.Committer(roots, ResultsFile(results, "jsonl"), results, "jsonl")
+        now = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+        [intent] = c.plan([(claim, _result("a.png"), "processed")], now, "one")
+        assert intent.target == b"a.png"
+        name = ws.folder.journal_name()
+        c.journal(ws.folder, name, [intent])
+        (tmp_path / "p" / "2026-01-02" / "a.png").write_bytes(b"someone else's")  # taken since
+        out = c.run(ws.folder, name, [intent], dedupe=False)
+        [done] = out.done
+        assert done.target.startswith(b"a-") and not out.parked
+        assert (tmp_path / "p" / "2026-01-02" / "a.png").read_bytes() == b"someone else's"
+        assert (tmp_path / "p" / "2026-01-02" / os.fsdecode(done.target)).read_bytes() == b"mine"
+        [line] = results.read_text().splitlines()
+        assert json.loads(line)["moved_to"].endswith(os.fsdecode(done.target))
+        assert sorted(os.listdir(ws.folder.fd)) == ["lock", "owner.json"]  # released, journal gone
