@@ -1,0 +1,5 @@
+"""`python -m digitwatch`: the same entry point as the `digitwatch` script."""
+
+from digitwatch.cli import main
+
+main()
