@@ -28,6 +28,7 @@ import structlog
 from digitwatch import claims, inbox, logs, systemd
 from digitwatch.classify import Prepared, classify_batch, prepare_file
 from digitwatch.config import Settings
+from digitwatch.errors import describe
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile, display_name, render
@@ -77,6 +78,7 @@ class _Batch:
     journal: Path | None = None
     attempts: int = 0
     retry_at: float = 0.0
+    error: str = ""  # why the last attempt failed, for STATUS=
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Daemon:
         self.observer = None
         self.inbox_missing = False
         self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
+        self.status = systemd.StatusNotifier()
         self._wake_lock = threading.Lock()
         self._submitted = self._finished = self._unwoken = 0
 
@@ -127,6 +130,7 @@ class Daemon:
         self.workspace = claims.Workspace(self.inbox, self.instance)
         self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
         try:
+            self.results.open()  # exists from the start: `tail -f` works before the first result
             self._install_signals()
             self._recover()
             if not once:
@@ -138,7 +142,7 @@ class Daemon:
             # keep them out of the collector's full passes, which otherwise
             # walk them again and again (~5% of the CPU in a burst, profiled).
             gc.freeze()
-            systemd.notify("READY=1", f"STATUS=watching {self.inbox}")
+            self.status.ready(f"watching {self.inbox}", self._status())
             self._loop(once=once)
         finally:
             systemd.notify("STOPPING=1")
@@ -196,7 +200,8 @@ class Daemon:
         watchdog = systemd.Watchdog()
         while not self.stopping.is_set():
             now = time.monotonic()
-            watchdog.ping(status=self._status())
+            self.status.update(self._status())
+            watchdog.ping(status=self.status.shown)
             if self.hup.is_set():
                 self.hup.clear()
                 self.results.reopen()
@@ -247,9 +252,11 @@ class Daemon:
                     or self.settler.waiting() or not self.events.empty())
 
     def _status(self) -> str:
-        c = self.counters
-        return (f"ok={c.ok} low_confidence={c.low_confidence} error={c.error} "
-                f"in_flight={len(self.in_flight)} waiting={len(self.ready)}")
+        c, blocked = self.counters, self.blocked
+        return systemd.status_text(
+            ok=c.ok, low_confidence=c.low_confidence, error=c.error, in_flight=len(self.in_flight),
+            waiting=len(self.ready), blocked=len(blocked.entries) + len(self.done) if blocked else 0,
+            blocked_reason=blocked.error if blocked else "")
 
     # ------------------------------------------------------------ intake
 
@@ -388,6 +395,7 @@ class Daemon:
             self._report(batch)
         except OSError as exc:
             batch.attempts += 1
+            batch.error = describe(exc)
             delay = min(MAX_BACKOFF, 0.5 * 2 ** (batch.attempts - 1))
             batch.retry_at = time.monotonic() + delay
             self.blocked = batch

@@ -21,6 +21,11 @@ def reason(exc: OSError) -> str:
     return exc.strerror or exc.__class__.__name__
 
 
+def describe(exc: OSError) -> str:
+    """An OSError with its path: 'Permission denied: /srv/results.csv'."""
+    return f"{reason(exc)}: {exc.filename}" if exc.filename else reason(exc)
+
+
 class DigitwatchError(Exception):
     """Base class; the message is one line meant for a person."""
 
