@@ -309,7 +309,11 @@ def main() -> None:
         # One name for completion and usage lines, however it was started.
         app(prog_name="digitwatch")
     except DigitwatchError as exc:
-        typer.echo(f"digitwatch: error: {exc}", err=True)
+        from digitwatch.logs import is_journal
+
+        # Under systemd this line is why the unit failed: file it as an error.
+        priority = "<3>" if is_journal(os.environ, sys.stderr) else ""
+        typer.echo(f"{priority}digitwatch: error: {exc}", err=True)
         sys.exit(int(exc.exit_code))
 
 

@@ -54,10 +54,10 @@ def processors(json_output: bool, *, journal: bool = False, colors: bool = False
     return [*chain, PriorityPrefix(renderer) if journal else renderer]
 
 
-def stdout_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
-    """systemd sets JOURNAL_STREAM=<dev>:<inode> when it connects stdout or
-    stderr to the journal; it counts only if that is this stream (a child
-    whose stdout was redirected inherits the variable)."""
+def is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
+    """Whether `stream` is the journal. systemd sets JOURNAL_STREAM=<dev>:<inode>
+    when it connects stdout or stderr to the journal; it counts only if that is
+    this stream (a child whose output was redirected inherits the variable)."""
     value = environ.get("JOURNAL_STREAM", "")
     dev, _, ino = value.partition(":")
     if not (dev.isdigit() and ino.isdigit()):
@@ -100,7 +100,7 @@ def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
     json_output = log_format == "json" or (log_format == "auto" and not tty)
     _writer = LineWriter(sys.stdout)
     structlog.configure(
-        processors=processors(json_output, journal=stdout_is_journal(os.environ, sys.stdout), colors=tty),
+        processors=processors(json_output, journal=is_journal(os.environ, sys.stdout), colors=tty),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_: _writer,
         cache_logger_on_first_use=False,

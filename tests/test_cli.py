@@ -212,6 +212,24 @@ class TestConventions:
         assert r.stderr.strip() == ("digitwatch: error: DIGITWATCH_BATCH_SIZE: batch_size: "
                                     "expected a whole number, got 'abc'")
 
+    def test_error_line_has_error_priority_under_journald(self, tmp_path):
+        """The exit-78 line is why a unit failed: `journalctl -p err` must show it."""
+        r, w = os.pipe()
+        st = os.fstat(w)
+        env = {"PATH": "/usr/bin", "PYTHONPATH": str(ROOT), "DIGITWATCH_INBOX": str(tmp_path / "nope"),
+               "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        try:
+            rc = subprocess.run([sys.executable, "-m", "digitwatch", "check-config"], stdout=subprocess.DEVNULL,
+                                stderr=w, env=env, cwd=ROOT, timeout=60).returncode
+        finally:
+            os.close(w)
+        with os.fdopen(r) as fh:
+            err = fh.read()
+        assert rc == 78
+        assert err == f"<3>digitwatch: error: inbox {tmp_path / 'nope'} does not exist\n"
+        plain = run_cli("check-config", env={**env, "JOURNAL_STREAM": "1:1"})
+        assert plain.stderr == f"digitwatch: error: inbox {tmp_path / 'nope'} does not exist\n"
+
     def test_data_error_exit_65(self, tmp_path):
         """65 (EX_DATAERR): a dataset that is missing or not what it claims."""
         r = run_cli("evaluate", "--data", str(tmp_path / "nope"))

@@ -86,12 +86,12 @@ class TestJournalDetection:
             with os.fdopen(w, "w", closefd=False) as stream, (tmp_path / "f").open("w") as other:
                 st = os.fstat(w)
                 mine = f"{st.st_dev}:{st.st_ino}"
-                assert logs.stdout_is_journal({"JOURNAL_STREAM": mine}, stream)
-                assert not logs.stdout_is_journal({}, stream)
-                assert not logs.stdout_is_journal({"JOURNAL_STREAM": mine}, other)  # inherited, redirected
-                assert not logs.stdout_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, stream)
-                assert not logs.stdout_is_journal({"JOURNAL_STREAM": "garbage"}, stream)
-                assert not logs.stdout_is_journal({"JOURNAL_STREAM": ""}, stream)
+                assert logs.is_journal({"JOURNAL_STREAM": mine}, stream)
+                assert not logs.is_journal({}, stream)
+                assert not logs.is_journal({"JOURNAL_STREAM": mine}, other)  # inherited, redirected
+                assert not logs.is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, stream)
+                assert not logs.is_journal({"JOURNAL_STREAM": "garbage"}, stream)
+                assert not logs.is_journal({"JOURNAL_STREAM": ""}, stream)
         finally:
             os.close(r)
             os.close(w)
