@@ -299,7 +299,11 @@ def check_config(
         for key, value in values.items():
             shown = value if isinstance(value, str) else repr(value)
             typer.echo(f"{key.ljust(width)}  {shown}")
-    typer.echo(f"configuration ok (relative paths resolved against {Path.cwd()})", err=True)
+    try:
+        base = f"relative paths resolved against {Path.cwd()}"
+    except OSError:  # unreadable, but every path was absolute
+        base = "all paths absolute"
+    typer.echo(f"configuration ok ({base})", err=True)
 
 
 def main() -> None:

@@ -242,13 +242,22 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **merged)
     # Absolute paths: moved_to in results and logs must not depend on a cwd.
     absolute = {
-        f.name: Path(os.path.abspath(getattr(settings, f.name)))
+        f.name: _absolute(f.name, getattr(settings, f.name))
         for f in fields(Settings)
         if isinstance(getattr(settings, f.name), Path)
     }
     settings = dataclasses.replace(settings, **absolute)
     validate(settings)
     return settings
+
+
+def _absolute(key: str, path: Path) -> Path:
+    try:
+        return Path(os.path.abspath(path))
+    except OSError as exc:
+        # `sudo -u digitwatch` from a folder that user cannot enter (root's home).
+        raise ConfigError(f"{key} {path} is relative, but the working directory cannot be read "
+                          f"({reason(exc)}): run from the folder it is relative to") from None
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -230,6 +230,19 @@ class TestConventions:
         plain = run_cli("check-config", env={**env, "JOURNAL_STREAM": "1:1"})
         assert plain.stderr == f"digitwatch: error: inbox {tmp_path / 'nope'} does not exist\n"
 
+    def test_unreadable_working_directory_is_one_line(self, tmp_path):
+        """`sudo -u digitwatch digitwatch check-config` from a folder that user
+        cannot enter; here the folder is gone, which fails getcwd() the same way."""
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        script = f'cd {gone} && rmdir {gone} && exec {sys.executable} -m digitwatch check-config'
+        r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 78
+        assert r.stderr.startswith("digitwatch: error: inbox var/inbox is relative, but the working directory "
+                                   "cannot be read (No such file or directory)"), r.stderr
+        assert len(r.stderr.splitlines()) == 1
+
     def test_data_error_exit_65(self, tmp_path):
         """65 (EX_DATAERR): a dataset that is missing or not what it claims."""
         r = run_cli("evaluate", "--data", str(tmp_path / "nope"))
