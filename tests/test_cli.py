@@ -202,9 +202,14 @@ class TestConventions:
         ("watch", "--batch-size", "abc"),
     ])
     def test_bad_flag_values_are_usage_errors(self, args):
-        r = run_cli(*args)
-        assert r.returncode == 2, r.stderr
-        assert "Traceback" not in r.stderr
+        r = CliRunner().invoke(app, list(args), prog_name="digitwatch")
+        assert r.exit_code == 2, r.output
+        assert "Invalid value" in r.output and "Traceback" not in r.output
+
+    def test_bad_format_through_the_entry_point(self):
+        for args in (("watch", "--format", "xml"), ("classify", "--format", "xml", "x.png")):
+            r = run_cli(*args)
+            assert r.returncode == 2 and "Invalid value for '--format'" in r.stderr, r.stderr
 
     def test_config_errors_in_words(self, tmp_path):
         r = run_cli("check-config", env={"DIGITWATCH_BATCH_SIZE": "abc", "PATH": "/usr/bin"})
