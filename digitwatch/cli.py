@@ -127,7 +127,7 @@ ModelOption = Annotated[
 @app.command()
 def classify(
     paths: Annotated[list[Path], typer.Argument(help="PNG files, or folders of them.")],
-    format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table,
+    format: Annotated[OutFormat, typer.Option("--format", "-f", help="One record per file as this.")] = OutFormat.table,
     model: ModelOption = None,
     debug_dir: Annotated[
         Path | None, typer.Option(help="Write each normalized 28x28 input here as a PNG.")
@@ -157,7 +157,8 @@ def evaluate(
     report: Annotated[
         Path | None, typer.Option(help="Folder for confusion.png and worst_errors.png.")
     ] = None,
-    format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="For people or for programs.")] = (
+        ReportFormat.table),
 ) -> None:
     """Score a model on the 10,000 MNIST test digits (never used in training)."""
     from digitwatch import evaluation
@@ -225,7 +226,7 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
-def _seconds(key: str, *, positive: bool = False) -> typer.models.OptionInfo:
+def _duration(key: str, *, positive: bool = False) -> typer.models.OptionInfo:
     """A duration: finite, and above 0 (`positive`) or at least 0."""
     return _setting(key, min=None if positive else 0.0, callback=_positive if positive else _finite)
 
@@ -245,14 +246,14 @@ def watch(
     patterns: Annotated[str | None, _setting("patterns")] = None,
     recursive: Annotated[bool | None, _setting("recursive", "--recursive/--no-recursive")] = None,
     polling: Annotated[bool | None, _setting("polling", "--polling/--no-polling")] = None,
-    poll_interval: Annotated[float | None, _seconds("poll_interval", positive=True)] = None,
-    settle_seconds: Annotated[float | None, _seconds("settle_seconds")] = None,
-    rescan_seconds: Annotated[float | None, _seconds("rescan_seconds", positive=True)] = None,
+    poll_interval: Annotated[float | None, _duration("poll_interval", positive=True)] = None,
+    settle_seconds: Annotated[float | None, _duration("settle_seconds")] = None,
+    rescan_seconds: Annotated[float | None, _duration("rescan_seconds", positive=True)] = None,
     batch_size: Annotated[int | None, _setting("batch_size", min=1)] = None,
-    batch_wait_ms: Annotated[float | None, _seconds("batch_wait_ms")] = None,
+    batch_wait_ms: Annotated[float | None, _duration("batch_wait_ms")] = None,
     review_threshold: Annotated[float | None, _setting("review_threshold", min=0.0, max=1.0,
                                                        callback=_finite)] = None,
-    stop_timeout: Annotated[float | None, _seconds("stop_timeout", positive=True)] = None,
+    stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
     workers: Annotated[int | None, _setting("workers", min=1)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
     instance: Annotated[str | None, _setting("instance")] = None,
@@ -282,7 +283,8 @@ def watch(
 @app.command("check-config")
 def check_config(
     config: ConfigOption = None,
-    format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="For people or for programs.")] = (
+        ReportFormat.table),
 ) -> None:
     """Validate the settings (file < environment) and print the effective values."""
     from digitwatch.config import check_paths
