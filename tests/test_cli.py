@@ -163,6 +163,12 @@ class TestConventions:
             assert r.exit_code == 0, (name, r.output)
             assert "Usage: digitwatch" in r.output
 
+    def test_every_option_of_every_command_has_help(self):
+        group = typer.main.get_command(app)
+        for name, cmd in [("", group), *group.commands.items()]:
+            for param in cmd.params:
+                assert getattr(param, "help", None), f"{name} {param.name}"
+
     def test_show_completion_bash(self):
         r = run_cli("--show-completion", "bash", env={**os.environ, "SHELL": "/bin/bash"})
         assert r.returncode == 0, r.stderr
