@@ -130,7 +130,6 @@ class Daemon:
         self.workspace = claims.Workspace(self.inbox, self.instance)
         self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
         try:
-            self.results.open()  # exists from the start: `tail -f` works before the first result
             self._install_signals()
             self._recover()
             if not once:
