@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def test_scrape_counts_files_batches_and_model(tmp_path):
         drop(d.inbox, f"good{i}.png", PNG_GOOD)
     drop(d.inbox, "bad.png", b"nope")
     d.wait_lines(4)
-    text = scrape(port)
+    # Lines are synced before the batch's metrics are updated: poll, do not race.
+    deadline = time.monotonic() + 30
+    while value(text := scrape(port), "digitwatch_batch_size_sum") < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert d.terminate() == 0
     assert value(text, 'digitwatch_files_total{status="ok"}') == 3
     assert value(text, 'digitwatch_files_total{status="error"}') == 1
