@@ -91,6 +91,7 @@ class _Pending:
     journal: str | None = None
     attempts: int = 0
     retry_at: float = 0.0
+    error: str = ""  # why the last attempt failed, for STATUS=
 
 
 class _Flag:
@@ -173,6 +174,7 @@ class Daemon:
         self.observer = None
         self.inbox_missing = False
         self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
+        self.status = systemd.StatusNotifier()
         self._wake_lock = threading.Lock()
         self._submitted = self._finished = self._unwoken = 0
 
@@ -203,7 +205,7 @@ class Daemon:
             # keep them out of the collector's full passes, which otherwise
             # walk them again and again (~5% of the CPU in a burst, profiled).
             gc.freeze()
-            systemd.notify("READY=1", f"STATUS=watching {self.inbox}")
+            self.status.ready(f"watching {self.inbox}", self._status())
             self._loop(once=once)
         finally:
             if threading.current_thread() is threading.main_thread():
@@ -280,7 +282,8 @@ class Daemon:
         watchdog = systemd.Watchdog()
         while not self.stopping.is_set():
             now = time.monotonic()
-            watchdog.ping(status=self._status())
+            self.status.update(self._status())
+            watchdog.ping(status=self.status.shown)
             if self._hups != self._hups_seen:
                 self._hups_seen = self._hups
                 self.results.reopen()
@@ -336,8 +339,10 @@ class Daemon:
 
     def _status(self) -> str:
         c = self.counters
-        return (f"ok={c.ok} low_confidence={c.low_confidence} error={c.error} "
-                f"in_flight={len(self.in_flight)} waiting={len(self.ready)}")
+        return systemd.status_text(
+            ok=c.ok, low_confidence=c.low_confidence, error=c.error, in_flight=len(self.in_flight),
+            waiting=len(self.ready), blocked=sum(len(p.items) for p in self.parked),
+            blocked_reason=self.parked[-1].error if self.parked else "")
 
     # ------------------------------------------------------------ intake
 
@@ -500,6 +505,7 @@ class Daemon:
 
     def _park(self, pending: _Pending, error: str) -> None:
         pending.attempts += 1
+        pending.error = error
         delay = min(MAX_BACKOFF, 0.5 * 2 ** (pending.attempts - 1))
         pending.retry_at = time.monotonic() + delay
         self.parked.append(pending)

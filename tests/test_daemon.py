@@ -315,9 +315,10 @@ class TestNeverLoseAFile:
     def test_unwritable_results_leaves_file_and_retries(self, tmp_path):
         d = DaemonProc(tmp_path, results=tmp_path / "out" / "results.jsonl")
         (tmp_path / "out").mkdir()
+        d.start()  # an unwritable results file at start is exit 78 (test_cli); here it goes bad later
         # A directory where the results file should be: every append fails.
+        d.results.unlink()
         d.results.mkdir()
-        d.start()
         drop(d.inbox, "waiting.png", PNG)
         d.wait_log("commit_failed", timeout=20)
         assert d.proc.poll() is None
