@@ -24,6 +24,7 @@ import os
 import signal
 import stat
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,12 @@ def start_or_refuse(d: DaemonProc, names: str, timeout: float = 90) -> bool:
     raise AssertionError(f"neither started nor refused in {timeout}s:\n{d.log.read_text()[-3000:]}")
 
 
-def one_good_line(d: DaemonProc, name: str = "good.png", watch_s: float = 3.0) -> None:
-    """Drop a good scan; exactly one new line comes back, for it, and nothing
-    else is written while recovery runs again (rescans every second)."""
-    before = len(d.lines())
+def one_good_line(d: DaemonProc, before: int, name: str = "good.png", watch_s: float = 3.0,
+                  honest_refusal=None) -> None:
+    """Drop a good scan; it gets exactly one line, and no other line is written
+    from `before` (the line count before the daemon started) while recovery
+    runs again (rescans every second). `honest_refusal(row)` may allow other
+    lines that only report an entry refused without being read."""
     drop(d.inbox, name, PNG_GOOD)
     d.wait_lines(before + 1, timeout=60)
     deadline = time.monotonic() + watch_s
@@ -101,8 +104,18 @@ def one_good_line(d: DaemonProc, name: str = "good.png", watch_s: float = 3.0) -
         assert d.proc.poll() is None, f"daemon died:\n{d.log.read_text()[-3000:]}"
         time.sleep(0.1)
     rows = d.lines()[before:]
-    assert [r["file"] for r in rows] == [name], rows
+    assert [r["file"] for r in rows].count(name) == 1, rows
+    others = [r for r in rows if r["file"] != name]
+    assert all(honest_refusal is not None and honest_refusal(r) for r in others), others
     assert not (d.inbox / name).exists()
+
+
+def link_refused(row: dict) -> bool:
+    """A line that reports a link refused: an error, nothing read (no hash), and
+    what was placed is the link itself, never its target."""
+    placed = Path(row["moved_to"]) if row["moved_to"] else None
+    return (row["status"] == "error" and "link" in row["error"] and not row["sha256"]
+            and (placed is None or placed.is_symlink()))
 
 
 def finish(d: DaemonProc) -> None:
@@ -114,12 +127,13 @@ def finish(d: DaemonProc) -> None:
                 d.kill()
 
 
-def check_case(d: DaemonProc, victims: dict[Path, dict], names: str) -> bool:
+def check_case(d: DaemonProc, victims: dict[Path, dict], names: str, honest_refusal=None) -> bool:
     """Run the two-way contract; returns whether the daemon started."""
+    before = len(d.lines())
     try:
         started = start_or_refuse(d, names)
         if started:
-            one_good_line(d)
+            one_good_line(d, before, honest_refusal=honest_refusal)
     finally:
         finish(d)
     for root, before in victims.items():
@@ -128,8 +142,10 @@ def check_case(d: DaemonProc, victims: dict[Path, dict], names: str) -> bool:
 
 
 def dead_instance(workdir: Path, name: str) -> Path:
-    """A folder that looks like an instance that died: a lock nobody holds."""
-    folder = workdir / name
+    """A folder that looks like an instance that died: named as the daemon
+    names its own (`<instance>-<pid>-<hex>`), with a lock nobody holds, so the
+    planted contents are read rather than set aside for the name alone."""
+    folder = workdir / f"{name}-999999-{zlib.crc32(name.encode()):x}"
     folder.mkdir(parents=True)
     (folder / "lock").write_bytes(b"")
     os.utime(folder, (OLD, OLD))
@@ -200,11 +216,17 @@ def test_planted_dead_instance_linking_outside(tmp_path):
     and a token folder that is a link to an outside folder."""
     victim = make_victim(tmp_path / "victim")
     d = DaemonProc(tmp_path / "d", "--rescan-seconds", "1")
-    evil = dead_instance(d.inbox / ".digitwatch", "evil")
-    (evil / "00000001-x.png").symlink_to(victim / "x.png")
-    (evil / "00000002").symlink_to(victim, target_is_directory=True)
-    (evil / "00000003-secret.txt").symlink_to(victim / "secret.txt")
-    check_case(d, {victim: snapshot(victim)}, "inbox/.digitwatch")
+    for evil in (dead_instance(d.inbox / ".digitwatch", "evil"), d.inbox / ".digitwatch" / "evil"):
+        evil.mkdir(exist_ok=True)
+        (evil / "lock").touch()
+        (evil / "00000001-x.png").symlink_to(victim / "x.png")
+        (evil / "00000002").symlink_to(victim, target_is_directory=True)
+        (evil / "00000003-secret.txt").symlink_to(victim / "secret.txt")
+        os.utime(evil, (OLD, OLD))
+    # A link among a dead instance's claims is what a link dropped into the
+    # inbox and claimed looks like: reporting it refused (link placed, never
+    # followed) is the daemon's own honest line, not a forged one.
+    check_case(d, {victim: snapshot(victim)}, "inbox/.digitwatch", honest_refusal=link_refused)
 
 
 GARBAGE_JOURNALS = {
@@ -247,7 +269,7 @@ def test_garbage_journals_planted_while_running(tmp_path):
         while time.monotonic() < deadline:
             assert d.proc.poll() is None, f"daemon died:\n{d.log.read_text()[-3000:]}"
             time.sleep(0.1)
-        one_good_line(d)
+        one_good_line(d, 0)
     finally:
         finish(d)
     assert snapshot(victim) == before
@@ -268,6 +290,19 @@ def test_journal_climbing_out_with_dotdot(tmp_path):
         entry = forged_entry("00000001", rel, str(victim / "secret.txt"), moved_to)
         flat = forged_entry("00000002", "../../../victim/x.png", str(victim / "x.png"), moved_to + ".2")
         (folder / "journal-00000001.json").write_text(json.dumps([entry, flat]))
+        os.utime(folder, (OLD, OLD))
+    # The same attack in the version 2 journal (i10-core's commit protocol:
+    # names as hex bytes, a destination key, a day and a target name).
+    climbs = [(b"../../../../victim/secret.txt", b"secret.txt"), (b"x.png", b"../../../victim/planted"),
+              (b"/" + os.fsencode(victim / "x.png"), b"x.png"), (b"sub/../../../../victim/x.png", b"y.png")]
+    for i, (rel, target) in enumerate(climbs):
+        folder = dead_instance(workdir, f"forger-v2-{i}")
+        (folder / "00000001").mkdir()
+        result = forged_entry("", "", "", str(victim / "planted-v2.txt"))["result"]
+        body = {"v": 2, "results": str(d.results), "entries": [
+            {"token": "00000001", "rel": rel.hex(), "dest": "processed", "day": "2026-11-20",
+             "target": target.hex(), "tmp": (b".tmp-" + target).hex(), "kind": "link", "result": result}]}
+        (folder / "journal-00000001.json").write_text(json.dumps(body))
         os.utime(folder, (OLD, OLD))
     check_case(d, {victim: snapshot(victim)}, "inbox/.digitwatch")
     assert not (d.processed / "forged.txt").exists()

@@ -203,3 +203,27 @@ class TestRecursiveNewFolders:
                 os.close(fds[i])
                 os.rmdir("d", dir_fd=fds[i - 1])
             os.close(fds[0])
+
+
+@pytest.mark.slow
+def test_daemon_takes_files_renamed_into_new_folders_at_once(tmp_path):
+    """The issue's measure: 300 files, each renamed into a folder made just
+    before; all get their line long before the 60 s rescan."""
+    from tests.daemon_harness import PNG_GOOD, DaemonProc
+
+    d = DaemonProc(tmp_path, "--recursive", "--rescan-seconds", "600").start()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    try:
+        for i in range(300):
+            (staging / f"{i}.png").write_bytes(PNG_GOOD)
+        started = time.monotonic()
+        for i in range(300):
+            (d.inbox / f"b{i}").mkdir()
+            os.rename(staging / f"{i}.png", d.inbox / f"b{i}" / f"{i}.png")
+        rows = d.wait_lines(300, timeout=45)
+        took = time.monotonic() - started
+    finally:
+        assert d.terminate() == 0
+    assert sorted(r["file"] for r in rows) == sorted(f"b{i}/{i}.png" for i in range(300))
+    assert took < 45
