@@ -173,11 +173,6 @@ class Claim:
         """The name as shown in results and logs (undecodable bytes as \\xNN)."""
         return display_name(os.fsdecode(self.rel))
 
-    @property
-    def path(self) -> Path:
-        """For messages and the claim's display only."""
-        return self.folder.path / os.fsdecode(self.local)
-
 
 def valid_rel(rel: bytes) -> bool:
     """A relative name of plain components: no empty, '.', '..' or NUL, not absolute."""

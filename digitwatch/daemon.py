@@ -1,8 +1,8 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
 thread, classified in a batch, its result line written and synced, and the
 file put away. Trusted state and claiming live in `claims`, the commit
-protocol and recovery's steps in `commit`; this module is the order of
-events, batching, back-off and signals.
+protocol in `commit`, finishing dead instances' work in `recovery`; this
+module is the order of events, batching, back-off and signals.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from pathlib import Path
 import cv2
 import structlog
 
-from digitwatch import claims, commit, inbox, logs, systemd
+from digitwatch import claims, commit, inbox, logs, recovery, systemd
 from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, classify_batch, prepare_bytes
 from digitwatch.config import Settings
-from digitwatch.crashpoints import checkpoint
 from digitwatch.errors import ImageError
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
@@ -545,60 +544,17 @@ class Daemon:
                 if self.stopping.is_set():
                     return
                 try:
-                    self._recover_folder(folder)
+                    rec = recovery.recover_folder(self.workspace, self.committer, folder)
                 except Exception as exc:  # contained: the folder is retried on the next rescan
                     log.error("recovery_failed", folder=str(folder.path), error=str(exc))
+                    continue
+                for intent in rec.done:
+                    self._count(intent.result)
+                for claim in rec.adopted:
+                    self._submit(claim, take=False)
+                self.counters.recovered += len(rec.done) + len(rec.adopted)
         except OSError as exc:
             log.error("recovery_failed", folder=str(self.workspace.root_path), error=str(exc))
-
-    def _recover_folder(self, folder: claims.Folder) -> None:
-        """Journals are finished in place (their claims never move, so a crash
-        here loses nothing); claims no journal names are moved into our folder
-        and classified again."""
-        listing = claims.list_folder(folder)
-        for name, reason in listing.junk:
-            self.workspace.quarantine(folder.fd, name, folder.path, reason)
-        journaled: set[bytes] = set()
-        finished = recovered = 0
-        untrusted = False
-        for name in listing.journals:
-            try:
-                intents = commit.read_journal(folder, name, self.s.results, self.committer.roots)
-            except commit.JournalError as exc:
-                self.workspace.quarantine(folder.fd, name, folder.path, f"journal {exc}")
-                untrusted = True
-                continue
-            journaled |= {i.claim.token for i in intents}
-            checkpoint("recovering")
-            out = self.committer.run(folder, name, intents, dedupe=True)
-            checkpoint("recovered")
-            finished += 1
-            recovered += len(out.done)
-            for intent in out.done:
-                self._count(intent.result)
-            if out.parked:
-                log.error("recovery_incomplete", folder=str(folder.path), journal=name,
-                          files=len(out.parked), error=out.error)
-        leftovers = [c for c in listing.claims if c.token not in journaled]
-        if untrusted:
-            # Which of these the bad journal named (and maybe reported) is
-            # unknown: classifying them again could duplicate lines. Set aside.
-            for top in sorted({c.local.split(b"/")[0] for c in leftovers}):
-                self.workspace.quarantine(folder.fd, os.fsdecode(top), folder.path,
-                                          "claim beside a quarantined journal")
-            leftovers = []
-        for claim in leftovers:
-            try:
-                mine = self.workspace.adopt(claim)
-            except OSError as exc:
-                log.error("adopt_failed", file=claim.display, error=str(exc))
-                continue
-            self._submit(mine, take=False)
-            recovered += 1
-        self.counters.recovered += recovered
-        claims.remove_if_empty(self.workspace.root_fd, folder)
-        if finished or leftovers:
-            log.info("recovered", folder=folder.name, journals=finished, claims=len(leftovers))
 
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""

@@ -309,3 +309,25 @@ class TestCommitter:
         [line] = results.read_text().splitlines()
         assert json.loads(line)["moved_to"].endswith(os.fsdecode(done.target))
         assert sorted(os.listdir(ws.folder.fd)) == ["lock", "owner.json"]  # released, journal gone
+
+    def test_folder_vanishing_during_recovery_is_contained(self, tmp_path):
+        import shutil
+
+        from digitwatch import recovery
+        from digitwatch.results import ResultsFile
+
+        dead = _ws(tmp_path, "dead")
+        _drop(dead.inbox, b"a.png")
+        assert dead.take(dead.reserve("a.png"))
+        dead.folder.journal_name()
+        (dead.dir / "journal-00000001.json").write_bytes(b"{}")
+        _kill(dead)
+        alive = _ws(tmp_path, "alive")
+        results = tmp_path / "r.jsonl"
+        c = commit.Committer({"processed": tmp_path / "p", "failed": tmp_path / "f"},
+                             ResultsFile(results, "jsonl"), results, "jsonl")
+        folders = alive.others(starting=True)
+        folder = next(folders)
+        shutil.rmtree(dead.dir)  # removed by a person, or finished by another instance, mid-way
+        rec = recovery.recover_folder(alive, c, folder)
+        assert rec.done == [] and rec.adopted == [] and next(folders, None) is None
