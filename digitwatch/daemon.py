@@ -57,6 +57,14 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before retrying a commit that failed `attempt` times
+    (1-based): 0.5, 1, 2, 4, ... up to MAX_BACKOFF. The exponent is capped
+    too: a destination broken all night reaches attempt 1026 in about 8.5
+    hours, and 0.5 * 2**1025 does not fit a float (OverflowError)."""
+    return min(MAX_BACKOFF, 0.5 * 2.0 ** min(max(attempt, 1) - 1, 16))
+
+
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -388,6 +396,9 @@ class Daemon:
                 if path not in self.ready and self.settler.ready(path):
                     self.ready[path] = None
         self.metrics.depth(self._queued(), backlog)
+        # One line per sweep (every rescan_seconds): `found` above 0 in a quiet
+        # inbox means events were missed, and tests wait on it instead of sleeping.
+        log.info("inbox_rescanned", found=backlog)
 
     def _claim_ready(self) -> None:
         while self.ready and self._has_capacity():
@@ -505,7 +516,7 @@ class Daemon:
     def _park(self, pending: _Pending, error: str) -> None:
         pending.attempts += 1
         pending.error = error
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** (pending.attempts - 1))
+        delay = backoff_delay(pending.attempts)
         pending.retry_at = time.monotonic() + delay
         self.parked.append(pending)
         log.error("commit_failed", error=error, files=len(pending.items), retry_in_s=delay,

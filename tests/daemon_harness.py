@@ -54,24 +54,29 @@ class DaemonProc:
             return subprocess.run([*self.args, "--once"], stdout=fh, stderr=subprocess.STDOUT,
                                   cwd=ROOT, env=self.env, timeout=timeout).returncode
 
-    def wait_log(self, event: str, timeout: float = 30) -> None:
+    def wait_log(self, event: str, timeout: float = 30, count: int = 1) -> dict:
+        """Until the log holds `count` events named `event` (parsed JSON, not
+        matched as text: the renderer's spacing is not ours); returns the last."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log.exists() and f'"event": "{event}"' in self.log.read_text(errors="replace"):
-                return
+            found = self.events(event)
+            if len(found) >= count:
+                return found[count - 1]
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
         raise AssertionError(f"no {event} within {timeout}s:\n{self.log.read_text()[-3000:]}")
 
+    def wait_rescans(self, n: int = 2, timeout: float = 60) -> dict:
+        """Until `n` more inbox rescans than so far are logged (run the daemon
+        with a short --rescan-seconds). The first may have begun before this
+        call; the n-th (n >= 2) began after it, and it listed and queued
+        anything still in the inbox. Returns the last one's event."""
+        seen = len(self.events(RESCANNED))
+        return self.wait_log(RESCANNED, timeout=timeout, count=seen + n)
+
     def events(self, name: str) -> list[dict]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                d = json.loads(line)
-                if d.get("event") == name:
-                    out.append(d)
-        return out
+        return [e for e in log_events(self.log) if e.get("event") == name]
 
     def lines(self) -> list[dict]:
         return read_results(self.results, self.fmt)
@@ -100,6 +105,25 @@ class DaemonProc:
         self.proc.kill()
         self.proc.wait(timeout=10)
         self._log_fh.close()
+
+
+RESCANNED = "inbox_rescanned"
+
+
+def log_events(path: Path) -> list[dict]:
+    """Every JSON event in a daemon's log (a `<N>` journald priority prefix
+    allowed); other lines (a refusal's one-line message) are skipped."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        body = line[3:] if line[:1] == "<" and line[2:3] == ">" else line
+        if body.startswith("{"):
+            try:
+                out.append(json.loads(body))
+            except json.JSONDecodeError:
+                continue  # the last line, half written
+    return out
 
 
 def read_results(path: Path, fmt: str) -> list[dict]:

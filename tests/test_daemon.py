@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import datetime as dt
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import GOOD, DaemonProc, drop, read_results
+from tests.daemon_harness import GOOD, RESCANNED, DaemonProc, drop, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +27,19 @@ PNG = GOOD[0].read_bytes()
 
 def png(i: int) -> bytes:
     return GOOD[i % len(GOOD)].read_bytes()
+
+
+def utc_seconds(ts: str) -> float:
+    """A result line's `ts` (ISO 8601, UTC, `Z`) as seconds since the epoch,
+    with no local-time step (mktime - timezone is an hour off in summer time)."""
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def quiet_across_rescans(d: DaemonProc) -> None:
+    """Two rescans pass (the daemon runs with --rescan-seconds 1), the last
+    finding nothing left in the inbox that the name rules take: whatever could
+    still give a file a second line has been listed and drained."""
+    assert d.wait_rescans(2)["found"] == 0, d.events(RESCANNED)[-3:]
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -53,7 +67,7 @@ class TestIntake:
         assert {r["moved_to"] for r in rows} == {str(p) for p in moved}
 
     def test_slow_writer_gets_one_line_after_last_byte(self, tmp_path):
-        d = DaemonProc(tmp_path).start()
+        d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
         target = d.inbox / "slow.png"
         chunks = [PNG[i : i + len(PNG) // 6 + 1] for i in range(0, len(PNG), len(PNG) // 6 + 1)]
         with target.open("wb") as fh:
@@ -63,14 +77,13 @@ class TestIntake:
                 time.sleep(0.6)
             last_byte = time.time()
         rows = d.wait_lines(1)
-        time.sleep(1.0)
+        quiet_across_rescans(d)
         assert d.terminate() == 0
         rows = d.lines()
         assert len(rows) == 1
         assert rows[0]["status"] != "error"
         assert rows[0]["sha256"] == hashlib.sha256(PNG).hexdigest()
-        ts = time.mktime(time.strptime(rows[0]["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
-        assert ts >= int(last_byte) - 1
+        assert utc_seconds(rows[0]["ts"]) >= last_byte - 0.01  # ts has milliseconds
 
     def test_rescan_finds_file_no_event_reported(self, tmp_path):
         d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
@@ -81,21 +94,24 @@ class TestIntake:
         rows = d.wait_lines(1, timeout=15)
         assert d.terminate() == 0
         assert rows[0]["file"] == "linked.png"
+        assert any(e["found"] == 1 for e in d.events(RESCANNED)), "not taken by a rescan"
 
     def test_stray_events_still_one_line(self, tmp_path):
-        d = DaemonProc(tmp_path).start()
+        d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
         target = d.inbox / "touched.png"
         target.write_bytes(PNG)
         for _ in range(5):  # each open+close queues another "closed" event
-            with target.open("ab"):
-                pass
+            try:  # never re-create it once the daemon has taken it
+                os.close(os.open(target, os.O_WRONLY | os.O_APPEND))
+            except FileNotFoundError:
+                break
         d.wait_lines(1)
-        time.sleep(1.5)
+        quiet_across_rescans(d)
         assert d.terminate() == 0
-        assert len(d.lines()) == 1
+        assert [r["file"] for r in d.lines()] == ["touched.png"]
 
     def test_ignore_rules(self, tmp_path):
-        d = DaemonProc(tmp_path).start()
+        d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
         ignored = [".hidden.png", "scan.png.part", "scan.png.tmp", "x.png.crdownload", "x.png~",
                    "Thumbs.db", ".DS_Store", "desktop.ini", "._scan.png", "notes.txt"]
         for name in ignored:
@@ -103,7 +119,7 @@ class TestIntake:
         (d.inbox / "folder.png").mkdir()
         drop(d.inbox, "real.png", PNG)
         d.wait_lines(1)
-        time.sleep(1.0)
+        quiet_across_rescans(d)  # the listing takes none of them either
         assert d.terminate() == 0
         assert [r["file"] for r in d.lines()] == ["real.png"]
         left = sorted(p.name for p in d.inbox.iterdir() if p.name != ".digitwatch")
@@ -210,8 +226,8 @@ class TestNeverLoseAFile:
     def test_sigterm_mid_batch_exits_zero_and_loses_nothing(self, tmp_path):
         d = DaemonProc(tmp_path, "--stop-timeout", "10", "--batch-size", "8").start()
         names = {f"t{i:03d}.png" for i in range(80)}
-        for n in sorted(names):
-            drop(d.inbox, n, png(hash(n)))
+        for i, n in enumerate(sorted(names)):
+            drop(d.inbox, n, png(i))
         d.wait_lines(1)
         started = time.monotonic()
         assert d.terminate(timeout=15) == 0
@@ -225,8 +241,8 @@ class TestNeverLoseAFile:
         rng = random.Random(1)
         d = DaemonProc(tmp_path, "--batch-size", "4")
         names = {f"k{i:03d}.png" for i in range(150)}
-        for n in sorted(names):
-            drop(d.inbox, n, png(hash(n)))
+        for i, n in enumerate(sorted(names)):
+            drop(d.inbox, n, png(i))
         interrupted = 0
         for _ in range(12):
             before = len(d.lines())
@@ -265,8 +281,8 @@ class TestNeverLoseAFile:
         hupper = threading.Thread(target=storm)
         hupper.start()
         try:
-            for n in sorted(names):
-                drop(d.inbox, n, png(hash(n)))
+            for i, n in enumerate(sorted(names)):
+                drop(d.inbox, n, png(i))
             d.wait_lines(len(names), timeout=90)
             started = time.monotonic()
             d.proc.send_signal(signal.SIGTERM)
@@ -304,13 +320,21 @@ class TestNeverLoseAFile:
         results = tmp_path / "shared.jsonl"
         daemons = [DaemonProc(tmp_path, name=f"i{k}", results=results).start() for k in range(3)]
         names = {f"m{i:03d}.png" for i in range(90)}
-        for n in sorted(names):
-            drop(daemons[0].inbox, n, png(hash(n)))
+        for i, n in enumerate(sorted(names)):
+            drop(daemons[0].inbox, n, png(i))
         daemons[0].wait_lines(90, timeout=60)
         for dp in daemons:
             assert dp.terminate() == 0
         rows = read_results(results, "jsonl")
         self.check_exactly_once(names, rows, tmp_path)
+        # Shared, not one instance doing it all while two idle: each placed
+        # files, and each line names the instance that committed it.
+        by_instance = collections.Counter(r["instance"] for r in rows)
+        assert set(by_instance) == {"i0", "i1", "i2"}, by_instance
+        for dp in daemons:
+            name = dp.log.stem
+            placed = {e["file"] for e in dp.events("file_classified") + dp.events("file_failed")}
+            assert placed == {r["file"] for r in rows if r["instance"] == name}
 
     def test_unwritable_results_leaves_file_and_retries(self, tmp_path):
         d = DaemonProc(tmp_path, results=tmp_path / "out" / "results.jsonl")
@@ -320,9 +344,12 @@ class TestNeverLoseAFile:
         d.results.unlink()
         d.results.mkdir()
         drop(d.inbox, "waiting.png", PNG)
-        d.wait_log("commit_failed", timeout=20)
+        d.wait_log("commit_failed", timeout=20, count=3)
         assert d.proc.poll() is None
         assert not files_under(d.processed)
+        # Retried on the back-off schedule, the attempts counted one by one.
+        tries = [(e["attempt"], e["retry_in_s"]) for e in d.events("commit_failed")][:3]
+        assert tries == [(1, 0.5), (2, 1.0), (3, 2.0)], tries
         # Fix the problem: the file goes through on a retry, once.
         d.results.rmdir()
         rows = d.wait_lines(1, timeout=40)
@@ -375,12 +402,70 @@ class TestFaults:
         assert [r["file"] for r in rows] == ["two.png"]
 
 
-def test_malloc_arena_cap_applies_on_glibc():
-    """The RSS plateau in the soak depends on this call taking effect."""
-    import platform
+class TestBackoff:
+    """Failed commits retry after 0.5, 1, 2, ... s, never more than 30 s apart."""
 
+    def test_schedule(self):
+        from digitwatch.daemon import MAX_BACKOFF, backoff_delay
+
+        assert MAX_BACKOFF == 30.0
+        assert [backoff_delay(n) for n in range(1, 10)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+
+    def test_a_night_of_retries_stays_capped(self):
+        """Attempt 1026 (8.5 hours at 30 s) used to raise OverflowError in the loop."""
+        from digitwatch.daemon import backoff_delay
+
+        assert [backoff_delay(n) for n in (64, 1025, 1026, 10**6)] == [30.0] * 4
+
+
+ARENA_PROBE = """
+import ctypes, ctypes.util, os, re, sys, tempfile, threading
+cap = sys.argv[1] == "cap"
+if cap:
     from digitwatch.daemon import limit_malloc_arenas
+    assert limit_malloc_arenas(2)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+threads, barrier = 8, threading.Barrier(9)
+def work():
+    libc.malloc(64 * 1024)  # below the mmap threshold: served from this thread's arena
+    barrier.wait()  # all alive at once: a thread's arena is reused only after it exits
+    barrier.wait()
+pool = [threading.Thread(target=work) for _ in range(threads)]
+for t in pool:
+    t.start()
+barrier.wait()
+path = tempfile.mktemp()
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, fp)
+libc.fclose(fp)
+barrier.wait()
+for t in pool:
+    t.join()
+print(len(re.findall(r'<heap nr="', open(path).read())))
+os.unlink(path)
+"""
+
+
+def test_malloc_arena_cap_applies_on_glibc():
+    """The RSS plateau in the soak depends on this call taking effect: eight
+    threads allocating at once get at most 2 arenas (heaps in malloc_info(3))
+    with the cap, and more without it (the probe can tell the difference)."""
+    import platform
+    import subprocess
+    import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt(M_ARENA_MAX) is glibc's")
-    assert limit_malloc_arenas(2) is True
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_ARENA")}
+    counts = {}
+    for mode in ("cap", "free"):
+        r = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True,
+                           timeout=60, env=env, cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 0, r.stderr
+        counts[mode] = int(r.stdout)
+    assert counts["free"] > 2, f"the probe sees no extra arenas without the cap: {counts}"
+    assert 1 <= counts["cap"] <= 2, counts
