@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import GOOD, RESCANNED, DaemonProc, drop, read_results
+from tests.conftest import run_cli
+from tests.daemon_harness import GOOD, MODEL, RESCANNED, DaemonProc, drop, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,18 @@ def quiet_across_rescans(d: DaemonProc) -> None:
     finding nothing left in the inbox that the name rules take: whatever could
     still give a file a second line has been listed and drained."""
     assert d.wait_rescans(2)["found"] == 0, d.events(RESCANNED)[-3:]
+
+
+SCANS = sorted((Path(__file__).parent / "fixtures" / "scans").glob("*.png"))
+
+
+def plant(folder: Path, name: str, data: bytes) -> Path:
+    """A file already settled (written a minute ago): the start-up listing takes it."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    return path
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -67,7 +80,9 @@ class TestIntake:
         assert {r["moved_to"] for r in rows} == {str(p) for p in moved}
 
     def test_slow_writer_gets_one_line_after_last_byte(self, tmp_path):
-        d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
+        # Rescans every second list the file mid-write: they must wait for it
+        # to be quiet for settle_seconds (2 s, beyond the writer's 0.6 s pauses).
+        d = DaemonProc(tmp_path, "--rescan-seconds", "1", settle=2.0).start()
         target = d.inbox / "slow.png"
         chunks = [PNG[i : i + len(PNG) // 6 + 1] for i in range(0, len(PNG), len(PNG) // 6 + 1)]
         with target.open("wb") as fh:
@@ -125,6 +140,24 @@ class TestIntake:
         left = sorted(p.name for p in d.inbox.iterdir() if p.name != ".digitwatch")
         assert left == sorted([*ignored, "folder.png"])
 
+    def test_sub_folders_only_with_recursive(self, tmp_path):
+        """Without --recursive a file in a sub-folder is not the daemon's (no
+        line, left in place, across a rescan); with it, it gets its line under
+        its relative name. (Events for new sub-folders: test_inbox.)"""
+        d = DaemonProc(tmp_path, "--rescan-seconds", "1").start()
+        deep = plant(d.inbox, "sub/deeper/deep.png", png(1))
+        drop(d.inbox, "top.png", PNG)
+        d.wait_lines(1)
+        quiet_across_rescans(d)
+        assert d.terminate() == 0
+        assert [r["file"] for r in d.lines()] == ["top.png"] and deep.is_file()
+        r = DaemonProc(tmp_path, "--recursive", "--rescan-seconds", "1", name="r").start()
+        rows = r.wait_lines(2)
+        quiet_across_rescans(r)
+        assert r.terminate() == 0
+        assert [row["file"] for row in r.lines()] == ["top.png", "sub/deeper/deep.png"]
+        assert not deep.exists() and Path(rows[1]["moved_to"]).read_bytes() == png(1)
+
     def test_polling_mode(self, tmp_path):
         d = DaemonProc(tmp_path, "--polling", "--poll-interval", "0.2").start()
         drop(d.inbox, "polled.png", PNG)
@@ -136,6 +169,43 @@ class TestIntake:
 
 class TestOutcomes:
     """Where files go and what their lines say."""
+
+    @staticmethod
+    def split_by_confidence() -> tuple[float, set[str], set[str]]:
+        """A review threshold between two confidences the shipped model gives
+        the fixture scans (so the test holds whichever model ships), and the
+        scans below and at or above it."""
+        r = run_cli("classify", "--format", "jsonl", "--model", str(MODEL), *map(str, SCANS))
+        assert r.returncode == 0, r.stderr
+        conf = {Path(x["file"]).name: x["confidence"] for x in map(json.loads, r.stdout.splitlines())}
+        values = sorted(set(conf.values()))
+        assert len(values) >= 2, f"every scan scores the same: {values}"
+        k = len(values) // 2
+        threshold = (values[k - 1] + values[k]) / 2
+        return (threshold, {n for n, c in conf.items() if c < threshold},
+                {n for n, c in conf.items() if c >= threshold})
+
+    @pytest.mark.parametrize("review", [True, False], ids=["review-on", "review-off"])
+    def test_low_confidence_goes_to_review_only_when_configured(self, tmp_path, review):
+        threshold, low, high = self.split_by_confidence()
+        extra = ("--review", str(tmp_path / "review")) if review else ()
+        d = DaemonProc(tmp_path, *extra, "--review-threshold", str(threshold))
+        for src in SCANS:
+            plant(d.inbox, src.name, src.read_bytes())
+        plant(d.inbox, "broken.png", b"not a png")
+        assert d.run_once() == 0, d.log.read_text()[-3000:]
+        rows = {r["file"]: r for r in d.lines()}
+        assert set(rows) == low | high | {"broken.png"}
+        assert {n for n, r in rows.items() if r["status"] == "low_confidence"} == low
+        assert {n for n, r in rows.items() if r["status"] == "ok"} == high
+        where = {n: Path(r["moved_to"]).relative_to(tmp_path).parts[0] for n, r in rows.items()}
+        for n in low:
+            assert where[n] == ("review" if review else "processed"), (n, rows[n])
+        assert all(where[n] == "processed" for n in high)
+        assert where["broken.png"] == "failed"  # an error is never "for review"
+        for n, r in rows.items():
+            assert Path(r["moved_to"]).is_file(), n
+        assert len(files_under(tmp_path / "review")) == (len(low) if review else 0)
 
     def test_poison_files_beside_good_ones(self, tmp_path):
         d = DaemonProc(tmp_path).start()

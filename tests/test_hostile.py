@@ -113,7 +113,8 @@ def test_hostile_corpus(tmp_path):
     assert len(expected) >= 30
 
     rows = d.wait_lines(len(expected), timeout=60)
-    time.sleep(1.5)  # a rescan or stray event must not add lines
+    # Nothing left that a rescan or a stray event could give a second line.
+    assert d.wait_rescans(2)["found"] == 0
     assert d.proc.poll() is None, "daemon died"
     rows = d.lines()
     assert d.terminate() == 0
@@ -163,7 +164,7 @@ def test_planted_state_is_quarantined_and_good_files_still_get_their_line(tmp_pa
     (outside / "victim" / "secret.txt").write_text("keep out")
     (outside / "note.txt").write_text("not a png")
     before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
-    d = DaemonProc(tmp_path)
+    d = DaemonProc(tmp_path, "--rescan-seconds", "1")
     root = d.inbox / ".digitwatch"
     root.mkdir(mode=0o700)
     roots = {"processed": d.processed, "failed": d.failed}
@@ -206,7 +207,7 @@ def test_planted_state_is_quarantined_and_good_files_still_get_their_line(tmp_pa
     drop_path = d.inbox / "good.png"
     drop_path.write_bytes(PNG_GOOD)
     rows = d.wait_lines(3, timeout=30)
-    time.sleep(1.0)
+    d.wait_rescans(2)  # each runs recovery again: it must place nothing more
     assert d.proc.poll() is None, "daemon died"
     assert d.terminate() == 0
     rows = d.lines()

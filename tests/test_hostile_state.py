@@ -77,7 +77,7 @@ def start_or_refuse(d: DaemonProc, names: str, timeout: float = 90) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = d.log.read_text(errors="replace") if d.log.exists() else ""
-        if '"event": "daemon_started"' in text:
+        if d.events("daemon_started"):
             return True
         if d.proc.poll() is not None:
             d._log_fh.close()
@@ -91,18 +91,17 @@ def start_or_refuse(d: DaemonProc, names: str, timeout: float = 90) -> bool:
     raise AssertionError(f"neither started nor refused in {timeout}s:\n{d.log.read_text()[-3000:]}")
 
 
-def one_good_line(d: DaemonProc, before: int, name: str = "good.png", watch_s: float = 3.0,
+def one_good_line(d: DaemonProc, before: int, name: str = "good.png", rescans: int = 3,
                   honest_refusal=None) -> None:
     """Drop a good scan; it gets exactly one line, and no other line is written
     from `before` (the line count before the daemon started) while recovery
-    runs again (rescans every second). `honest_refusal(row)` may allow other
-    lines that only report an entry refused without being read."""
+    runs again at each of `rescans` rescans (the daemon runs with
+    --rescan-seconds 1; waiting raises if it dies). `honest_refusal(row)` may
+    allow other lines that only report an entry refused without being read."""
     drop(d.inbox, name, PNG_GOOD)
     d.wait_lines(before + 1, timeout=60)
-    deadline = time.monotonic() + watch_s
-    while time.monotonic() < deadline:
-        assert d.proc.poll() is None, f"daemon died:\n{d.log.read_text()[-3000:]}"
-        time.sleep(0.1)
+    d.wait_rescans(rescans)
+    assert d.proc.poll() is None, f"daemon died:\n{d.log.read_text()[-3000:]}"
     rows = d.lines()[before:]
     assert [r["file"] for r in rows].count(name) == 1, rows
     others = [r for r in rows if r["file"] != name]
@@ -265,10 +264,7 @@ def test_garbage_journals_planted_while_running(tmp_path):
     try:
         assert start_or_refuse(d, "inbox"), "a clean start was refused"
         plant_garbage_journals(d.inbox / ".digitwatch")
-        deadline = time.monotonic() + 3.5  # three rescans
-        while time.monotonic() < deadline:
-            assert d.proc.poll() is None, f"daemon died:\n{d.log.read_text()[-3000:]}"
-            time.sleep(0.1)
+        d.wait_rescans(3)  # each runs recovery over the planted folders; raises if the daemon dies
         one_good_line(d, 0)
     finally:
         finish(d)
@@ -391,7 +387,10 @@ def test_error_sidecar_never_replaces_another_input(tmp_path, order):
         for n, name in enumerate(names, 1):
             drop(d.inbox, name, inputs[name])
             d.wait_lines(n, timeout=60)
-        time.sleep(0.5)  # let the second batch's sidecar land before looking
+        deadline = time.monotonic() + 30  # both sidecars written, whichever order they land in
+        while time.monotonic() < deadline and len(
+                [p for p in d.failed.rglob("*.error.json") if p.parent.name == ".errors"]) < 2:
+            time.sleep(0.05)
     finally:
         finish(d)
     rows = {r["file"]: r for r in d.lines()}
@@ -445,7 +444,7 @@ def test_hard_link_of_processed_file_never_deletes_the_original(tmp_path):
     try:
         assert start_or_refuse(d4, "inbox")
         rows = d4.wait_lines(3, timeout=60)
-        time.sleep(2.5)  # two more rescans (each runs recovery)
+        d4.wait_rescans(2)  # two more rescans (each runs recovery)
         rows = d4.lines()
     finally:
         finish(d4)

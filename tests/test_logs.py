@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -138,11 +139,16 @@ class _Journal:
             self.lines.append(line.rstrip("\n"))
 
     def wait(self, event: str, timeout: float = 60) -> str:
+        """The first line whose JSON (after a `<N>` priority) is the event
+        `event`; parsed, not matched as text with the renderer's spacing."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in list(self.lines):
-                if f'"event": "{event}"' in line:
-                    return line
+                body = line[3:] if re.match(r"<\d>", line) else line
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(body)
+                    if isinstance(record, dict) and record.get("event") == event:
+                        return line
             time.sleep(0.05)
         raise AssertionError(f"no {event} in {timeout}s:\n" + "\n".join(self.lines[-20:]))
 
