@@ -302,6 +302,22 @@ class TestStartupChecks:
                                   "(Operation not permitted)"], (args, r.stderr)
                 assert "daemon_started" not in r.stdout
 
+    def test_watch_as_a_service_exits_78(self, tmp_path):
+        """`watch` without --once, as systemd runs it (RestartPreventExitStatus=78):
+        a missing inbox (found by the settings check) and an untrusted claim
+        folder (found by the daemon itself, after the model is loaded) each end
+        the process with 78 and one line, never a daemon that starts or hangs."""
+        env = folders(tmp_path)
+        missing = run_cli("watch", env={**env, "DIGITWATCH_INBOX": str(tmp_path / "nope")}, timeout=60)
+        assert missing.returncode == 78, (missing.stdout, missing.stderr)
+        assert missing.stderr == f"digitwatch: error: inbox {tmp_path / 'nope'} does not exist\n"
+        (tmp_path / "in" / ".digitwatch").write_text("planted by an inbox writer")
+        planted = run_cli("watch", env=env, timeout=60)
+        assert planted.returncode == 78, (planted.stdout, planted.stderr)
+        errors = planted.stderr.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("digitwatch: error: ") and ".digitwatch" in errors[0]
+        assert "daemon_started" not in planted.stdout and "Traceback" not in planted.stderr
+
     def test_read_only_mount_inbox_exit_78(self, tmp_path):
         """What ProtectSystem=strict does to an inbox outside ReadWritePaths."""
         env = folders(tmp_path)
