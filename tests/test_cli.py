@@ -377,7 +377,7 @@ class TestStartupChecks:
         ran = run_cli("watch", "--once", "--config", str(toml), "--processed", "var/done", cwd=work,
                       env=env)
         assert ran.returncode == 0, ran.stderr
-        started = next(json.loads(x) for x in ran.stdout.splitlines() if '"daemon_started"' in x)
+        started = next(e for e in map(json.loads, ran.stdout.splitlines()) if e["event"] == "daemon_started")
         expected = json.loads(checked.stdout)
         expected["processed"] = str(work / "var" / "done")
         assert started["settings"] == expected
