@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import time
@@ -428,11 +429,13 @@ def test_hard_link_of_processed_file_never_deletes_the_original(tmp_path):
 
     # Killed with the link in hand, then restarted: recovery must tell the
     # original apart from a copy it placed itself.
-    d.results.rename(tmp_path / "results.saved")
-    d.results.mkdir()  # every commit fails: the claim stays in hand
     d3 = DaemonProc(tmp_path, "--rescan-seconds", "1", name="d3")
     try:
+        # Started first: an unusable results path at start is exit 78 (test_cli).
         assert start_or_refuse(d3, "inbox")
+        shutil.copy2(d.results, tmp_path / "results.saved")
+        d.results.unlink()
+        d.results.mkdir()  # every commit fails: the claim stays in hand
         os.link(original, d3.inbox / "third.png")
         d3.wait_log("commit_failed", timeout=60)
     finally:
