@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = sorted((ROOT / "tests" / "fixtures" / "scans").glob("mnist-clean-*.png"))
+FIXTURES = sorted((ROOT / "tests" / "fixtures" / "scans").glob("*.png"))
 
 # Native code that picks AVX/AVX-512 by itself computes wrong results or
 # crashes in the guest (see shared/tools/README.md): hold numpy, OpenBLAS and
@@ -80,7 +80,11 @@ def main() -> int:
     m1, m2, out = Path(os.environ["M1"]), Path(os.environ["M2"]), Path(os.environ["OUT"])
     env = {**os.environ, **GUEST_ENV, "PYTHONPATH": str(ROOT)}
     summary: dict = {"files": args.files, "results_mode": args.results,
-                     "mount": [line for line in Path("/proc/mounts").read_text().splitlines() if " nfs" in line][:1]}
+                     "mount": [line for line in Path("/proc/mounts").read_text().splitlines() if line.split()[2:3] == ["nfs"]
+                               or line.split()[2:3] == ["nfs4"]][:1]}
+    from digitwatch import fsinfo
+
+    summary["fsinfo_on_mount"] = fsinfo.network_fs(m1)
     summary["known_classification"] = known_classification(env, out)
     if summary["known_classification"]["wrong"] or summary["known_classification"]["rc"] != 0:
         print("NFS-RESULT " + json.dumps(summary), flush=True)

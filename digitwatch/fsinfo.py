@@ -1,0 +1,67 @@
+"""What kind of filesystem a folder lives on, from statfs(2)'s f_type.
+
+The daemon's promises were measured on local filesystems and on NFS (see
+systemd/README.md, "Several hosts on one shared inbox"); on NFS some hold only
+with settings the daemon cannot choose for itself (polling, the mount's
+attribute caching), so the caller warns. Pure lookup, no side effects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+# From linux/magic.h.
+NFS_SUPER_MAGIC = 0x6969
+SMB2_MAGIC_NUMBER = 0xFE534D42
+CIFS_MAGIC_NUMBER = 0xFF534D42
+FUSE_SUPER_MAGIC = 0x65735546
+NETWORK = {NFS_SUPER_MAGIC: "nfs", SMB2_MAGIC_NUMBER: "smb", CIFS_MAGIC_NUMBER: "cifs", FUSE_SUPER_MAGIC: "fuse"}
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs on 64-bit Linux: f_type first; the rest is not read.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def _libc():
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    return ctypes.CDLL(name, use_errno=True)
+
+
+def fs_type(path: Path) -> int | None:
+    """statfs(path).f_type, or None where it cannot be read (not Linux, no such path)."""
+    try:
+        libc = _libc()
+    except OSError:
+        return None
+    buf = _Statfs()
+    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def network_fs(path: Path) -> str | None:
+    """"nfs", "smb", "cifs" or "fuse" when `path` is on such a filesystem, else None."""
+    t = fs_type(path)
+    return NETWORK.get(t) if t is not None else None
+
+
+def nfs_warnings(folders: dict[str, Path], *, polling: bool) -> list[str]:
+    """One line per promise that does not hold as configured, for folders on NFS
+    (see systemd/README.md for the measurements behind each)."""
+    on_nfs = {k: p for k, p in folders.items() if p is not None and network_fs(p) == "nfs"}
+    if not on_nfs:
+        return []
+    names = ", ".join(f"{k} {p}" for k, p in on_nfs.items())
+    out = []
+    if "inbox" in on_nfs and not polling:
+        out.append(f"inbox on NFS ({names}): inotify does not see files written by other hosts; set polling = true")
+    out.append(
+        f"folders on NFS ({names}): a dead host's claims are taken over only when its NFS client released "
+        "its lock (the process died, the host is up); a host that vanished keeps them until its lock "
+        "is reclaimed by the server; see systemd/README.md"
+    )
+    return out
