@@ -79,9 +79,9 @@ def main() -> int:
     args = ap.parse_args()
     m1, m2, out = Path(os.environ["M1"]), Path(os.environ["M2"]), Path(os.environ["OUT"])
     env = {**os.environ, **GUEST_ENV, "PYTHONPATH": str(ROOT)}
-    summary: dict = {"files": args.files, "results_mode": args.results,
-                     "mount": [line for line in Path("/proc/mounts").read_text().splitlines() if line.split()[2:3] == ["nfs"]
-                               or line.split()[2:3] == ["nfs4"]][:1]}
+    mounts = [line for line in Path("/proc/mounts").read_text().splitlines()
+              if line.split()[2] in ("nfs", "nfs4") and line.split()[1] == str(m1)]
+    summary: dict = {"files": args.files, "results_mode": args.results, "mount": mounts}
     from digitwatch import fsinfo
 
     summary["fsinfo_on_mount"] = fsinfo.network_fs(m1)
