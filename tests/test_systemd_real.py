@@ -134,6 +134,13 @@ def machine():
         shutil.rmtree(state, ignore_errors=True)
         pytest.skip(f"boot.sh failed (rc {r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
     m.boot_s = time.monotonic() - started
+    # The container is an overlay of the host's root filesystem only: a
+    # checkout or venv on another mount is not inside.
+    seen = m.sh(f"test -f {ROOT}/pyproject.toml && test -x {sys.prefix}/bin/python", check=False)
+    if seen.returncode != 0:
+        subprocess.run(["bash", str(tool.with_name("stop.sh")), m.name], capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.skip(f"{ROOT} or {sys.prefix} is not on the root filesystem, so not inside the container")
     # The checkout at /opt/digitwatch (what `git clone` + `make` give a real
     # install), with this interpreter's venv as its .venv.
     entries = " ".join(str(p) for p in ROOT.iterdir() if p.name != ".venv")
