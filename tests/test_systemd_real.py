@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import os
 import re
 import shutil
@@ -246,6 +247,20 @@ def test_journal_warning_priority_shows_file_failed(installed):
         time.sleep(0.3)
     assert "file_failed" in warn, "journalctl -p warning has no file_failed:\n" + warn[-2000:]
     assert "file_classified" not in warn
+
+
+def test_check_config_as_the_readme_says_agrees_with_the_service(installed):
+    m = installed
+    prep = ""
+    if any(p.startswith("/root") for p in _hidden_by_protect_home()):
+        prep = "chmod o+x /root\n"  # inside the container only: the venv's Python is under /root here
+    r = m.sh(_SUDO_SHIM + prep + "cd /opt/digitwatch\n" + readme_block("check-config"), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shown = dict(line.split(None, 1) for line in r.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    journal = m.journal("digitwatch")
+    started = [json.loads(x) for x in journal.splitlines() if '"daemon_started"' in x][-1]
+    for key in ("inbox", "processed", "failed", "results"):
+        assert shown[key].strip() == started["settings"][key], (key, shown[key], started["settings"][key])
 
 
 def _results_fds(m: Machine, pid: str) -> list[str]:
