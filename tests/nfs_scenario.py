@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's digitwatch, not whatever the venv has installed
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "scans").glob("*.png"))
 
 # Native code that picks AVX/AVX-512 by itself computes wrong results or
