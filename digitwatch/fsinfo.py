@@ -49,19 +49,18 @@ def network_fs(path: Path) -> str | None:
     return NETWORK.get(t) if t is not None else None
 
 
-def nfs_warnings(folders: dict[str, Path], *, polling: bool) -> list[str]:
-    """One line per promise that does not hold as configured, for folders on NFS
-    (see systemd/README.md for the measurements behind each)."""
+def nfs_warnings(folders: dict[str, Path | None], *, polling: bool) -> list[str]:
+    """One line per caveat that applies to these folders on NFS (the figures
+    behind each are in systemd/README.md, "Several hosts on one shared inbox")."""
     on_nfs = {k: p for k, p in folders.items() if p is not None and network_fs(p) == "nfs"}
     if not on_nfs:
         return []
-    names = ", ".join(f"{k} {p}" for k, p in on_nfs.items())
     out = []
     if "inbox" in on_nfs and not polling:
-        out.append(f"inbox on NFS ({names}): inotify does not see files written by other hosts; set polling = true")
-    out.append(
-        f"folders on NFS ({names}): a dead host's claims are taken over only when its NFS client released "
-        "its lock (the process died, the host is up); a host that vanished keeps them until its lock "
-        "is reclaimed by the server; see systemd/README.md"
-    )
+        out.append(f"inbox {on_nfs['inbox']} is on NFS: inotify does not see files other hosts write; "
+                   "set polling = true")
+    if "inbox" in on_nfs:
+        out.append(f"inbox {on_nfs['inbox']} is on NFS: another host takes over this one's claims only once "
+                   "its lock is released (its process ended and its NFS client is up); a host that "
+                   "vanished holds them until the server drops its lock")
     return out
