@@ -91,6 +91,7 @@ def main() -> int:
         print("NFS-RESULT " + json.dumps(summary), flush=True)
         return 3
     (m1 / "work" / "inbox").mkdir(parents=True)
+    summary["fsinfo_warnings"] = fsinfo.nfs_warnings({"inbox": m1 / "work" / "inbox"}, polling=False)
     if args.results == "shared":
         res1, res2 = m1 / "work" / "results.csv", m2 / "work" / "results.csv"
         all_results = [m1 / "work" / "results.csv"]

@@ -64,6 +64,7 @@ def test_two_hosts_on_nfs_one_killed(mode):
     assert s["known_classification"]["wrong"] == [], "the guest computes wrong digits: results not trustworthy"
     assert s["mount"] and s["mount"][0].split()[2].startswith("nfs"), s["mount"]
     assert s["fsinfo_on_mount"] == "nfs"
+    assert len(s["fsinfo_warnings"]) == 2 and "polling" in s["fsinfo_warnings"][0], s["fsinfo_warnings"]
     assert s["killed_host1_at_s"] is not None, "the run ended before host1 could be killed"
     assert s["lines"] == FILES and s["distinct"] == FILES, s
     assert s["lost"] == 0 and s["duplicated"] == 0, s
