@@ -9,7 +9,6 @@ attribute caching), so the caller warns. Pure lookup, no side effects.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 
@@ -27,8 +26,9 @@ class _Statfs(ctypes.Structure):
 
 
 def _libc():
-    name = ctypes.util.find_library("c") or "libc.so.6"
-    return ctypes.CDLL(name, use_errno=True)
+    # The C library already loaded into this process; find_library would need
+    # a writable temporary folder (and a compiler) to look.
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def fs_type(path: Path) -> int | None:
