@@ -116,8 +116,10 @@ def main() -> int:
     deadline = t0 + args.timeout
     n = 0
     while time.monotonic() < deadline:
-        n = len(read_lines(all_results))
-        if killed_at is None and n >= args.kill_at * args.files:
+        rows = read_lines(all_results)
+        n = len(rows)
+        both = {r["instance"] for r in rows} >= {"host1", "host2"}  # both at work: a real takeover
+        if killed_at is None and both and n >= args.kill_at * args.files:
             d1.send_signal(signal.SIGKILL)
             d1.wait()
             killed_at, lines_at_kill = round(time.monotonic() - t0, 1), n
