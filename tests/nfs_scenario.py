@@ -125,8 +125,8 @@ def main() -> int:
             killed_at, lines_at_kill = round(time.monotonic() - t0, 1), n
         if n >= args.files and killed_at is not None:
             break
-        if d2.poll() is not None:
-            break
+        if d2.poll() is not None or (killed_at is None and d1.poll() is not None):
+            break  # a daemon ended by itself (refused to start?): report it, do not wait out the timeout
         time.sleep(0.5)
     summary["done_s"] = round(time.monotonic() - t0, 1)
     time.sleep(args.rescan + 2)  # a late duplicate would show up by now
@@ -154,7 +154,9 @@ def main() -> int:
         "left_in_inbox": sorted(p.name for p in (m1 / "work" / "inbox").iterdir() if p.name != ".digitwatch"),
         "left_claims": sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()
                               and p.name != "lock") if work.exists() else [],
+        "host1_rc_before_kill": None if killed_at is not None else d1.returncode,
         "host2_rc": d2.returncode,
+        "refusals": {h: _refusal(out / f"{h}.log") for h in ("host1", "host2")},
         "events": {h: _count_events(out / f"{h}.log") for h in ("host1", "host2")},
     })
     summary["left_in_inbox"] = summary["left_in_inbox"][:10]
@@ -162,6 +164,13 @@ def main() -> int:
     print("NFS-RESULT " + json.dumps(summary), flush=True)
     ok = summary["lost"] == 0 and summary["duplicated"] == 0 and summary["placed_extra_copies"] == 0
     return 0 if ok else 1
+
+
+def _refusal(log: Path) -> str | None:
+    """The daemon's one-line error, if it refused to run."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    errors = [line for line in lines if line.startswith("digitwatch: error:")]
+    return errors[-1][:400] if errors else None
 
 
 def _count_events(log: Path) -> dict:
