@@ -47,8 +47,16 @@ def read_lines(paths: list[Path]) -> list[dict]:
     return rows
 
 
+SAME_PATH = Path("/run/dw-share")  # --same-path: where each daemon sees its own mount
+
+
 def daemon(mount: Path, name: str, results: Path, env: dict, log: Path, args) -> subprocess.Popen:
-    base = mount / "work"
+    """One daemon on one mount. With --same-path it runs in its own mount
+    namespace with its mount bound at SAME_PATH, as hosts that all mount the
+    share at one path: every path it is given (results included) reads the same."""
+    base = (SAME_PATH if args.same_path else mount) / "work"
+    if args.same_path:
+        results = SAME_PATH / results.relative_to(mount)
     cmd = [
         sys.executable, "-m", "digitwatch.cli", "watch", "--polling",
         "--poll-interval", str(args.poll), "--settle-seconds", str(args.settle),
@@ -56,6 +64,10 @@ def daemon(mount: Path, name: str, results: Path, env: dict, log: Path, args) ->
         "--processed", str(base / "processed"), "--failed", str(base / "failed"),
         "--results", str(results), "--format", "csv", "--instance", name, "--log-format", "json",
     ]
+    if args.same_path:
+        SAME_PATH.mkdir(exist_ok=True)
+        script = f'mount --bind "{mount}" "{SAME_PATH}" && exec "$@"'
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
@@ -77,12 +89,15 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=0.5)
     ap.add_argument("--rescan", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--same-path", action="store_true",
+                    help="each daemon sees its mount at one path (/run/dw-share), as hosts mounting the share alike")
     args = ap.parse_args()
     m1, m2, out = Path(os.environ["M1"]), Path(os.environ["M2"]), Path(os.environ["OUT"])
     env = {**os.environ, **GUEST_ENV, "PYTHONPATH": str(ROOT)}
     mounts = [line for line in Path("/proc/mounts").read_text().splitlines()
               if line.split()[2] in ("nfs", "nfs4") and line.split()[1] == str(m1)]
-    summary: dict = {"files": args.files, "results_mode": args.results, "mount": mounts}
+    summary: dict = {"files": args.files, "results_mode": args.results, "same_path": args.same_path,
+                     "mount": mounts}
     from digitwatch import fsinfo
 
     summary["fsinfo_on_mount"] = fsinfo.network_fs(m1)
