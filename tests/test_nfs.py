@@ -25,6 +25,10 @@ pytestmark = pytest.mark.slow
 FILES = int(os.environ.get("DIGITWATCH_NFS_FILES", "100"))
 MODES = os.environ.get("DIGITWATCH_NFS_MODES", "shared").split(",")
 NFS_VERS = os.environ.get("DIGITWATCH_NFS_VERS", "3")
+# Hosts that mount the share at one path (the usual set-up): each daemon sees
+# its own NFS client's mount at /run/dw-share. DIGITWATCH_NFS_SAME_PATH=0: at
+# the two mount points as they are.
+SAME_PATH = os.environ.get("DIGITWATCH_NFS_SAME_PATH", "1") != "0"
 
 
 def _tool() -> Path | None:
@@ -52,6 +56,8 @@ def test_two_hosts_on_nfs_one_killed(mode):
     if tool is None:
         pytest.skip("shared/tools/nfs-uml/uml-nfs-run.sh not found beside or above the checkout")
     cmd = f"cd {ROOT} && {sys.executable} tests/nfs_scenario.py --files {FILES} --results {mode}"
+    if SAME_PATH:
+        cmd += " --same-path"
     r = subprocess.run(["sh", str(tool), cmd, NFS_VERS], capture_output=True, text=True,
                        timeout=300 + FILES * 0.6)
     found = [line for line in r.stdout.splitlines() if line.startswith("NFS-RESULT ")]
@@ -65,6 +71,7 @@ def test_two_hosts_on_nfs_one_killed(mode):
     assert s["mount"] and s["mount"][0].split()[2].startswith("nfs"), s["mount"]
     assert s["fsinfo_on_mount"] == "nfs"
     assert len(s["fsinfo_warnings"]) == 2 and "polling" in s["fsinfo_warnings"][0], s["fsinfo_warnings"]
+    assert s["refusals"] == {"host1": None, "host2": None}, s["refusals"]
     assert s["killed_host1_at_s"] is not None, "the run ended before host1 could be killed"
     assert s["lines"] == FILES and s["distinct"] == FILES, s
     assert s["lost"] == 0 and s["duplicated"] == 0, s
