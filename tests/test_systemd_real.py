@@ -308,7 +308,9 @@ def _check_sigkill_run(m: Machine, unit: str, base: Path, prefix: str, n: int) -
     while not ({r["file"] for r in read_csv(results)} - before):  # mid-run: the first line is out
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    out_at_kill = len({r["file"] for r in read_csv(results)} - before)
     m.sh(f"systemctl kill -s SIGKILL {unit}")
+    killed = time.monotonic()
     v = m.wait_show(unit, lambda v: _active(v) and v["MainPID"] not in ("0", pid),
                     "ActiveState", "MainPID", "NRestarts", timeout=RESTART_SEC + 30)
     assert int(v["NRestarts"]) == restarts + 1, v
@@ -325,6 +327,8 @@ def _check_sigkill_run(m: Machine, unit: str, base: Path, prefix: str, n: int) -
     placed = [p.name for p in (base / "processed").rglob("*.png") if p.name.startswith(prefix + "-")]
     assert sorted(placed) == sorted(names), "an extra or missing copy in processed/"
     assert not [p for p in (base / "inbox").iterdir() if p.name.startswith(prefix)]
+    print(f"{unit}: {n} files, SIGKILL with {out_at_kill} lines out, NRestarts {restarts} -> {v['NRestarts']}, "
+          f"all {n} lines {time.monotonic() - killed:.1f}s after the kill")
 
 
 def test_sigkill_mid_run_restarts_with_nothing_lost_or_doubled(installed):
