@@ -320,6 +320,7 @@ def _check_sigkill_run(m: Machine, unit: str, base: Path, prefix: str, n: int) -
         if len(mine) >= n or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    after_kill = time.monotonic() - killed
     time.sleep(1)  # anything duplicated would come with the recovery, now done
     mine = [r["file"] for r in read_csv(results) if r["file"].startswith(prefix + "-")]
     assert len(mine) == n and len(set(mine)) == n, (len(mine), len(set(mine)))
@@ -328,7 +329,7 @@ def _check_sigkill_run(m: Machine, unit: str, base: Path, prefix: str, n: int) -
     assert sorted(placed) == sorted(names), "an extra or missing copy in processed/"
     assert not [p for p in (base / "inbox").iterdir() if p.name.startswith(prefix)]
     print(f"{unit}: {n} files, SIGKILL with {out_at_kill} lines out, NRestarts {restarts} -> {v['NRestarts']}, "
-          f"all {n} lines {time.monotonic() - killed:.1f}s after the kill")
+          f"all {n} lines {after_kill:.1f}s after the kill")
 
 
 def test_sigkill_mid_run_restarts_with_nothing_lost_or_doubled(installed):
