@@ -5,7 +5,8 @@ with restart, the watchdog, exit 78 without a restart loop, a clean stop,
 journald priorities, and logrotate with `tail -F` on the results file.
 
 Needs root (CI runs as root); skips with the reason otherwise. What differs
-from a real install, all in one test drop-in (`_TEST_DROPIN`): the code is
+from a real install, all in one test drop-in (`_test_dropin()`), plus `chmod o+x /root` inside the
+container for the check-config line when the venv's Python is under /root: the code is
 this checkout (symlinked at /opt/digitwatch, its venv at /opt/digitwatch/.venv,
 PYTHONPATH pointing at the checkout); a Python under /root or /home is bound
 into the sandbox read-only (ProtectHome=tmpfs); WatchdogSec=4 so that the
