@@ -127,6 +127,11 @@ def machine():
         pytest.skip("shared/tools/systemd-nspawn/boot.sh not found beside or above the checkout")
     if shutil.which("nsenter") is None:
         pytest.skip("nsenter not installed")
+    if shutil.which("logrotate") is None and shutil.which("apt-get"):
+        # Before the boot: the container is an overlay of this root filesystem.
+        # .ci/run installs it too; without it the logrotate test skips.
+        subprocess.run("apt-get install -y -qq logrotate || (apt-get update -qq && apt-get install -y -qq logrotate)",
+                       shell=True, capture_output=True, timeout=600)
     state = Path(tempfile.mkdtemp(prefix="dw-systemd-"))
     m = Machine(f"dwtest{os.getpid()}", state)
     started = time.monotonic()
