@@ -241,6 +241,41 @@ def test_dropped_png_gets_its_line_and_status(installed):
     assert re.search(r"\bok=[1-9]", v["StatusText"]), v
 
 
+def test_a_group_member_drops_and_reads_nobody_else_does(installed):
+    """systemd/README.md, "Who may write the inbox": a scanner account in the
+    group drops a scan (umask 0027) and reads the results; it cannot remove
+    the daemon's claim folder; an account outside the group cannot even list."""
+    m = installed
+    src = FIXTURES[-1]
+    m.sh(f"""set -e
+id scanner >/dev/null 2>&1 || useradd --no-create-home scanner
+id outsider >/dev/null 2>&1 || useradd --no-create-home outsider
+usermod -aG digitwatch scanner
+cat {src} > /run/scan.png
+chmod 0644 /run/scan.png
+""")
+    r = m.sh("cd / && runuser -u scanner -- sh -c 'umask 0027 && cp /run/scan.png "
+             "/var/lib/digitwatch/inbox/.member.part && mv /var/lib/digitwatch/inbox/.member.part "
+             "/var/lib/digitwatch/inbox/member-scan.png'", check=False)
+    assert r.returncode == 0, r.stderr
+    rows = wait_rows(m.state / "results.csv", 1)
+    deadline = time.monotonic() + 30
+    while "member-scan.png" not in [x["file"] for x in rows] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        rows = read_csv(m.state / "results.csv")
+    row = [x for x in rows if x["file"] == "member-scan.png"]
+    assert row and row[0]["status"] == "ok" and int(row[0]["digit"]) == label_of(src), row
+    read = m.sh("runuser -u scanner -- tail -n 1 /var/lib/digitwatch/results.csv", check=False)
+    assert read.returncode == 0 and read.stdout.strip(), read.stderr
+    rm = m.sh("runuser -u scanner -- rm -rf /var/lib/digitwatch/inbox/.digitwatch", check=False)
+    assert rm.returncode != 0, "a group member removed the daemon's claim folder"
+    assert (m.state / "inbox" / ".digitwatch").is_dir()
+    other = m.sh("runuser -u outsider -- ls /var/lib/digitwatch/inbox", check=False)
+    assert other.returncode != 0, "an account outside the group can list the inbox"
+    other = m.sh("runuser -u outsider -- cat /var/lib/digitwatch/results.csv", check=False)
+    assert other.returncode != 0, "an account outside the group can read the results"
+
+
 def test_journal_warning_priority_shows_file_failed(installed):
     """Depends on the daemon writing `<4>` prefixes under JOURNAL_STREAM (i13-app)."""
     m = installed
