@@ -5,6 +5,7 @@ errors become exit codes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -15,21 +16,32 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from digitwatch import __version__
 from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
-from digitwatch.config import Settings
+from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     help="Read handwritten digits off scans dropped into an inbox folder.",
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"digitwatch {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Read handwritten digits off scans dropped into an inbox folder."""
 
 
@@ -115,7 +127,7 @@ ModelOption = Annotated[
 @app.command()
 def classify(
     paths: Annotated[list[Path], typer.Argument(help="PNG files, or folders of them.")],
-    format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table,
+    format: Annotated[OutFormat, typer.Option("--format", "-f", help="One record per file as this.")] = OutFormat.table,
     model: ModelOption = None,
     debug_dir: Annotated[
         Path | None, typer.Option(help="Write each normalized 28x28 input here as a PNG.")
@@ -145,7 +157,8 @@ def evaluate(
     report: Annotated[
         Path | None, typer.Option(help="Folder for confusion.png and worst_errors.png.")
     ] = None,
-    format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="For people or for programs.")] = (
+        ReportFormat.table),
 ) -> None:
     """Score a model on the 10,000 MNIST test digits (never used in training)."""
     from digitwatch import evaluation
@@ -174,41 +187,83 @@ def _settings_from(config: Path | None, flags: dict) -> Settings:
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="DIGITWATCH_CONFIG", help="TOML settings file."),
+    typer.Option("--config", "-c", envvar="DIGITWATCH_CONFIG", show_default="none",
+                 help="TOML settings file (keys in a digitwatch table)."),
 ]
+
+ResultsFormat = Enum("ResultsFormat", [(c, c) for c in CHOICES["format"]], type=str)
+LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
+
+# How a default reads in --help where the value itself says little.
+_SHOWN = {"review": "off", "model": "models/digits.tflite", "instance": "the host name",
+          "recursive": "no-recursive", "polling": "no-polling"}
+
+
+def _setting(key: str, *names: str, **kwargs) -> typer.models.OptionInfo:
+    """A `watch` option for settings key `key`: its help from config.HELP and the
+    default it stands for shown, though the parameter's own default is None
+    (\"not given\": the file and the environment then decide)."""
+    default = getattr(Settings(), key)
+    if key in _SHOWN:
+        shown = _SHOWN[key]
+    elif isinstance(default, tuple):
+        shown = ",".join(default)
+    else:
+        shown = str(default)
+    return typer.Option(*names, help=HELP[key], show_default=shown, **kwargs)
+
+
+def _finite(value: float | None) -> float | None:
+    """click's FloatRange lets nan and inf through (no comparison with them fails)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"expected a finite number, got {value}")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    if _finite(value) is not None and value <= 0:
+        raise typer.BadParameter(f"must be more than 0, got {value}")
+    return value
+
+
+def _duration(key: str, *, positive: bool = False) -> typer.models.OptionInfo:
+    """A duration: finite, and above 0 (`positive`) or at least 0."""
+    return _setting(key, min=None if positive else 0.0, callback=_positive if positive else _finite)
 
 
 @app.command()
 def watch(
+    ctx: typer.Context,
     config: ConfigOption = None,
     once: Annotated[bool, typer.Option(help="Drain the inbox and exit (cron, tests).")] = False,
-    inbox: Annotated[Path | None, typer.Option(help="Folder to watch.")] = None,
-    processed: Annotated[Path | None, typer.Option(help="Where classified files go.")] = None,
-    failed: Annotated[Path | None, typer.Option(help="Where unreadable files go.")] = None,
-    review: Annotated[Path | None, typer.Option(help="Where low-confidence files go.")] = None,
-    results: Annotated[Path | None, typer.Option(help="The CSV or JSON-lines results file.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="csv or jsonl.")] = None,
-    model: Annotated[Path | None, typer.Option(help=".tflite or .keras model.")] = None,
-    patterns: Annotated[str | None, typer.Option(help="Comma-separated name patterns.")] = None,
-    recursive: Annotated[bool | None, typer.Option("--recursive/--no-recursive")] = None,
-    polling: Annotated[bool | None, typer.Option("--polling/--no-polling")] = None,
-    poll_interval: Annotated[float | None, typer.Option()] = None,
-    settle_seconds: Annotated[float | None, typer.Option()] = None,
-    rescan_seconds: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    batch_wait_ms: Annotated[float | None, typer.Option()] = None,
-    review_threshold: Annotated[float | None, typer.Option()] = None,
-    stop_timeout: Annotated[float | None, typer.Option()] = None,
-    workers: Annotated[int | None, typer.Option()] = None,
-    max_pixels: Annotated[int | None, typer.Option()] = None,
-    instance: Annotated[str | None, typer.Option()] = None,
-    log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 = off.")] = None,
-    metrics_bind: Annotated[str | None, typer.Option(help="Address for the metrics port.")] = None,
+    inbox: Annotated[Path | None, _setting("inbox")] = None,
+    processed: Annotated[Path | None, _setting("processed")] = None,
+    failed: Annotated[Path | None, _setting("failed")] = None,
+    review: Annotated[Path | None, _setting("review")] = None,
+    results: Annotated[Path | None, _setting("results")] = None,
+    format: Annotated[ResultsFormat | None, _setting("format", "--format", "-f")] = None,
+    model: Annotated[Path | None, _setting("model")] = None,
+    patterns: Annotated[str | None, _setting("patterns")] = None,
+    recursive: Annotated[bool | None, _setting("recursive", "--recursive/--no-recursive")] = None,
+    polling: Annotated[bool | None, _setting("polling", "--polling/--no-polling")] = None,
+    poll_interval: Annotated[float | None, _duration("poll_interval", positive=True)] = None,
+    settle_seconds: Annotated[float | None, _duration("settle_seconds")] = None,
+    rescan_seconds: Annotated[float | None, _duration("rescan_seconds", positive=True)] = None,
+    batch_size: Annotated[int | None, _setting("batch_size", min=1)] = None,
+    batch_wait_ms: Annotated[float | None, _duration("batch_wait_ms")] = None,
+    review_threshold: Annotated[float | None, _setting("review_threshold", min=0.0, max=1.0,
+                                                       callback=_finite)] = None,
+    stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
+    workers: Annotated[int | None, _setting("workers", min=1)] = None,
+    max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
+    instance: Annotated[str | None, _setting("instance")] = None,
+    log_format: Annotated[LogFormat | None, _setting("log_format")] = None,
+    metrics_port: Annotated[int | None, _setting("metrics_port", min=0, max=65535)] = None,
+    metrics_bind: Annotated[str | None, _setting("metrics_bind")] = None,
 ) -> None:
     """Watch the inbox: classify each new PNG, append a result line, move it aside."""
-    # Every parameter but these two is a setting; None means "not given".
-    flags = {k: v for k, v in locals().items() if k not in ("config", "once") and v is not None}
+    # Every settings key is a parameter of the same name; None means "not given".
+    flags = {k: v for k, v in ctx.params.items() if k in KEYS and v is not None}
     from digitwatch import logs
     from digitwatch.config import check_paths
     from digitwatch.daemon import Daemon
@@ -216,7 +271,7 @@ def watch(
 
     settings = _settings_from(config, flags)
     logs.configure(settings.log_format)
-    check_paths(settings)
+    check_paths(settings)  # the daemon creates the results file (with its header) at start
     classifier = load_classifier(settings.model)
     raise typer.Exit(Daemon(settings, classifier).run(once=once))
 
@@ -224,13 +279,16 @@ def watch(
 @app.command("check-config")
 def check_config(
     config: ConfigOption = None,
-    format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="For people or for programs.")] = (
+        ReportFormat.table),
 ) -> None:
     """Validate the settings (file < environment) and print the effective values."""
     from digitwatch.config import check_paths
 
     settings = _settings_from(config, {})
-    check_paths(settings)
+    # Nothing is created here: the folders must be makeable and writable by
+    # whoever runs this (run it as the service's user, from its folder).
+    check_paths(settings, create=False)
     values = settings.as_dict()
     if format is ReportFormat.json:
         typer.echo(json.dumps(values, indent=2))
@@ -239,16 +297,25 @@ def check_config(
         for key, value in values.items():
             shown = value if isinstance(value, str) else repr(value)
             typer.echo(f"{key.ljust(width)}  {shown}")
-    typer.echo("configuration ok", err=True)
+    try:
+        base = f"relative paths resolved against {Path.cwd()}"
+    except OSError:  # unreadable, but every path was absolute
+        base = "all paths absolute"
+    typer.echo(f"configuration ok ({base})", err=True)
 
 
 def main() -> None:
     """Console-script entry point. Typer handles usage errors (exit 2); domain
     errors become their own exit codes here, with a one-line message."""
     try:
-        app()
+        # One name for completion and usage lines, however it was started.
+        app(prog_name="digitwatch")
     except DigitwatchError as exc:
-        typer.echo(f"digitwatch: error: {exc}", err=True)
+        from digitwatch.logs import is_journal
+
+        # Under systemd this line is why the unit failed: file it as an error.
+        priority = "<3>" if is_journal(os.environ, sys.stderr) else ""
+        typer.echo(f"{priority}digitwatch: error: {exc}", err=True)
         sys.exit(int(exc.exit_code))
 
 

@@ -2,25 +2,33 @@
 
 Precedence, lowest first: defaults < TOML file < DIGITWATCH_* environment <
 command-line flags. Every key is all three: `inbox` in TOML, DIGITWATCH_INBOX
-in the environment, --inbox on the command line. Relative paths are taken
-relative to the working directory.
+in the environment, --inbox on the command line. Relative paths, wherever they
+come from (the file included), are taken relative to the working directory:
+the service's is its unit's WorkingDirectory, so `check-config` agrees with the
+service when run from that folder (it prints the folder it used).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import math
 import os
+import secrets
 import socket
+import stat
 from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import tomllib
 
 from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
-from digitwatch.errors import ConfigError
+from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
 
 ENV_PREFIX = "DIGITWATCH_"
 
@@ -67,55 +75,147 @@ class Settings:
 _HINTS = get_type_hints(Settings)
 KEYS = tuple(f.name for f in fields(Settings))
 
+# One line per key: the CLI's --help and check-config show these; the shipped
+# config/digitwatch.toml says the same at more length.
+HELP: dict[str, str] = {
+    "inbox": "Folder people drop scans into; must exist at start.",
+    "processed": "Classified files go to <processed>/YYYY-MM-DD/.",
+    "failed": "Unreadable files go to <failed>/YYYY-MM-DD/ with a .error.json.",
+    "review": "Low-confidence files go here instead of processed; empty: off.",
+    "results": "The CSV or JSON-lines results file, appended and fsynced.",
+    "format": "Results format.",
+    "model": ".tflite (LiteRT) or .keras model; empty: the shipped models/digits.tflite.",
+    "patterns": "Comma-separated file name patterns taken from the inbox.",
+    "recursive": "Also watch sub-folders of the inbox.",
+    "polling": "Poll instead of inotify (NFS, SMB, some container mounts).",
+    "poll_interval": "Seconds between polls in polling mode.",
+    "settle_seconds": "A file is ready once its size and mtime held this long (polling, rescans).",
+    "rescan_seconds": "Re-list the inbox this often, for anything an event missed.",
+    "batch_size": "At most this many files per model call.",
+    "batch_wait_ms": "A ready file waits at most this long for others to join its batch.",
+    "review_threshold": "Confidence below this gives status low_confidence.",
+    "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",
+    "workers": "Threads that read, decode and normalize files.",
+    "max_pixels": "Refuse images with more pixels (from the PNG header).",
+    "instance": "Name in each result line's instance field; empty: the host name.",
+    "log_format": "Log lines: console on a terminal, JSON lines otherwise (auto).",
+    "metrics_port": "Prometheus port; 0 = off.",
+    "metrics_bind": "Address the metrics port listens on.",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "format": ("csv", "jsonl"),
+    "log_format": ("auto", "json", "console"),
+}
+
+
+def _describe(value: Any) -> str:
+    """A value as the user wrote it, for messages: 'abc', 2.5, true."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    raise ValueError(f"expected a whole number, got {_describe(value)}")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {_describe(value)}") from None
+    else:
+        raise ValueError(f"expected a number, got {_describe(value)}")
+    # float() takes "nan" and "inf"; neither is a duration or a threshold.
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {_describe(value)}")
+    return number
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {_describe(value)}")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, Enum):  # a typer choice
+        value = value.value
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"expected a string, got {_describe(value)}")
+    return os.fspath(value)
+
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
-    """Turn a TOML value or an environment string into the field's type."""
+    """Turn a TOML value, an environment string or a flag into the field's type.
+    Messages say what was expected in words, never Python's own."""
     hint = _HINTS[key]
     text = str(hint)
     try:
         if value is None:
             return None
         if "Path" in text:
-            if value == "" and "None" in text:
+            path = _text(value)
+            if path == "" and "None" in text:
                 return None
-            return Path(os.path.expanduser(str(value)))
+            return Path(os.path.expanduser(path))
         if hint is bool:
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"not a boolean: {value!r}")
+            return _boolean(value)
         if hint is int:
-            if isinstance(value, bool):
-                raise ValueError("not an integer")
-            return int(value)
+            return _whole(value)
         if hint is float:
-            if isinstance(value, bool):
-                raise ValueError("not a number")
-            return float(value)
+            return _number(value)
         if "tuple" in text:
-            items = value if isinstance(value, list) else str(value).split(",")
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{origin}: {key} = {value!r} is invalid ({exc})") from exc
+            items = value if isinstance(value, list) else _text(value).split(",")
+            return tuple(_text(i).strip() for i in items if _text(i).strip())
+        return _text(value)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {key}: {exc}") from None
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    """The [digitwatch] table (or a file of bare keys), typed and checked."""
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: configuration file not found") from exc
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
-    table = data.get("digitwatch", data)
-    unknown = sorted(set(table) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a configuration file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    if "digitwatch" in data:
+        table = data["digitwatch"]
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: digitwatch must be a table ([digitwatch])")
+        # A key above the table is not read: say so rather than ignore it.
+        outside = sorted(set(data) - {"digitwatch"})
+        if outside:
+            raise ConfigError(f"{path}: {', '.join(outside)} must go under [digitwatch], not above it")
+    else:
+        table = data
+    for key in sorted(table):
+        if key not in KEYS:
+            raise ConfigError(f"{path}: unknown key {key}{_did_you_mean(key)}")
     return {k: _coerce(k, v, str(path)) for k, v in table.items()}
 
 
@@ -140,13 +240,22 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **merged)
     # Absolute paths: moved_to in results and logs must not depend on a cwd.
     absolute = {
-        f.name: Path(os.path.abspath(getattr(settings, f.name)))
+        f.name: _absolute(f.name, getattr(settings, f.name))
         for f in fields(Settings)
         if isinstance(getattr(settings, f.name), Path)
     }
     settings = dataclasses.replace(settings, **absolute)
     validate(settings)
     return settings
+
+
+def _absolute(key: str, path: Path) -> Path:
+    try:
+        return Path(os.path.abspath(path))
+    except OSError as exc:
+        # `sudo -u digitwatch` from a folder that user cannot enter (root's home).
+        raise ConfigError(f"{key} {path} is relative, but the working directory cannot be read "
+                          f"({reason(exc)}): run from the folder it is relative to") from None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -156,10 +265,9 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def validate(s: Settings) -> None:
     """Refuse settings that cannot work or that would loop (outputs inside the inbox)."""
-    if s.format not in ("csv", "jsonl"):
-        raise ConfigError(f"format = {s.format!r}: use csv or jsonl")
-    if s.log_format not in ("auto", "json", "console"):
-        raise ConfigError(f"log_format = {s.log_format!r}: use auto, json or console")
+    for key, choices in CHOICES.items():
+        if getattr(s, key) not in choices:
+            raise ConfigError(f"{key} = {getattr(s, key)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
     for key in ("batch_size", "workers", "max_pixels"):
@@ -193,11 +301,83 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"results {s.results} must not be written into the inbox")
 
 
-def check_paths(s: Settings) -> None:
-    """Start-up checks that touch the disk: the inbox must exist and be a folder."""
+def check_paths(s: Settings, *, create: bool = True) -> None:
+    """Start-up checks that touch the disk, as this process (its user, its
+    mounts: a systemd sandbox makes paths read-only that look writable from a
+    shell). The inbox must exist; the outputs are made if missing (`create`)
+    or must be makeable; every folder must take a new file. One ConfigError
+    naming the path and the reason, so the service exits 78 instead of looking
+    healthy while every commit fails."""
     if not s.inbox.exists():
         raise ConfigError(f"inbox {s.inbox} does not exist")
     if not s.inbox.is_dir():
         raise ConfigError(f"inbox {s.inbox} is not a folder")
     if s.model is not None and not s.model.is_file():
         raise ConfigError(f"model {s.model} not found")
+    folders = [("inbox", s.inbox)]
+    claims_dir = s.inbox / CLAIMS_DIR
+    if claims_dir.is_dir():
+        folders.append(("claim folder", claims_dir))
+    folders += [("processed", s.processed), ("failed", s.failed)]
+    if s.review is not None:
+        folders.append(("review", s.review))
+    folders.append(("results folder", s.results.parent))
+    for what, folder in folders:
+        _check_folder(what, folder, create=create)
+    _check_results_file(s.results)
+
+
+def _check_folder(what: str, folder: Path, *, create: bool) -> None:
+    if not folder.exists():
+        if create:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{what} {folder}: cannot create it ({reason(exc)})") from None
+        else:
+            # check-config changes nothing: the nearest existing folder above
+            # must take the new one.
+            parent = folder.parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            problem = _write_problem(parent)
+            if problem:
+                raise ConfigError(f"{what} {folder}: cannot create it, {parent} {problem}")
+            return
+    if not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is not a folder")
+    problem = _write_problem(folder)
+    if problem:
+        raise ConfigError(f"{what} {folder} {problem}")
+
+
+def _write_problem(folder: Path) -> str:
+    """Why this process cannot make a file in `folder`, or ''. A real exclusive
+    create and unlink: os.access() ignores read-only mounts, immutable flags
+    and root's override."""
+    probe = folder / f".digitwatch-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        return f"is not writable ({reason(exc)})"
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError as exc:
+        return f"does not let files be removed ({reason(exc)})"
+    return ""
+
+
+def _check_results_file(path: Path) -> None:
+    """An existing results file must take appends (no O_CREAT: nothing made here)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"results {path} cannot be appended to ({reason(exc)})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"results {path} is not a regular file")
+    finally:
+        os.close(fd)

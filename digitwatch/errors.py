@@ -15,6 +15,17 @@ class ExitCode(IntEnum):
     CONFIG = 78  # EX_CONFIG
 
 
+def reason(exc: OSError) -> str:
+    """An OSError in words for a one-line message: 'Permission denied', not
+    "[Errno 13] Permission denied: '/x'" (the caller names the path)."""
+    return exc.strerror or exc.__class__.__name__
+
+
+def describe(exc: OSError) -> str:
+    """An OSError with its path: 'Permission denied: /srv/results.csv'."""
+    return f"{reason(exc)}: {exc.filename}" if exc.filename else reason(exc)
+
+
 class DigitwatchError(Exception):
     """Base class; the message is one line meant for a person."""
 

@@ -1,27 +1,72 @@
 """structlog setup: JSON lines when stdout is not a terminal (journald, files),
-coloured console lines when it is. Events are snake_case names with fields."""
+coloured console lines when it is. Events are snake_case names with fields.
+
+When stdout is the journal, each line starts with its syslog priority (`<4>`),
+the sd-daemon(3) convention journald strips and files under PRIORITY=, so
+`journalctl -p warning` finds file_failed and commit_failed.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
-from typing import TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
 
 import structlog
 
+# syslog(3) priorities by structlog level name.
+PRIORITIES = {
+    "critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4,
+    "notice": 5, "info": 6, "debug": 7,
+}
+DEFAULT_PRIORITY = 6
 
-def processors(json_output: bool) -> list:
-    """The processor chain; a pure function so tests can check both shapes."""
+
+class PriorityPrefix:
+    """Wraps the renderer: `<N>` before the rendered line, N from the event's
+    level. Last in the chain, so nothing can drop the level before it."""
+
+    def __init__(self, renderer: Callable[..., str]) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event_dict: dict) -> str:
+        level = str(event_dict.get("level", method)).lower()
+        line = self.renderer(logger, method, event_dict)
+        return f"<{PRIORITIES.get(level, DEFAULT_PRIORITY)}>{line}"
+
+
+def processors(json_output: bool, *, journal: bool = False, colors: bool = False) -> list:
+    """The processor chain; a pure function so tests can check every shape."""
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json_output:
-        return [*shared, structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(ensure_ascii=False)]
-    return [*shared, structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
+        chain = [*shared, structlog.processors.format_exc_info]
+        renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
+    else:
+        chain = list(shared)
+        renderer = structlog.dev.ConsoleRenderer(colors=colors and not journal)
+    return [*chain, PriorityPrefix(renderer) if journal else renderer]
+
+
+def is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
+    """Whether `stream` is the journal. systemd sets JOURNAL_STREAM=<dev>:<inode>
+    when it connects stdout or stderr to the journal; it counts only if that is
+    this stream (a child whose output was redirected inherits the variable)."""
+    value = environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 class LineWriter:
@@ -49,12 +94,13 @@ _writer = LineWriter(sys.stdout)
 
 
 def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
-    """auto: console on a TTY, JSON otherwise."""
+    """auto: console on a TTY, JSON otherwise; priority prefixes under journald."""
     global _writer
-    json_output = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+    tty = sys.stdout.isatty()
+    json_output = log_format == "json" or (log_format == "auto" and not tty)
     _writer = LineWriter(sys.stdout)
     structlog.configure(
-        processors=processors(json_output),
+        processors=processors(json_output, journal=is_journal(os.environ, sys.stdout), colors=tty),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_: _writer,
         cache_logger_on_first_use=False,

@@ -1,12 +1,22 @@
 """Optional Prometheus endpoint (`metrics_port`; off at 0). Bound to 127.0.0.1
-by default: scraping is for a local agent or an SSH tunnel, not the world."""
+by default: scraping is for a local agent or an SSH tunnel, not the world.
+
+No label is called `instance`: Prometheus sets that one on every series from
+the target's address, and renames ours to exported_instance. Every status
+series exists from the start at 0, so rate() and alerts see them before the
+first file of that kind; no `_created` series.
+"""
 
 from __future__ import annotations
 
+from digitwatch import results
 from digitwatch.errors import ConfigError
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Every result status results.py defines (STATUS_OK, STATUS_LOW, ...): a new one
+# gets its series without a change here.
+STATUSES = tuple(sorted(v for k, v in vars(results).items() if k.startswith("STATUS_") and isinstance(v, str)))
 
 
 class Metrics:
@@ -21,9 +31,18 @@ class Metrics:
         except ImportError as exc:
             raise ConfigError("metrics_port is set but prometheus_client is not installed "
                               "(pip install 'digitwatch[metrics]')") from exc
+        # A process-wide switch in prometheus_client; this daemon is the process.
+        prom.disable_created_metrics()
         self.registry = prom.CollectorRegistry()
+        # process_* (memory, CPU, fds) and python_info: the default registry has
+        # them, our own registry only if asked.
+        prom.ProcessCollector(registry=self.registry)
+        prom.PlatformCollector(registry=self.registry)
+        prom.GCCollector(registry=self.registry)
         self.files = prom.Counter("digitwatch_files", "Files handled, by result status",
                                   ["status"], registry=self.registry)
+        for status in STATUSES:
+            self.files.labels(status=status)
         self.latency = prom.Histogram("digitwatch_file_latency_seconds",
                                       "From starting work on a file to its result",
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -34,7 +53,7 @@ class Metrics:
         self.backlog = prom.Gauge("digitwatch_inbox_backlog", "Files waiting in the inbox at the last scan",
                                   registry=self.registry)
         info = prom.Info("digitwatch_model", "The model in use", registry=self.registry)
-        info.info({"model": model_id, "instance": instance})
+        info.info({"model": model_id, "daemon_instance": instance})
         try:
             self.server, self.thread = prom.start_http_server(port, addr=bind, registry=self.registry)
         except OSError as exc:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch.config import KEYS, Settings, check_paths, load_settings, read_toml
+from digitwatch.config import HELP, KEYS, Settings, check_paths, load_settings, read_toml
 from digitwatch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,9 @@ class TestPrecedence:
         s = load_settings(None, {}, {"inbox": "in"})
         assert s.inbox == tmp_path / "in"
 
+    def test_every_key_has_help(self):
+        assert set(HELP) == set(KEYS) and all(HELP.values())
+
     def test_shipped_file_documents_every_key_at_its_default(self):
         values = read_toml(ROOT / "config" / "digitwatch.toml")
         assert set(values) == set(KEYS)
@@ -68,11 +71,62 @@ class TestValidation:
         with pytest.raises(ConfigError, match="DIGITWATCH_BATCH_SIZE"):
             load_settings(None, {"DIGITWATCH_BATCH_SIZE": "many"}, {})
 
-    def test_unknown_toml_key(self, tmp_path):
+    def test_unknown_toml_key_suggests_the_close_one(self, tmp_path):
         toml = tmp_path / "d.toml"
         toml.write_text("[digitwatch]\nbatchsize = 3\n")
-        with pytest.raises(ConfigError, match="unknown key"):
+        with pytest.raises(ConfigError, match=r"unknown key batchsize \(did you mean batch_size\?\)"):
             load_settings(toml, {}, {})
+
+    def test_unknown_key_far_from_any_gets_no_guess(self, tmp_path):
+        toml = tmp_path / "d.toml"
+        toml.write_text("[digitwatch]\nzzz = 3\n")
+        with pytest.raises(ConfigError, match=r"unknown key zzz$"):
+            load_settings(toml, {}, {})
+
+    def test_key_above_the_table_is_refused(self, tmp_path):
+        toml = tmp_path / "d.toml"
+        toml.write_text('inbox = "/srv/in"\n[digitwatch]\nbatch_size = 3\n')
+        with pytest.raises(ConfigError, match="inbox must go under \\[digitwatch\\]"):
+            load_settings(toml, {}, {})
+
+    def test_file_of_bare_keys_still_works(self, tmp_path):
+        toml = tmp_path / "d.toml"
+        toml.write_text("batch_size = 3\n")
+        assert load_settings(toml, {}, {}).batch_size == 3
+
+    @pytest.mark.parametrize(
+        ("line", "message"),
+        [
+            ("settle_seconds = nan", "settle_seconds: expected a finite number, got nan"),
+            ("poll_interval = inf", "poll_interval: expected a finite number, got inf"),
+            ("rescan_seconds = -inf", "rescan_seconds: expected a finite number, got -inf"),
+            ("settle_seconds = -1.0", "settle_seconds must not be negative"),
+            ("stop_timeout = 0", "stop_timeout must be positive"),
+            ('batch_size = "abc"', "batch_size: expected a whole number, got 'abc'"),
+            ("batch_size = 2.5", "batch_size: expected a whole number, got 2.5"),
+            ("batch_size = true", "batch_size: expected a whole number, got true"),
+            ('recursive = "maybe"', "recursive: expected true or false, got 'maybe'"),
+            ("inbox = 5", "inbox: expected a string, got 5"),
+            ('format = "xml"', "format = 'xml': use csv or jsonl"),
+        ],
+    )
+    def test_bad_file_values_in_words(self, tmp_path, line, message):
+        toml = tmp_path / "d.toml"
+        toml.write_text(f"[digitwatch]\n{line}\n")
+        with pytest.raises(ConfigError) as info:
+            load_settings(toml, {}, {})
+        assert message in str(info.value)
+        assert "invalid literal" not in str(info.value) and "Errno" not in str(info.value)
+
+    @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
+    def test_non_finite_seconds_from_env_refused(self, value):
+        with pytest.raises(ConfigError, match="DIGITWATCH_SETTLE_SECONDS: settle_seconds: expected a finite"):
+            load_settings(None, {"DIGITWATCH_SETTLE_SECONDS": value}, {})
+
+    def test_env_int_message_has_no_python_internals(self):
+        with pytest.raises(ConfigError) as info:
+            load_settings(None, {"DIGITWATCH_BATCH_SIZE": "abc"}, {})
+        assert str(info.value) == "DIGITWATCH_BATCH_SIZE: batch_size: expected a whole number, got 'abc'"
 
     def test_outputs_inside_recursive_inbox_refused(self, tmp_path):
         flags = {"inbox": tmp_path, "processed": tmp_path / "done", "recursive": True}
@@ -89,3 +143,40 @@ class TestValidation:
         s = load_settings(None, {}, {"inbox": tmp_path / "nope"})
         with pytest.raises(ConfigError, match="does not exist"):
             check_paths(s)
+
+
+class TestDiskChecks:
+    """check_paths: every folder must take a new file, as this process; one
+    ConfigError naming the path. (Unwritable folders as root: test_cli.)"""
+
+    def _settings(self, tmp_path, **flags):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        base = {"inbox": tmp_path / "in", "processed": tmp_path / "p", "failed": tmp_path / "f",
+                "results": tmp_path / "r" / "results.csv"}
+        return load_settings(None, {}, {**base, **flags})
+
+    def test_missing_outputs_are_made_by_watch_not_by_check_config(self, tmp_path):
+        s = self._settings(tmp_path, review=tmp_path / "rev")
+        check_paths(s, create=False)
+        assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+        check_paths(s)
+        assert all((tmp_path / d).is_dir() for d in ("p", "f", "r", "rev"))
+        assert [p.name for p in tmp_path.rglob(".digitwatch-probe-*")] == []  # probes cleaned up
+
+    @pytest.mark.parametrize("create", [True, False])
+    def test_uncreatable_results_folder(self, tmp_path, create):
+        # /proc takes no new folders, for root too.
+        s = self._settings(tmp_path, results=Path("/proc/digitwatch-test/results.csv"))
+        with pytest.raises(ConfigError, match="^results folder /proc/digitwatch-test: cannot create it"):
+            check_paths(s, create=create)
+
+    def test_results_that_is_a_folder(self, tmp_path):
+        (tmp_path / "r" / "results.csv").mkdir(parents=True)
+        s = self._settings(tmp_path)
+        with pytest.raises(ConfigError, match="results .*results.csv cannot be appended to \\(Is a directory\\)"):
+            check_paths(s)
+
+    def test_output_that_is_a_file(self, tmp_path):
+        (tmp_path / "p").write_text("")
+        with pytest.raises(ConfigError, match="processed .* is not a folder"):
+            check_paths(self._settings(tmp_path))
