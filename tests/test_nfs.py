@@ -4,8 +4,9 @@ tests/nfs_scenario.py runs one polling daemon per mount inside, drops files
 through both, SIGKILLs one daemon mid-run and lets the other take over.
 
 In `make test`: 100 files, shared results file (about a minute here).
-`make test-nfs`: 1,000 files, shared and per-host results files
-(DIGITWATCH_NFS_FILES, DIGITWATCH_NFS_MODES). Needs root; skips otherwise.
+`make test-nfs`: 1,000 files with a shared results file, and the per-host
+case, where the second instance must refuse to start (one results file per
+inbox) (DIGITWATCH_NFS_FILES, DIGITWATCH_NFS_MODES). Needs root; skips otherwise.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def test_two_hosts_on_nfs_one_killed(mode):
     assert s["mount"] and s["mount"][0].split()[2].startswith("nfs"), s["mount"]
     assert s["fsinfo_on_mount"] == "nfs"
     assert len(s["fsinfo_warnings"]) == 2 and "polling" in s["fsinfo_warnings"][0], s["fsinfo_warnings"]
+    if mode == "per-host":
+        # One results file per inbox (README, "Never losing a file"): the
+        # second instance, writing another file, refuses to start.
+        refused = [r for r in s["refusals"].values() if r]
+        assert len(refused) == 1 and "one results file per inbox" in refused[0], s["refusals"]
+        assert s["duplicated"] == 0 and s["placed_extra_copies"] == 0, s
+        return
     assert s["refusals"] == {"host1": None, "host2": None}, s["refusals"]
     assert s["killed_host1_at_s"] is not None, "the run ended before host1 could be killed"
     assert s["lines"] == FILES and s["distinct"] == FILES, s
