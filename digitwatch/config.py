@@ -25,6 +25,7 @@ from typing import Any, get_type_hints
 
 import tomllib
 
+from digitwatch.claims import check_state_root
 from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
@@ -315,9 +316,9 @@ def check_paths(s: Settings, *, create: bool = True) -> None:
     if s.model is not None and not s.model.is_file():
         raise ConfigError(f"model {s.model} not found")
     folders = [("inbox", s.inbox)]
-    claims_dir = s.inbox / CLAIMS_DIR
-    if claims_dir.is_dir():
-        folders.append(("claim folder", claims_dir))
+    # First, and without following it: a planted link must not even be probed.
+    if check_state_root(s.inbox):
+        folders.append(("claim folder", s.inbox / CLAIMS_DIR))
     folders += [("processed", s.processed), ("failed", s.failed)]
     if s.review is not None:
         folders.append(("review", s.review))

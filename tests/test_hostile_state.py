@@ -429,11 +429,13 @@ def test_hard_link_of_processed_file_never_deletes_the_original(tmp_path):
 
     # Killed with the link in hand, then restarted: recovery must tell the
     # original apart from a copy it placed itself.
-    d.results.rename(tmp_path / "results.saved")
-    d.results.mkdir()  # every commit fails: the claim stays in hand
     d3 = DaemonProc(tmp_path, "--rescan-seconds", "1", name="d3")
     try:
         assert start_or_refuse(d3, "inbox")
+        # After start (an unusable results path at start is exit 78): every
+        # commit fails from here on, so the claim stays in hand.
+        d.results.rename(tmp_path / "results.saved")
+        d.results.mkdir()
         os.link(original, d3.inbox / "third.png")
         d3.wait_log("commit_failed", timeout=60)
     finally:
