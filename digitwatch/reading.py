@@ -7,7 +7,8 @@ left to right: connected pieces, with pieces stacked above one another (a
 broken 8, a 5 whose bar floats free) joined first, and pieces too wide for one
 digit (touching digits) sliced at the columns where the ink is thinnest.
 
-A candidate digit is a run of 1 to MAX_SPAN consecutive atoms; each is
+A candidate digit is a run of consecutive atoms at most MAX_WIDTH heights wide
+(or one whole piece, however wide); each is
 normalized to 28x28 exactly like a single digit. One classifier call scores
 them all, and a dynamic programme over atom boundaries picks the reading
 whose digits are most probable (shape priors penalize candidates too wide or
@@ -39,7 +40,7 @@ REASON_LOW = "low confidence"
 REASON_NOT_DIGIT = "not a digit"
 
 REJECT = 10  # the class index of "not a digit" in an 11-class model
-MAX_SPAN = 4  # atoms one digit may be made of
+MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
 SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
 CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 CUT_COST = 2.5  # log-odds against ending a digit at a cut rather than a gap in the ink
@@ -146,13 +147,13 @@ def read_scan(gray: np.ndarray) -> Candidates:
     if not pieces:
         raise NoInkError("no ink found: the image is blank or only noise")
     height = _digit_height(pieces)
-    pieces = _stack(_drop_strays(pieces, height))
+    pieces = _stack(_drop_strays(pieces, height, work.mask.shape))
     if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height:
         # The fast path: one digit-like blob, read exactly as a single digit.
         crop = imaging.finish(work.ink, work.smooth, work.mask)
         return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
-    atoms, cut_after = _atoms(pieces, labels, work.mask, height)
-    return _candidates(work, atoms, cut_after, height)
+    atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
+    return _candidates(work, atoms, cut_after, whole, height)
 
 
 def _digit_height(pieces: list[_Piece]) -> float:
@@ -163,10 +164,16 @@ def _digit_height(pieces: list[_Piece]) -> float:
     return float(tall[len(tall) // 2])
 
 
-def _drop_strays(pieces: list[_Piece], height: float) -> list[_Piece]:
+def _drop_strays(pieces: list[_Piece], height: float, shape: tuple[int, int]) -> list[_Piece]:
     """Drop what cannot be (part of) a digit: flat strokes longer than any digit
-    (an underline the line remover missed) and small specks far from the rest."""
-    kept = [p for p in pieces if not (p.height < 0.25 * height and p.width > 1.5 * height)]
+    (an underline the line remover missed), small pieces cut by the edge of the
+    region (the page's edge, a neighbouring field) and small specks far from the rest."""
+    h, w = shape
+    kept = [
+        p for p in pieces
+        if not (p.height < 0.25 * height and p.width > 1.5 * height)
+        and not (min(p.x0, p.y0) == 0 or p.x1 == w or p.y1 == h) or max(p.width, p.height) >= 0.5 * height
+    ]
     big = [p for p in kept if max(p.width, p.height) >= 0.35 * height]
     out = []
     for p in kept:
@@ -206,11 +213,13 @@ def _stack(pieces: list[_Piece]) -> list[_Piece]:
 
 def _atoms(
     pieces: list[_Piece], labels: np.ndarray, mask: np.ndarray, height: float
-) -> tuple[list[np.ndarray], list[bool]]:
+) -> tuple[list[np.ndarray], list[bool], list[tuple[int, int]]]:
     """Each piece's pixel mask, wide pieces sliced at candidate cut columns;
-    and for each atom whether a cut (not a gap) ends it on the right."""
-    atoms, cut_after = [], []
+    for each atom whether a cut (not a gap) ends it on the right; and the
+    atoms [i, j) of each whole piece."""
+    atoms, cut_after, whole = [], [], []
     for p in pieces:
+        first = len(atoms)
         window = labels[p.y0 : p.y1, p.x0 : p.x1]
         own = np.isin(window, p.labels).astype(np.uint8)
         cuts = _cuts(own, height) if p.width > CUT_ASPECT * height else []
@@ -221,7 +230,8 @@ def _atoms(
             if full.any():
                 atoms.append(full)
                 cut_after.append(b != p.width)
-    return atoms, cut_after
+        whole.append((first, len(atoms)))
+    return atoms, cut_after, whole
 
 
 def _cuts(own: np.ndarray, height: float) -> list[int]:
@@ -238,9 +248,12 @@ def _cuts(own: np.ndarray, height: float) -> list[int]:
     left = np.concatenate([[np.inf], inner[:-1]])
     right = np.concatenate([inner[1:], [np.inf]])
     minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
+    # A cut crosses less ink than most columns do: not the middle of a 0.
+    thin = smooth[minima] <= 0.75 * float(np.median(profile[profile > 0]))
+    minima = minima[thin]
     order = minima[np.argsort(smooth[minima], kind="stable")]
     chosen: list[int] = []
-    most = max(1, int(math.ceil(width / (CUT_SPACING * height * 1.5))))
+    most = max(1, round(width / (0.5 * height)) - 1)
     for x in order.tolist():
         if all(abs(x - c) >= CUT_SPACING * height for c in chosen):
             chosen.append(x)
@@ -250,20 +263,24 @@ def _cuts(own: np.ndarray, height: float) -> list[int]:
 
 
 def _candidates(
-    work: imaging.Work, atoms: list[np.ndarray], cut_after: list[bool], height: float
+    work: imaging.Work, atoms: list[np.ndarray], cut_after: list[bool],
+    whole: list[tuple[int, int]], height: float,
 ) -> Candidates:
-    """Every run of up to MAX_SPAN atoms that is not too wide, normalized to 28x28."""
+    """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
+    normalized to 28x28."""
     boxes = [imaging._bbox(a) for a in atoms]
     crops, spans, prior = [], [], []
     for i in range(len(atoms)):
-        for j in range(i + 1, min(len(atoms), i + MAX_SPAN) + 1):
+        for j in range(i + 1, len(atoms) + 1):
             x0 = min(b[0] for b in boxes[i:j])
             y0 = min(b[1] for b in boxes[i:j])
             x1 = max(b[2] for b in boxes[i:j])
             y1 = max(b[3] for b in boxes[i:j])
             width, tall = (x1 - x0) / height, (y1 - y0) / height
-            if j > i + 1 and width > 1.6:
-                break
+            if j > i + 1 and width > MAX_WIDTH and (i, j) not in whole:
+                if x1 - x0 > 3 * MAX_WIDTH * height:
+                    break
+                continue
             crop = _crop(work, atoms, i, j, (x0, y0, x1, y1))
             if crop is None:
                 continue
@@ -273,7 +290,7 @@ def _candidates(
             # about as tall as their neighbours.
             # A digit that ends at a cut pays for it once, so cuts are used
             # only where the classifier much prefers the pieces.
-            prior.append(-15.0 * max(0.0, width - 1.0) - 10.0 * max(0.0, 0.55 - tall)
+            prior.append(-12.0 * max(0.0, width - 1.2) - 10.0 * max(0.0, 0.55 - tall)
                          - (CUT_COST if cut_after[j - 1] else 0.0))
     if not crops:
         raise NoInkError("no ink found after cleaning")
