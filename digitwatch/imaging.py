@@ -42,7 +42,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 600 dpi A4 scan is 35 Mpx
 SIDE = 28
 BOX = 20  # MNIST: the digit's longer side, before centring in 28x28
 COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
-COARSE_SIDE = 160  # the whole page is searched at most this large first
+COARSE_SIDE = 160  # the whole page is searched at most this large (in area, squared) first
 COARSE_RETRIES = 2  # then up to this many finer levels (2x, 4x) if nothing was found
 WORK_SIDE = 80  # the digit's longer side while it is cleaned (4x MNIST's box)
 MNIST_STROKE = 2.4  # median stroke width of MNIST digits at 20 px, measured
@@ -183,13 +183,15 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def pyramid(gray: np.ndarray, side: int, levels: int) -> list[tuple[np.ndarray, int]]:
-    """The page halved until it is at most `side` large: the last `levels` steps,
+    """The page halved until it is at most `side` squared in area: the last `levels` steps,
     coarsest first, each with the factor k it was reduced by (coarse pixel (y, x)
     sits at page (y*k, x*k)). Gaussian pyramid steps: anti-aliased and, with
     SIMD, half the cost of one INTER_AREA resize to the same size."""
     kept: deque[tuple[np.ndarray, int]] = deque([(gray, 1)], maxlen=levels)
     k = 1
-    while max(gray.shape) > side and min(gray.shape) >= 2:
+    # By area, not the longer side: a long strip (a number on a form line)
+    # keeps enough rows for its digits to stay digits.
+    while gray.shape[0] * gray.shape[1] > side * side and min(gray.shape) >= 2:
         gray = cv2.pyrDown(gray)
         k *= 2
         kept.append((gray, k))

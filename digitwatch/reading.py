@@ -146,6 +146,14 @@ def read_scan(gray: np.ndarray) -> Candidates:
     ]
     if not pieces:
         raise NoInkError("no ink found: the image is blank or only noise")
+    boxes = [p for p in pieces if _is_box(labels, p)]
+    if boxes:
+        # A form's box is not ink to read; the digits inside it are.
+        pieces = [p for p in pieces if p not in boxes]
+        if not pieces:
+            raise NoInkError("no ink found: only an empty box")
+        mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
+        work = imaging.Work(work.ink, work.smooth, mask)
     height = _digit_height(pieces)
     pieces = _stack(_drop_strays(pieces, height, work.mask.shape))
     if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height:
@@ -154,6 +162,20 @@ def read_scan(gray: np.ndarray) -> Candidates:
         return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
     atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
     return _candidates(work, atoms, cut_after, whole, height)
+
+
+def _is_box(labels: np.ndarray, p: _Piece) -> bool:
+    """A drawn rectangle (a form's box): nearly all its ink lies along its
+    bounding box's sides, and every side is mostly inked. MNIST's roundest
+    zeros keep under 60% of their ink there; boxes over 80%."""
+    if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
+        return False
+    own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
+    b = max(2, int(0.15 * min(p.width, p.height)))
+    inner = int(own[b:-b, b:-b].sum())
+    total = int(own.sum())
+    sides = min(own[:b].any(0).mean(), own[-b:].any(0).mean(), own[:, :b].any(1).mean(), own[:, -b:].any(1).mean())
+    return 1.0 - inner / max(total, 1) >= 0.8 and sides >= 0.55
 
 
 def _digit_height(pieces: list[_Piece]) -> float:
