@@ -41,9 +41,12 @@ REASON_NOT_DIGIT = "not a digit"
 
 REJECT = 10  # the class index of "not a digit" in an 11-class model
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
+WIDTH_COST = 8.0  # log-odds per digit height against a digit wider than 0.9 heights
 SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
+PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
+PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
 CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
-CUT_COST = 2.5  # log-odds against ending a digit at a cut rather than a gap in the ink
+CUT_COST = 2.0  # log-odds against ending a digit at a cut rather than a gap in the ink
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -155,8 +158,8 @@ def read_scan(gray: np.ndarray) -> Candidates:
         mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
         work = imaging.Work(work.ink, work.smooth, mask)
     height = _digit_height(pieces)
-    pieces = _stack(_drop_strays(pieces, height, work.mask.shape))
-    if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height:
+    pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
+    if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height and not _pinched(work.mask, pieces[0]):
         # The fast path: one digit-like blob, read exactly as a single digit.
         crop = imaging.finish(work.ink, work.smooth, work.mask)
         return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
@@ -176,6 +179,17 @@ def _is_box(labels: np.ndarray, p: _Piece) -> bool:
     total = int(own.sum())
     sides = min(own[:b].any(0).mean(), own[-b:].any(0).mean(), own[:, :b].any(1).mean(), own[:, -b:].any(1).mean())
     return 1.0 - inner / max(total, 1) >= 0.8 and sides >= 0.55
+
+
+def _pinched(mask: np.ndarray, p: _Piece) -> bool:
+    """Whether a digit-wide blob narrows to a thread somewhere inside (two
+    digits touching, a 1 leaning on its neighbour): then it is cut like a
+    wide one, though it could be one digit."""
+    if p.width < PINCH_ASPECT * p.height:
+        return False
+    profile = mask[p.y0 : p.y1, p.x0 : p.x1].sum(0).astype(np.float32)
+    inner = profile[int(MIN_PART * p.height) : p.width - int(MIN_PART * p.height)]
+    return inner.size > 0 and float(inner.min()) <= PINCH * float(np.median(profile[profile > 0]))
 
 
 def _digit_height(pieces: list[_Piece]) -> float:
@@ -211,9 +225,10 @@ def _drop_strays(pieces: list[_Piece], height: float, shape: tuple[int, int]) ->
     return out or pieces
 
 
-def _stack(pieces: list[_Piece]) -> list[_Piece]:
-    """Join pieces that share most of their columns: in one row of digits they
-    are one digit (or touching digits, cut again later), never two."""
+def _stack(pieces: list[_Piece], height: float) -> list[_Piece]:
+    """Join pieces that share most of their columns, or lie one above the other:
+    in one row of digits they are one digit (or touching digits, cut again
+    later), never two."""
     pieces = sorted(pieces, key=lambda p: p.x0)
     merged = True
     while merged:
@@ -222,7 +237,8 @@ def _stack(pieces: list[_Piece]) -> list[_Piece]:
             for b in range(a + 1, len(pieces)):
                 p, q = pieces[a], pieces[b]
                 overlap = min(p.x1, q.x1) - max(p.x0, q.x0)
-                if overlap >= 0.6 * min(p.width, q.width):
+                above = min(p.y1, q.y1) <= max(p.y0, q.y0)  # no row in common
+                if overlap >= 0.6 * min(p.width, q.width) or (above and overlap > -0.15 * height):
                     pieces[a] = _Piece(min(p.x0, q.x0), min(p.y0, q.y0), max(p.x1, q.x1),
                                        max(p.y1, q.y1), p.labels + q.labels)
                     del pieces[b]
@@ -244,7 +260,8 @@ def _atoms(
         first = len(atoms)
         window = labels[p.y0 : p.y1, p.x0 : p.x1]
         own = np.isin(window, p.labels).astype(np.uint8)
-        cuts = _cuts(own, height) if p.width > CUT_ASPECT * height else []
+        wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
+        cuts = _cuts(own, height) if wide else []
         edges = [0, *cuts, p.width]
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             full = np.zeros_like(mask)
@@ -312,7 +329,7 @@ def _candidates(
             # about as tall as their neighbours.
             # A digit that ends at a cut pays for it once, so cuts are used
             # only where the classifier much prefers the pieces.
-            prior.append(-12.0 * max(0.0, width - 1.2) - 10.0 * max(0.0, 0.55 - tall)
+            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall)
                          - (CUT_COST if cut_after[j - 1] else 0.0))
     if not crops:
         raise NoInkError("no ink found after cleaning")
