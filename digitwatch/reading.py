@@ -46,7 +46,11 @@ SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one dig
 PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
 PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
 CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
-CUT_COST = 2.0  # log-odds against ending a digit at a cut rather than a gap in the ink
+# Log-odds against ending a digit at a cut rather than at a gap in the ink
+# (paid once per cut, so cuts are used only where the classifier much prefers
+# the pieces). A model with a reject class scores fragments and touching pairs
+# low by itself; one without needs the prior to keep single digits whole.
+CUT_COST = {10: 3.0, 11: 1.0}
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -100,6 +104,7 @@ class Candidates:
     spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
+    cut: np.ndarray | None = None  # (K,) bool: the candidate ends at a cut, not a gap
 
 
 @dataclass(frozen=True)
@@ -308,7 +313,7 @@ def _candidates(
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
     normalized to 28x28."""
     boxes = [imaging._bbox(a) for a in atoms]
-    crops, spans, prior = [], [], []
+    crops, spans, prior, cut = [], [], [], []
     for i in range(len(atoms)):
         for j in range(i + 1, len(atoms) + 1):
             x0 = min(b[0] for b in boxes[i:j])
@@ -327,13 +332,12 @@ def _candidates(
             spans.append((i, j))
             # Log shape prior: digits are at most about as wide as tall, and
             # about as tall as their neighbours.
-            # A digit that ends at a cut pays for it once, so cuts are used
-            # only where the classifier much prefers the pieces.
-            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall)
-                         - (CUT_COST if cut_after[j - 1] else 0.0))
+            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall))
+            cut.append(cut_after[j - 1])
     if not crops:
         raise NoInkError("no ink found after cleaning")
-    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms))
+    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms),
+                      np.array(cut, bool))
 
 
 def _crop(
@@ -368,7 +372,9 @@ def decide(
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
     rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
-    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior
+    cut_cost = CUT_COST[11 if probs.shape[1] > REJECT else 10]
+    cut = cands.cut if cands.cut is not None else np.zeros(len(best), bool)
+    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior - cut_cost * cut
 
     n = cands.atoms
     # top[j, m]: the best score covering atoms [0, j) with m digits (back: its
@@ -398,7 +404,7 @@ def decide(
     certainty = math.exp(top[n, m] - z)
     product = float(np.prod([digit_probs[k, best[k]] for k in path]))
     confidence = product * certainty
-    if any(rejected[k] for k in path) or any(cands.prior[k] < -CUT_COST - 4.0 for k in path):
+    if any(rejected[k] for k in path) or any(cands.prior[k] < -4.0 for k in path):
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
         reason = REASON_LOW
