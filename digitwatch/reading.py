@@ -53,6 +53,7 @@ CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 CUT_COST = {10: 3.0, 11: 1.0}
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
 
 
@@ -173,17 +174,23 @@ def read_scan(gray: np.ndarray) -> Candidates:
 
 
 def _is_box(labels: np.ndarray, p: _Piece) -> bool:
-    """A drawn rectangle (a form's box): nearly all its ink lies along its
-    bounding box's sides, and every side is mostly inked. MNIST's roundest
-    zeros keep under 60% of their ink there; boxes over 80%."""
+    """A drawn rectangle (a form's box): a hollow outline whose outer edge is
+    a convex quadrilateral, straight to within BOX_STRAIGHT of its size. A 0
+    is hollow too, but its outline bulges far from any four straight sides."""
     if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
         return False
-    own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
-    b = max(2, int(0.15 * min(p.width, p.height)))
-    inner = int(own[b:-b, b:-b].sum())
-    total = int(own.sum())
-    sides = min(own[:b].any(0).mean(), own[-b:].any(0).mean(), own[:, :b].any(1).mean(), own[:, -b:].any(1).mean())
-    return 1.0 - inner / max(total, 1) >= 0.8 and sides >= 0.55
+    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
+    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    enclosed = cv2.contourArea(outline)
+    if own.sum() > 0.5 * enclosed:
+        return False  # not hollow
+    poly = cv2.approxPolyDP(outline, 0.04 * cv2.arcLength(outline, True), True)
+    if len(poly) != 4 or not cv2.isContourConvex(poly):
+        return False
+    size = math.sqrt(max(cv2.contourArea(poly), 1.0))
+    worst = max(abs(cv2.pointPolygonTest(poly, (float(x), float(y)), True)) for x, y in outline[::3, 0])
+    return worst <= BOX_STRAIGHT * size
 
 
 def _pinched(mask: np.ndarray, p: _Piece) -> bool:
