@@ -403,22 +403,25 @@ def decide(
     z = np.logaddexp.reduce(total[n])
     free = int(np.argmax(top[n]))  # the length of the best reading of any length
     lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]
-    if not lengths:
+    m = max(lengths, key=lambda length: top[n, length]) if lengths else free
+    if m != free and top[n, free] > top[n, m] + math.log(2.0) or not lengths:
+        # What is written does not fit the constraints: report what is written.
         path = _path(cands, back, n, free)
-        return _reading(path, best, digit_probs, 0.0, STATUS_LOW, _length_reason(constraints, path))
-    m = max(lengths, key=lambda length: top[n, length])
+        return _reading(path, best, digit_probs, _confidence(path, digit_probs, best, top[n, free] - z),
+                        STATUS_LOW, _length_reason(constraints, path))
     path = _path(cands, back, n, m)
-    certainty = math.exp(top[n, m] - z)
-    product = float(np.prod([digit_probs[k, best[k]] for k in path]))
-    confidence = product * certainty
+    confidence = _confidence(path, digit_probs, best, top[n, m] - z)
     if any(rejected[k] for k in path) or any(cands.prior[k] < -4.0 for k in path):
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
-        reason = REASON_LOW
-        if free != m and top[n, free] > top[n, m] + math.log(2.0):
-            reason = _length_reason(constraints, _path(cands, back, n, free))
-        return _reading(path, best, digit_probs, confidence, STATUS_LOW, reason)
+        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)
     return _reading(path, best, digit_probs, confidence, STATUS_OK, "")
+
+
+def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float) -> float:
+    """The product of the digits' probabilities times the segmentation certainty
+    (this cut's share of the weight of every way of cutting the same ink)."""
+    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
 
 
 def _length_reason(constraints: Constraints, path: list[int]) -> str:
