@@ -155,6 +155,8 @@ def read_scan(gray: np.ndarray) -> Candidates:
     ]
     if not pieces:
         raise NoInkError("no ink found: the image is blank or only noise")
+    if _trim_tails(labels, pieces, work.mask.shape):
+        work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask)
     boxes = [p for p in pieces if _is_box(labels, p)]
     if boxes:
         # A form's box is not ink to read; the digits inside it are.
@@ -165,12 +167,42 @@ def read_scan(gray: np.ndarray) -> Candidates:
         work = imaging.Work(work.ink, work.smooth, mask)
     height = _digit_height(pieces)
     pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
+    height = max(height, _digit_height(pieces))  # a broken digit is as tall as its pieces stacked
     if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height and not _pinched(work.mask, pieces[0]):
         # The fast path: one digit-like blob, read exactly as a single digit.
         crop = imaging.finish(work.ink, work.smooth, work.mask)
         return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
     atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
     return _candidates(work, atoms, cut_after, whole, height)
+
+
+def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]) -> bool:
+    """Cut off hair-thin tails that run from a piece to the region's left or
+    right edge: the rest of a ruled line the line remover did not take, still
+    attached to the digit it crossed. Returns whether anything was cut."""
+    w = shape[1]
+    cut = False
+    for p in pieces:
+        if p.x0 > 0 and p.x1 < w or p.width <= p.height:
+            continue
+        own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
+        thin = own.sum(0) <= max(2, int(0.08 * p.height))
+        a, b = 0, p.width
+        if p.x0 == 0:
+            while a < b and thin[a]:
+                a += 1
+        if p.x1 == w:
+            while b > a and thin[b - 1]:
+                b -= 1
+        if (a, b) == (0, p.width) or b - a < 0.3 * p.height:
+            continue
+        labels[p.y0 : p.y1, p.x0 : p.x0 + a][own[:, :a]] = 0
+        labels[p.y0 : p.y1, p.x0 + b : p.x1][own[:, b:]] = 0
+        p.x0, p.x1 = p.x0 + a, p.x0 + b
+        rows = np.flatnonzero(own[:, a:b].any(1))
+        p.y0, p.y1 = p.y0 + int(rows[0]), p.y0 + int(rows[-1]) + 1
+        cut = True
+    return cut
 
 
 def _is_box(labels: np.ndarray, p: _Piece) -> bool:
@@ -411,7 +443,7 @@ def decide(
                         STATUS_LOW, _length_reason(constraints, path))
     path = _path(cands, back, n, m)
     confidence = _confidence(path, digit_probs, best, top[n, m] - z)
-    if any(rejected[k] for k in path) or any(cands.prior[k] < -4.0 for k in path):
+    if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - 0.9) for k in path):
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)
