@@ -407,6 +407,8 @@ def decide(
     """The best reading of a scan given the classifier's probabilities for its
     candidates (rows of `probs`, 10 or 11 classes)."""
     probs = np.asarray(probs, np.float64)
+    if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
+        return _single(probs[0], threshold)
     digit_probs = probs[:, :10]
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
@@ -454,6 +456,20 @@ def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certai
     """The product of the digits' probabilities times the segmentation certainty
     (this cut's share of the weight of every way of cutting the same ink)."""
     return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
+
+
+def _single(p: np.ndarray, threshold: float) -> Reading:
+    """The fast path's reading: one candidate, no other way to cut the ink."""
+    digit = int(np.argmax(p[:10]))
+    confidence = float(p[digit])
+    if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
+        status, reason = STATUS_LOW, REASON_NOT_DIGIT
+    elif confidence < threshold:
+        status, reason = STATUS_LOW, REASON_LOW
+    else:
+        status, reason = STATUS_OK, ""
+    return Reading(text=str(digit), digits=((digit, confidence),), confidence=confidence,
+                   status=status, reason=reason)
 
 
 def _length_reason(constraints: Constraints, path: list[int]) -> str:
