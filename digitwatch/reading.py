@@ -8,8 +8,8 @@ broken 8, a 5 whose bar floats free) joined first, and pieces too wide for one
 digit (touching digits) sliced at the columns where the ink is thinnest.
 
 A candidate digit is a run of consecutive atoms at most MAX_WIDTH heights wide
-(or one whole piece, however wide); each is
-normalized to 28x28 exactly like a single digit. One classifier call scores
+(or one whole piece, however wide); each is normalized to 28x28 exactly like
+a single digit. One classifier call scores
 them all, and a dynamic programme over atom boundaries picks the reading
 whose digits are most probable (shape priors penalize candidates too wide or
 too short to be a digit; a model with a reject class penalizes fragments and
@@ -31,9 +31,7 @@ import numpy as np
 
 from digitwatch import imaging
 from digitwatch.errors import NoInkError
-
-STATUS_OK = "ok"
-STATUS_LOW = "low_confidence"
+from digitwatch.results import STATUS_LOW, STATUS_OK
 
 # Reasons a reading is not ok (the `reason` field).
 REASON_LOW = "low confidence"
@@ -351,7 +349,7 @@ def _candidates(
 ) -> Candidates:
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
     normalized to 28x28."""
-    boxes = [imaging._bbox(a) for a in atoms]
+    boxes = [_bbox(a) for a in atoms]
     crops, spans, prior, cut = [], [], [], []
     for i in range(len(atoms)):
         for j in range(i + 1, len(atoms) + 1):
@@ -377,6 +375,11 @@ def _candidates(
         raise NoInkError("no ink found after cleaning")
     return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms),
                       np.array(cut, bool))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    x, y, w, h = cv2.boundingRect(mask)
+    return x, y, x + w, y + h
 
 
 def _crop(

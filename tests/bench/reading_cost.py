@@ -2,8 +2,9 @@
 
     python -m tests.bench.reading_cost [--base DIR] [--count N] [--seed S]
 
-Renders N single-digit scans and N 5-digit number scans (MNIST *test* digits,
-tests/scans.py's "realistic" pages), then runs each code tree in its own
+Renders N single-digit scans (MNIST *test* digits on tests/scans.py's
+"realistic" pages; drawn-stroke and Hershey-font digits over every variation)
+and N 5-digit number scans (MNIST test digits, realistic pages), then runs each code tree in its own
 subprocess, single-threaded, over the same files: read bytes -> prepare_bytes
 -> classify_batch in batches of 32, the path `classify` and the daemon take.
 It prints CPU ms per file (process time), each tree's single-digit accuracy
@@ -37,7 +38,7 @@ from digitwatch.model import LiteRTClassifier
 folder = Path(sys.argv[1])
 clf = LiteRTClassifier(Path(sys.argv[2]), threads=1)
 out = {}
-for kind in ("single", "number"):
+for kind in ("single", "strokes", "font", "one", "number"):
     files = sorted(folder.glob(kind + "-*.png"))
     datas = [f.read_bytes() for f in files]
     best, results = None, None
@@ -74,6 +75,14 @@ def render(folder: Path, count: int, seed: int) -> None:
     idx = rng.choice(len(mnist.x_test), count, replace=False)
     for i, s in enumerate(scans.mnist_scans(mnist.x_test[idx], mnist.y_test[idx], "realistic", rng)):
         (folder / f"single-{i:04d}-{s.label}.png").write_bytes(s.png)
+    for source in ("strokes", "font"):
+        for i, s in enumerate(scans.other_scans(count, source, rng)):
+            (folder / f"{source}-{i:04d}-{s.label}.png").write_bytes(s.png)
+    # The same renderer and digit sizes as the numbers, one digit each: the
+    # fair base for "a 5-digit number costs at most 3x a single digit".
+    for i, s in enumerate(scans.mnist_number_scans(mnist.x_test, mnist.y_test, count, 1, rng,
+                                                   variation="realistic")):
+        (folder / f"one-{i:04d}-{s.text}.png").write_bytes(s.png)
     numbers = scans.mnist_number_scans(mnist.x_test, mnist.y_test, count, 5, rng, variation="realistic")
     for i, s in enumerate(numbers):
         (folder / f"number-{i:04d}-{s.text}.png").write_bytes(s.png)
@@ -113,13 +122,22 @@ def main() -> None:
         one = sorted(folder.glob("single-*.png"))[0]
         colds = {name: cold(tree, one) for name, tree in trees.items()}
     for name, row in rows.items():
+        for source in ("strokes", "font"):
+            o = row[source]
+            print(f"{name:5} {source} digits (every variation): {o['cpu_ms_per_file']:.2f} ms/file CPU, "
+                  f"read {o['exact']:.3f}, ok {o['ok']:.3f}, ok right {o['ok_right']:.4f}")
         s, n = row["single"], row["number"]
         print(f"{name:5} single: {s['cpu_ms_per_file']:.2f} ms/file CPU, read {s['exact']:.3f}, "
               f"ok {s['ok']:.3f}, ok right {s['ok_right']:.4f} | 5-digit: {n['cpu_ms_per_file']:.2f} ms/file, "
               f"exact {n['exact']:.3f}, ok {n['ok']:.3f}, ok right {n['ok_right']:.3f} | "
               f"cold classify {colds[name]:.2f} s")
     this = rows["this"]
-    print(f"5-digit / single (this): {this['number']['cpu_ms_per_file'] / this['single']['cpu_ms_per_file']:.2f}x")
+    for name, row in rows.items():
+        o = row["one"]
+        print(f"{name:5} 1-digit numbers (same renderer as the 5-digit): {o['cpu_ms_per_file']:.2f} ms/file CPU, "
+              f"read {o['exact']:.3f}, ok {o['ok']:.3f}")
+    print(f"5-digit / 1-digit (this, same renderer): "
+          f"{this['number']['cpu_ms_per_file'] / this['one']['cpu_ms_per_file']:.2f}x")
     if "base" in rows:
         ratio = this["single"]["cpu_ms_per_file"] / rows["base"]["single"]["cpu_ms_per_file"]
         print(f"single this / base: {ratio:.2f}x")
