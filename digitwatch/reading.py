@@ -146,15 +146,17 @@ def read_scan(gray: np.ndarray) -> Candidates:
     """A page (gray, uint8 or float in [0, 1]) -> the candidate digits on it.
     Raises NoInkError when there is nothing to read."""
     work = imaging.work_region(gray)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(work.mask, connectivity=8)
+    labels, stats = work.labels, work.stats
+    assert labels is not None and stats is not None and work.chosen is not None
     pieces = [
-        _Piece(int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]), [i])
-        for i, s in enumerate(stats[1:], start=1)
+        _Piece(int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]), [int(i)])
+        for i, s in zip(work.chosen, stats[work.chosen], strict=True)
     ]
     if not pieces:
         raise NoInkError("no ink found: the image is blank or only noise")
     if _trim_tails(labels, pieces, work.mask.shape):
-        work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask)
+        work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask, labels, stats,
+                            work.chosen)
     boxes = [p for p in pieces if _is_box(labels, p)]
     if boxes:
         # A form's box is not ink to read; the digits inside it are.
@@ -162,7 +164,7 @@ def read_scan(gray: np.ndarray) -> Candidates:
         if not pieces:
             raise NoInkError("no ink found: only an empty box")
         mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
-        work = imaging.Work(work.ink, work.smooth, mask)
+        work = imaging.Work(work.ink, work.smooth, mask, labels, stats, work.chosen)
     height = _digit_height(pieces)
     pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
     height = max(height, _digit_height(pieces))  # a broken digit is as tall as its pieces stacked
@@ -231,7 +233,13 @@ def _pinched(mask: np.ndarray, p: _Piece) -> bool:
         return False
     profile = mask[p.y0 : p.y1, p.x0 : p.x1].sum(0).astype(np.float32)
     inner = profile[int(MIN_PART * p.height) : p.width - int(MIN_PART * p.height)]
-    return inner.size > 0 and float(inner.min()) <= PINCH * float(np.median(profile[profile > 0]))
+    return inner.size > 0 and float(inner.min()) <= PINCH * _median(profile[profile > 0])
+
+
+def _median(values: np.ndarray) -> float:
+    """Median by partial sort (np.median costs several times more on small arrays)."""
+    i = values.size // 2
+    return float(np.partition(values, i)[i])
 
 
 def _digit_height(pieces: list[_Piece]) -> float:
@@ -330,7 +338,7 @@ def _cuts(own: np.ndarray, height: float) -> list[int]:
     right = np.concatenate([inner[1:], [np.inf]])
     minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
     # A cut crosses less ink than most columns do: not the middle of a 0.
-    thin = smooth[minima] <= 0.75 * float(np.median(profile[profile > 0]))
+    thin = smooth[minima] <= 0.75 * _median(profile[profile > 0])
     minima = minima[thin]
     order = minima[np.argsort(smooth[minima], kind="stable")]
     chosen: list[int] = []
