@@ -39,7 +39,8 @@ REASON_NOT_DIGIT = "not a digit"
 
 REJECT = 10  # the class index of "not a digit" in an 11-class model
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
-WIDTH_COST = 8.0  # log-odds per digit height against a digit wider than 0.9 heights
+WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than 0.9 heights
+SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than 0.55 heights (a bar, a dash)
 SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
 PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
 PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
@@ -377,7 +378,7 @@ def _candidates(
             spans.append((i, j))
             # Log shape prior: digits are at most about as wide as tall, and
             # about as tall as their neighbours.
-            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall))
+            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - SHORT_COST * max(0.0, 0.55 - tall))
             cut.append(cut_after[j - 1])
     if not crops:
         raise NoInkError("no ink found after cleaning")
