@@ -22,6 +22,8 @@ from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 
+Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
+
 app = typer.Typer(
     add_completion=True,
     no_args_is_help=True,
@@ -139,13 +141,25 @@ def classify(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
     ] = DEFAULT_MAX_PIXELS,
+    expect: Annotated[
+        Expect, typer.Option(help="'number' (1 or more digits) or 'digit' (exactly one).")
+    ] = Expect.number,
+    length: Annotated[
+        str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
+    ] = None,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.batch import classify_paths
+    from digitwatch.reading import constraints_for
 
+    try:
+        constraints_for(expect.value, length)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     failed = classify_paths(
         paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
         low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
+        expect=expect.value, length=length,
     )
     raise typer.Exit(1 if failed else 0)
 
@@ -253,6 +267,8 @@ def watch(
     batch_wait_ms: Annotated[float | None, _duration("batch_wait_ms")] = None,
     review_threshold: Annotated[float | None, _setting("review_threshold", min=0.0, max=1.0,
                                                        callback=_finite)] = None,
+    expect: Annotated[Expect | None, _setting("expect")] = None,
+    length: Annotated[str | None, _setting("length")] = None,
     stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
     workers: Annotated[int | None, _setting("workers", min=1)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
