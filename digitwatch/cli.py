@@ -210,7 +210,7 @@ LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
 
 # How a default reads in --help where the value itself says little.
 _SHOWN = {"review": "off", "model": "models/digits.tflite", "instance": "the host name",
-          "recursive": "no-recursive", "polling": "no-polling"}
+          "recursive": "no-recursive", "polling": "no-polling", "length": "any"}
 
 
 def _setting(key: str, *names: str, **kwargs) -> typer.models.OptionInfo:
