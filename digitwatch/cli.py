@@ -280,6 +280,8 @@ def watch(
     """Watch the inbox: classify each new PNG, append a result line, move it aside."""
     # Every settings key is a parameter of the same name; None means "not given".
     flags = {k: v for k, v in ctx.params.items() if k in KEYS and v is not None}
+    import structlog
+
     from digitwatch import logs
     from digitwatch.config import check_paths
     from digitwatch.daemon import Daemon
@@ -288,8 +290,17 @@ def watch(
     settings = _settings_from(config, flags)
     logs.configure(settings.log_format)
     check_paths(settings)  # the daemon creates the results file (with its header) at start
+    for caveat in _nfs_caveats(settings):
+        structlog.get_logger("digitwatch").warning("nfs_caveat", message=caveat)
     classifier = load_classifier(settings.model)
     raise typer.Exit(Daemon(settings, classifier).run(once=once))
+
+
+def _nfs_caveats(settings: Settings) -> list[str]:
+    """What does not hold on NFS with these settings (systemd/README.md has the figures)."""
+    from digitwatch.fsinfo import nfs_warnings
+
+    return nfs_warnings({"inbox": settings.inbox, "results": settings.results.parent}, polling=settings.polling)
 
 
 @app.command("check-config")
@@ -305,6 +316,8 @@ def check_config(
     # Nothing is created here: the folders must be makeable and writable by
     # whoever runs this (run it as the service's user, from its folder).
     check_paths(settings, create=False)
+    for caveat in _nfs_caveats(settings):
+        typer.echo(f"digitwatch: warning: {caveat}", err=True)
     values = settings.as_dict()
     if format is ReportFormat.json:
         typer.echo(json.dumps(values, indent=2))
