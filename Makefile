@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench soak clean help
+.PHONY: run test test-nfs lint bench soak clean help
 
 help:
 	@echo "make run    create .venv, install, start the daemon on ./var/inbox"
@@ -11,6 +11,7 @@ help:
 	@echo "make bench  throughput / latency / memory benchmark (writes bench-results/)"
 	@echo "make soak   fault table and a 100k-file soak (writes bench-results/)"
 	@echo "make lint   ruff"
+	@echo "make test-nfs  two daemons on real NFS, 1,000 files, shared and per-host results (root; ~10 min)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,12 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+# Two hosts on real NFS (a User-Mode Linux guest, see tests/test_nfs.py):
+# 1,000 files per run; `make test` runs the 100-file shared-results case.
+test-nfs: $(VENV)/.installed-test
+	DIGITWATCH_NFS_FILES=$${DIGITWATCH_NFS_FILES:-1000} DIGITWATCH_NFS_MODES=$${DIGITWATCH_NFS_MODES:-shared,per-host} \
+	  $(BIN)/python -m pytest tests/test_nfs.py -v -s
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check digitwatch tests

@@ -71,6 +71,25 @@ def untrusted_reason(st: os.stat_result) -> str | None:
     return None
 
 
+def untrusted_root(root: Path, why: str) -> ConfigError:
+    """The one refusal for a state root we did not make (exit 78)."""
+    return ConfigError(f"state folder {root} {why}; refusing to use it "
+                       "(it must be a real directory owned by this user, mode 0700)")
+
+
+def check_state_root(inbox: Path) -> bool:
+    """Refuse (ConfigError) a state root that is not ours, before anything
+    else touches the disk; never follows it. True when it exists."""
+    root = inbox / WORK_DIR
+    try:
+        why = untrusted_reason(os.lstat(root))
+    except FileNotFoundError:
+        return False
+    if why:
+        raise untrusted_root(root, why)
+    return True
+
+
 def open_dir(name: str | bytes, dir_fd: int | None) -> int:
     """Open a trusted folder by name without following a link; UntrustedError if it is not ours."""
     try:
@@ -271,8 +290,7 @@ class Workspace:
             self.quarantine_fd = self._open_root(QUARANTINE, self.root_fd)
         except UntrustedError as exc:
             os.close(self.inbox_fd)
-            raise ConfigError(f"state folder {self.root_path} {exc}; refusing to use it "
-                              "(it must be a real directory owned by this user, mode 0700)") from None
+            raise untrusted_root(self.root_path, str(exc)) from None
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", instance)[:100] or "x"
         name = f"{safe}-{os.getpid()}-{time.time_ns():x}"
         os.mkdir(name, 0o700, dir_fd=self.root_fd)

@@ -22,6 +22,8 @@ from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 
+Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
+
 app = typer.Typer(
     add_completion=True,
     no_args_is_help=True,
@@ -139,13 +141,25 @@ def classify(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
     ] = DEFAULT_MAX_PIXELS,
+    expect: Annotated[
+        Expect, typer.Option(help="'number' (1 or more digits) or 'digit' (exactly one).")
+    ] = Expect.number,
+    length: Annotated[
+        str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
+    ] = None,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.batch import classify_paths
+    from digitwatch.reading import constraints_for
 
+    try:
+        constraints_for(expect.value, length)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     failed = classify_paths(
         paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
         low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
+        expect=expect.value, length=length,
     )
     raise typer.Exit(1 if failed else 0)
 
@@ -196,7 +210,7 @@ LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
 
 # How a default reads in --help where the value itself says little.
 _SHOWN = {"review": "off", "model": "models/digits.tflite", "instance": "the host name",
-          "recursive": "no-recursive", "polling": "no-polling"}
+          "recursive": "no-recursive", "polling": "no-polling", "length": "any"}
 
 
 def _setting(key: str, *names: str, **kwargs) -> typer.models.OptionInfo:
@@ -253,6 +267,8 @@ def watch(
     batch_wait_ms: Annotated[float | None, _duration("batch_wait_ms")] = None,
     review_threshold: Annotated[float | None, _setting("review_threshold", min=0.0, max=1.0,
                                                        callback=_finite)] = None,
+    expect: Annotated[Expect | None, _setting("expect")] = None,
+    length: Annotated[str | None, _setting("length")] = None,
     stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
     workers: Annotated[int | None, _setting("workers", min=1)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
@@ -264,6 +280,8 @@ def watch(
     """Watch the inbox: classify each new PNG, append a result line, move it aside."""
     # Every settings key is a parameter of the same name; None means "not given".
     flags = {k: v for k, v in ctx.params.items() if k in KEYS and v is not None}
+    import structlog
+
     from digitwatch import logs
     from digitwatch.config import check_paths
     from digitwatch.daemon import Daemon
@@ -272,8 +290,17 @@ def watch(
     settings = _settings_from(config, flags)
     logs.configure(settings.log_format)
     check_paths(settings)  # the daemon creates the results file (with its header) at start
+    for caveat in _nfs_caveats(settings):
+        structlog.get_logger("digitwatch").warning("nfs_caveat", message=caveat)
     classifier = load_classifier(settings.model)
     raise typer.Exit(Daemon(settings, classifier).run(once=once))
+
+
+def _nfs_caveats(settings: Settings) -> list[str]:
+    """What does not hold on NFS with these settings (systemd/README.md has the figures)."""
+    from digitwatch.fsinfo import nfs_warnings
+
+    return nfs_warnings({"inbox": settings.inbox, "results": settings.results.parent}, polling=settings.polling)
 
 
 @app.command("check-config")
@@ -289,6 +316,8 @@ def check_config(
     # Nothing is created here: the folders must be makeable and writable by
     # whoever runs this (run it as the service's user, from its folder).
     check_paths(settings, create=False)
+    for caveat in _nfs_caveats(settings):
+        typer.echo(f"digitwatch: warning: {caveat}", err=True)
     values = settings.as_dict()
     if format is ReportFormat.json:
         typer.echo(json.dumps(values, indent=2))

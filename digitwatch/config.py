@@ -25,10 +25,12 @@ from typing import Any, get_type_hints
 
 import tomllib
 
+from digitwatch.claims import check_state_root
 from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
+from digitwatch.reading import constraints_for
 
 ENV_PREFIX = "DIGITWATCH_"
 
@@ -53,6 +55,8 @@ class Settings:
     batch_size: int = 32
     batch_wait_ms: float = 20.0
     review_threshold: float = DEFAULT_LOW_CONFIDENCE
+    expect: str = "number"  # "digit": exactly one digit; "number": 1 or more
+    length: str = ""  # digits a reading must have: "5" or "4-6"; "" any
     stop_timeout: float = 20.0
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -94,6 +98,8 @@ HELP: dict[str, str] = {
     "batch_size": "At most this many files per model call.",
     "batch_wait_ms": "A ready file waits at most this long for others to join its batch.",
     "review_threshold": "Confidence below this gives status low_confidence.",
+    "expect": "number: read 1 or more digits; digit: exactly one (anything else is not ok).",
+    "length": "Digits a reading must have, e.g. 5 or 4-6; empty: any.",
     "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",
     "workers": "Threads that read, decode and normalize files.",
     "max_pixels": "Refuse images with more pixels (from the PNG header).",
@@ -105,6 +111,7 @@ HELP: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "format": ("csv", "jsonl"),
     "log_format": ("auto", "json", "console"),
+    "expect": ("number", "digit"),
 }
 
 
@@ -281,6 +288,10 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{key} must not be negative")
     if not 0.0 <= s.review_threshold <= 1.0:
         raise ConfigError("review_threshold must be between 0 and 1")
+    try:
+        constraints_for(s.expect, s.length)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if not s.patterns:
         raise ConfigError("patterns is empty: nothing would ever be taken")
     for pattern in s.patterns:
@@ -315,9 +326,9 @@ def check_paths(s: Settings, *, create: bool = True) -> None:
     if s.model is not None and not s.model.is_file():
         raise ConfigError(f"model {s.model} not found")
     folders = [("inbox", s.inbox)]
-    claims_dir = s.inbox / CLAIMS_DIR
-    if claims_dir.is_dir():
-        folders.append(("claim folder", claims_dir))
+    # First, and without following it: a planted link must not even be probed.
+    if check_state_root(s.inbox):
+        folders.append(("claim folder", s.inbox / CLAIMS_DIR))
     folders += [("processed", s.processed), ("failed", s.failed)]
     if s.review is not None:
         folders.append(("review", s.review))

@@ -465,7 +465,8 @@ class Daemon:
         self.counters.batches += 1
         started = time.perf_counter()
         results = classify_batch(self.classifier, [p for _, p in batch],
-                                 low_confidence=self.s.review_threshold)
+                                 low_confidence=self.s.review_threshold,
+                                 expect=self.s.expect, length=self.s.length)
         items = [(c, r, self._destination(r)) for (c, _), r in zip(batch, results, strict=True)]
         by_folder: dict[claims.Folder, list] = {}  # one folder, unless the inbox was recreated
         for item in items:

@@ -199,22 +199,35 @@ def test_day_folder_archived_before_recovery(tmp_path):
 
 def test_results_unwritable_during_recovery_then_fixed(tmp_path):
     """A dead instance's journal whose lines cannot be written yet waits, and is
-    appended exactly once when the results file is back (9 lines for 6 before)."""
-    args = ("--recursive", "--batch-size", "16", "--batch-wait-ms", "3000")
-    d = DaemonProc(tmp_path, *args, settle=0.05)
-    _plant(d.inbox)
-    crash = DaemonProc(tmp_path, *args, settle=0.05, env={"DIGITWATCH_CRASH_AT": "placed_batch:1"})
-    assert crash.run_once() == -signal.SIGKILL
-    if d.results.exists():
-        d.results.unlink()
-    d.results.mkdir()  # unwritable, even for root
-    d.start()
-    d.wait_log("recovery_incomplete", timeout=30)
-    assert d.terminate() == 0
-    d.results.rmdir()
-    assert d.run_once() == 0, d.log.read_text()[-3000:]
-    assert d.run_once() == 0  # and once more: nothing is appended again
-    _check_once(d, {name for name, _ in INPUTS.values()})
+    appended exactly once when the results file is back (9 lines for 6 before).
+    The results file sits on a full tmpfs: it passes the start-up checks (it
+    can be opened for appending) but every write fails with ENOSPC."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
+    try:
+        args = ("--recursive", "--batch-size", "16", "--batch-wait-ms", "3000")
+        results = mnt / "results.jsonl"
+        d = DaemonProc(tmp_path, *args, settle=0.05, results=results)
+        _plant(d.inbox)
+        crash = DaemonProc(tmp_path, *args, settle=0.05, results=results,
+                           env={"DIGITWATCH_CRASH_AT": "placed_batch:1"})
+        assert crash.run_once() == -signal.SIGKILL
+        filler = mnt / "filler"
+        with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+        d.start()
+        d.wait_log("recovery_incomplete", timeout=30)
+        assert d.terminate() == 0
+        filler.unlink()
+        assert d.run_once() == 0, d.log.read_text()[-3000:]
+        assert d.run_once() == 0  # and once more: nothing is appended again
+        _check_once(d, {name for name, _ in INPUTS.values()})
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_copy_leaves_no_partial_file(tmp_path):

@@ -180,3 +180,21 @@ class TestDiskChecks:
         (tmp_path / "p").write_text("")
         with pytest.raises(ConfigError, match="processed .* is not a folder"):
             check_paths(self._settings(tmp_path))
+
+
+class TestNfsCaveats:
+    """On NFS the daemon says what does not hold; elsewhere it says nothing."""
+
+    def test_local_folders_have_no_caveats(self, tmp_path):
+        from digitwatch.fsinfo import nfs_warnings
+
+        assert nfs_warnings({"inbox": tmp_path, "results": tmp_path}, polling=False) == []
+
+    def test_inbox_on_nfs_without_polling(self, tmp_path, monkeypatch):
+        from digitwatch import fsinfo
+
+        # statfs cannot be made to say NFS here; the lookup is faked, the rules are real.
+        monkeypatch.setattr(fsinfo, "network_fs", lambda p: "nfs" if p == tmp_path else None)
+        lines = fsinfo.nfs_warnings({"inbox": tmp_path, "results": None}, polling=False)
+        assert any("set polling = true" in line for line in lines)
+        assert not any("polling" in line for line in fsinfo.nfs_warnings({"inbox": tmp_path}, polling=True))

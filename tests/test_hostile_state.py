@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import stat
 import time
@@ -431,11 +430,11 @@ def test_hard_link_of_processed_file_never_deletes_the_original(tmp_path):
     # original apart from a copy it placed itself.
     d3 = DaemonProc(tmp_path, "--rescan-seconds", "1", name="d3")
     try:
-        # Started first: an unusable results path at start is exit 78 (test_cli).
         assert start_or_refuse(d3, "inbox")
-        shutil.copy2(d.results, tmp_path / "results.saved")
-        d.results.unlink()
-        d.results.mkdir()  # every commit fails: the claim stays in hand
+        # After start (an unusable results path at start is exit 78): every
+        # commit fails from here on, so the claim stays in hand.
+        d.results.rename(tmp_path / "results.saved")
+        d.results.mkdir()
         os.link(original, d3.inbox / "third.png")
         d3.wait_log("commit_failed", timeout=60)
     finally:

@@ -1,0 +1,519 @@
+"""Reading a scan as a string of digits: cut the cleaned ink into candidate
+digits, let the classifier score every candidate at once, pick the best cut.
+
+The page is cleaned exactly as for a single digit (imaging.work_region:
+polarity, paper, ruled lines, specks). Its ink is then split into *atoms*,
+left to right: connected pieces, with pieces stacked above one another (a
+broken 8, a 5 whose bar floats free) joined first, and pieces too wide for one
+digit (touching digits) sliced at the columns where the ink is thinnest.
+
+A candidate digit is a run of consecutive atoms at most MAX_WIDTH heights wide
+(or one whole piece, however wide); each is normalized to 28x28 exactly like
+a single digit. One classifier call scores
+them all, and a dynamic programme over atom boundaries picks the reading
+whose digits are most probable (shape priors penalize candidates too wide or
+too short to be a digit; a model with a reject class penalizes fragments and
+non-digits by itself). How much better that reading is than every other way
+of cutting the same ink is the *segmentation certainty*; the answer's
+confidence is the product of its digits' probabilities times that certainty.
+
+A scan whose ink is one blob of digit-like proportions is the fast path:
+one candidate, normalized exactly as before numbers were read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from digitwatch import imaging
+from digitwatch.errors import NoInkError
+from digitwatch.results import STATUS_LOW, STATUS_OK
+
+# Reasons a reading is not ok (the `reason` field).
+REASON_LOW = "low confidence"
+REASON_NOT_DIGIT = "not a digit"
+
+REJECT = 10  # the class index of "not a digit" in an 11-class model
+MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
+WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than 0.9 heights
+SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than 0.55 heights (a bar, a dash)
+SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
+PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
+PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
+CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
+# Log-odds against ending a digit at a cut rather than at a gap in the ink
+# (paid once per cut, so cuts are used only where the classifier much prefers
+# the pieces). A model with a reject class scores fragments and touching pairs
+# low by itself; one without needs the prior to keep single digits whole.
+CUT_COST = {10: 3.0, 11: 1.0}
+MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
+CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
+MAX_DIGITS = 64  # the longest reading considered when no length is given
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """How many digits the answer may have (from --expect / --length)."""
+
+    min_len: int = 1
+    max_len: int = MAX_DIGITS
+
+    def describe(self) -> str:
+        if self.min_len == self.max_len:
+            return f"{self.min_len} digit" + ("s" if self.min_len != 1 else "")
+        return f"{self.min_len}-{self.max_len} digits"
+
+
+def constraints_for(expect: str | None = None, length: str | None = None) -> Constraints:
+    """`expect` is "digit" (exactly one) or "number"/None (any); `length` is
+    "5" or "4-6". Raises ValueError with a one-line message on anything else."""
+    lo, hi = 1, MAX_DIGITS
+    if length not in (None, ""):
+        text = str(length).strip()
+        parts = text.split("-")
+        try:
+            if len(parts) == 1:
+                lo = hi = int(parts[0])
+            elif len(parts) == 2:
+                lo, hi = int(parts[0]), int(parts[1])
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"length must be N or MIN-MAX (digits), not {text!r}") from None
+        if not 1 <= lo <= hi <= MAX_DIGITS:
+            raise ValueError(f"length must be between 1 and {MAX_DIGITS} with MIN <= MAX, not {text!r}")
+    if expect not in (None, "", "number", "digit"):
+        raise ValueError(f"expect must be 'digit' or 'number', not {expect!r}")
+    if expect == "digit":
+        if (lo, hi) != (1, MAX_DIGITS) and not lo <= 1 <= hi:
+            raise ValueError("--expect digit contradicts the length given")
+        lo = hi = 1
+    return Constraints(lo, hi)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A scan cut into atoms, and every candidate digit made of them."""
+
+    crops: np.ndarray  # (K, 28, 28) float32, MNIST-normalized, one per candidate
+    spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
+    prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
+    atoms: int  # how many atoms the ink was cut into
+    cut: np.ndarray | None = None  # (K,) bool: the candidate ends at a cut, not a gap
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a scan says: the digits, how sure, and whether that is good enough."""
+
+    text: str
+    digits: tuple[tuple[int, float], ...]  # (digit, probability) left to right
+    confidence: float  # probability the whole text is right
+    status: str
+    reason: str  # why the status is not ok ("" when ok)
+
+    @property
+    def digit(self) -> int | None:
+        """The digit when exactly one was read."""
+        return self.digits[0][0] if len(self.digits) == 1 else None
+
+
+# ---------------------------------------------------------------- cutting
+
+
+@dataclass
+class _Piece:
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    labels: list[int]
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+
+def read_scan(gray: np.ndarray) -> Candidates:
+    """A page (gray, uint8 or float in [0, 1]) -> the candidate digits on it.
+    Raises NoInkError when there is nothing to read."""
+    work = imaging.work_region(gray)
+    labels, stats = work.labels, work.stats
+    assert labels is not None and stats is not None and work.chosen is not None
+    pieces = [
+        _Piece(int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]), [int(i)])
+        for i, s in zip(work.chosen, stats[work.chosen], strict=True)
+    ]
+    if not pieces:
+        raise NoInkError("no ink found: the image is blank or only noise")
+    if _trim_tails(labels, pieces, work.mask.shape):
+        work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask, labels, stats,
+                            work.chosen)
+    boxes = [p for p in pieces if _is_box(labels, p)]
+    if boxes:
+        # A form's box is not ink to read; the digits inside it are.
+        pieces = [p for p in pieces if p not in boxes]
+        if not pieces:
+            raise NoInkError("no ink found: only an empty box")
+        mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
+        work = imaging.Work(work.ink, work.smooth, mask, labels, stats, work.chosen)
+    height = _digit_height(pieces)
+    pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
+    height = max(height, _digit_height(pieces))  # a broken digit is as tall as its pieces stacked
+    if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height and not _pinched(work.mask, pieces[0]):
+        # The fast path: one digit-like blob, read exactly as a single digit.
+        crop = imaging.finish(work.ink, work.smooth, work.mask)
+        return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
+    atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
+    return _candidates(work, atoms, cut_after, whole, height)
+
+
+def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]) -> bool:
+    """Cut off hair-thin tails that run from a piece to the region's left or
+    right edge: the rest of a ruled line the line remover did not take, still
+    attached to the digit it crossed. Returns whether anything was cut."""
+    w = shape[1]
+    cut = False
+    for p in pieces:
+        if p.x0 > 0 and p.x1 < w or p.width <= p.height:
+            continue
+        own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
+        thin = own.sum(0) <= max(2, int(0.08 * p.height))
+        a, b = 0, p.width
+        if p.x0 == 0:
+            while a < b and thin[a]:
+                a += 1
+        if p.x1 == w:
+            while b > a and thin[b - 1]:
+                b -= 1
+        if (a, b) == (0, p.width) or b - a < 0.3 * p.height:
+            continue
+        labels[p.y0 : p.y1, p.x0 : p.x0 + a][own[:, :a]] = 0
+        labels[p.y0 : p.y1, p.x0 + b : p.x1][own[:, b:]] = 0
+        p.x0, p.x1 = p.x0 + a, p.x0 + b
+        rows = np.flatnonzero(own[:, a:b].any(1))
+        p.y0, p.y1 = p.y0 + int(rows[0]), p.y0 + int(rows[-1]) + 1
+        cut = True
+    return cut
+
+
+def _is_box(labels: np.ndarray, p: _Piece) -> bool:
+    """A drawn rectangle (a form's box): a hollow outline whose outer edge is
+    a convex quadrilateral, straight to within BOX_STRAIGHT of its size. A 0
+    is hollow too, but its outline bulges far from any four straight sides."""
+    if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
+        return False
+    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
+    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    enclosed = cv2.contourArea(outline)
+    if own.sum() > 0.5 * enclosed:
+        return False  # not hollow
+    poly = cv2.approxPolyDP(outline, 0.04 * cv2.arcLength(outline, True), True)
+    if len(poly) != 4 or not cv2.isContourConvex(poly):
+        return False
+    size = math.sqrt(max(cv2.contourArea(poly), 1.0))
+    worst = max(abs(cv2.pointPolygonTest(poly, (float(x), float(y)), True)) for x, y in outline[::3, 0])
+    return worst <= BOX_STRAIGHT * size
+
+
+def _pinched(mask: np.ndarray, p: _Piece) -> bool:
+    """Whether a digit-wide blob narrows to a thread somewhere inside (two
+    digits touching, a 1 leaning on its neighbour): then it is cut like a
+    wide one, though it could be one digit."""
+    if p.width < PINCH_ASPECT * p.height:
+        return False
+    profile = mask[p.y0 : p.y1, p.x0 : p.x1].sum(0).astype(np.float32)
+    inner = profile[int(MIN_PART * p.height) : p.width - int(MIN_PART * p.height)]
+    return inner.size > 0 and float(inner.min()) <= PINCH * _median(profile[profile > 0])
+
+
+def _median(values: np.ndarray) -> float:
+    """Median by partial sort (np.median costs several times more on small arrays)."""
+    i = values.size // 2
+    return float(np.partition(values, i)[i])
+
+
+def _digit_height(pieces: list[_Piece]) -> float:
+    """A digit's height: the median height of the tall pieces (each digit of a
+    drifting line is still about as tall as the others)."""
+    heights = sorted(p.height for p in pieces)
+    tall = [h for h in heights if h >= 0.5 * heights[-1]]
+    return float(tall[len(tall) // 2])
+
+
+def _drop_strays(pieces: list[_Piece], height: float, shape: tuple[int, int]) -> list[_Piece]:
+    """Drop what cannot be (part of) a digit: flat strokes longer than any digit
+    (an underline the line remover missed), small pieces cut by the edge of the
+    region (the page's edge, a neighbouring field) and small specks far from the rest."""
+    h, w = shape
+    kept = [
+        p for p in pieces
+        if not (p.height < 0.25 * height and p.width > 1.5 * height)
+        and not (min(p.x0, p.y0) == 0 or p.x1 == w or p.y1 == h) or max(p.width, p.height) >= 0.5 * height
+    ]
+    big = [p for p in kept if max(p.width, p.height) >= 0.35 * height]
+    out = []
+    for p in kept:
+        if p in big:
+            out.append(p)
+            continue
+        near = any(
+            max(q.x0 - p.x1, p.x0 - q.x1) < 0.2 * height and max(q.y0 - p.y1, p.y0 - q.y1) < 0.2 * height
+            for q in big
+        )
+        if near:
+            out.append(p)
+    return out or pieces
+
+
+def _stack(pieces: list[_Piece], height: float) -> list[_Piece]:
+    """Join pieces that share most of their columns, or lie one above the other:
+    in one row of digits they are one digit (or touching digits, cut again
+    later), never two."""
+    pieces = sorted(pieces, key=lambda p: p.x0)
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(pieces)):
+            for b in range(a + 1, len(pieces)):
+                p, q = pieces[a], pieces[b]
+                overlap = min(p.x1, q.x1) - max(p.x0, q.x0)
+                above = min(p.y1, q.y1) <= max(p.y0, q.y0)  # no row in common
+                if overlap >= 0.6 * min(p.width, q.width) or (above and overlap > -0.15 * height):
+                    pieces[a] = _Piece(min(p.x0, q.x0), min(p.y0, q.y0), max(p.x1, q.x1),
+                                       max(p.y1, q.y1), p.labels + q.labels)
+                    del pieces[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(pieces, key=lambda p: (p.x0 + p.x1) / 2)
+
+
+def _atoms(
+    pieces: list[_Piece], labels: np.ndarray, mask: np.ndarray, height: float
+) -> tuple[list[np.ndarray], list[bool], list[tuple[int, int]]]:
+    """Each piece's pixel mask, wide pieces sliced at candidate cut columns;
+    for each atom whether a cut (not a gap) ends it on the right; and the
+    atoms [i, j) of each whole piece."""
+    atoms, cut_after, whole = [], [], []
+    for p in pieces:
+        first = len(atoms)
+        window = labels[p.y0 : p.y1, p.x0 : p.x1]
+        own = np.isin(window, p.labels).astype(np.uint8)
+        wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
+        cuts = _cuts(own, height) if wide else []
+        edges = [0, *cuts, p.width]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            full = np.zeros_like(mask)
+            full[p.y0 : p.y1, p.x0 + a : p.x0 + b] = own[:, a:b]
+            if full.any():
+                atoms.append(full)
+                cut_after.append(b != p.width)
+        whole.append((first, len(atoms)))
+    return atoms, cut_after, whole
+
+
+def _cuts(own: np.ndarray, height: float) -> list[int]:
+    """Columns where touching digits may meet: minima of the ink's column
+    profile, at least MIN_PART heights from either end, CUT_SPACING apart."""
+    width = own.shape[1]
+    profile = own.sum(0).astype(np.float32)
+    k = max(3, int(height * 0.06) | 1)
+    smooth = np.convolve(profile, np.ones(k, np.float32) / k, mode="same")
+    lo, hi = int(MIN_PART * height), width - int(MIN_PART * height)
+    if hi <= lo:
+        return []
+    inner = smooth[lo:hi]
+    left = np.concatenate([[np.inf], inner[:-1]])
+    right = np.concatenate([inner[1:], [np.inf]])
+    minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
+    # A cut crosses less ink than most columns do: not the middle of a 0.
+    thin = smooth[minima] <= 0.75 * _median(profile[profile > 0])
+    minima = minima[thin]
+    order = minima[np.argsort(smooth[minima], kind="stable")]
+    chosen: list[int] = []
+    most = max(1, round(width / (0.5 * height)) - 1)
+    for x in order.tolist():
+        if all(abs(x - c) >= CUT_SPACING * height for c in chosen):
+            chosen.append(x)
+        if len(chosen) >= most:
+            break
+    return sorted(chosen)
+
+
+def _candidates(
+    work: imaging.Work, atoms: list[np.ndarray], cut_after: list[bool],
+    whole: list[tuple[int, int]], height: float,
+) -> Candidates:
+    """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
+    normalized to 28x28."""
+    boxes = [_bbox(a) for a in atoms]
+    crops, spans, prior, cut = [], [], [], []
+    for i in range(len(atoms)):
+        for j in range(i + 1, len(atoms) + 1):
+            x0 = min(b[0] for b in boxes[i:j])
+            y0 = min(b[1] for b in boxes[i:j])
+            x1 = max(b[2] for b in boxes[i:j])
+            y1 = max(b[3] for b in boxes[i:j])
+            width, tall = (x1 - x0) / height, (y1 - y0) / height
+            if j > i + 1 and width > MAX_WIDTH and (i, j) not in whole:
+                if x1 - x0 > 3 * MAX_WIDTH * height:
+                    break
+                continue
+            crop = _crop(work, atoms, i, j, (x0, y0, x1, y1))
+            if crop is None:
+                continue
+            crops.append(crop)
+            spans.append((i, j))
+            # Log shape prior: digits are at most about as wide as tall, and
+            # about as tall as their neighbours.
+            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - SHORT_COST * max(0.0, 0.55 - tall))
+            cut.append(cut_after[j - 1])
+    if not crops:
+        raise NoInkError("no ink found after cleaning")
+    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms),
+                      np.array(cut, bool))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    x, y, w, h = cv2.boundingRect(mask)
+    return x, y, x + w, y + h
+
+
+def _crop(
+    work: imaging.Work, atoms: list[np.ndarray], i: int, j: int, box: tuple[int, int, int, int]
+) -> np.ndarray | None:
+    """The candidate made of atoms [i, j), cleaned and normalized like one digit."""
+    h, w = work.mask.shape
+    x0, y0 = max(0, box[0] - 4), max(0, box[1] - 4)
+    x1, y1 = min(w, box[2] + 4), min(h, box[3] + 4)
+    window = (slice(y0, y1), slice(x0, x1))
+    own = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    for a in atoms[i:j]:
+        own |= a[window]
+    exclude = work.mask[window] & ~own
+    try:
+        return imaging.finish(work.ink[window], work.smooth[window], own, exclude)
+    except NoInkError:
+        return None
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def decide(
+    cands: Candidates, probs: np.ndarray, *, constraints: Constraints = Constraints(),
+    threshold: float = 0.5,
+) -> Reading:
+    """The best reading of a scan given the classifier's probabilities for its
+    candidates (rows of `probs`, 10 or 11 classes)."""
+    probs = np.asarray(probs, np.float64)
+    if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
+        return _single(probs[0], threshold)
+    digit_probs = probs[:, :10]
+    best = np.argmax(digit_probs, axis=1)
+    p_best = digit_probs[np.arange(len(best)), best]
+    rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
+    cut_cost = CUT_COST[11 if probs.shape[1] > REJECT else 10]
+    cut = cands.cut if cands.cut is not None else np.zeros(len(best), bool)
+    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior - cut_cost * cut
+
+    n = cands.atoms
+    # top[j, m]: the best score covering atoms [0, j) with m digits (back: its
+    # last candidate); total[j, m] sums (log-sum-exp) over every such path,
+    # for the segmentation certainty. Spans end in increasing j, so ordering
+    # candidates by their end makes one pass enough.
+    neg = -np.inf
+    top = np.full((n + 1, n + 1), neg)
+    total = np.full((n + 1, n + 1), neg)
+    back = np.full((n + 1, n + 1), -1, np.int64)
+    top[0, 0] = total[0, 0] = 0.0
+    for k in sorted(range(len(cands.spans)), key=lambda k: cands.spans[k][1]):
+        i, j = cands.spans[k]
+        cand = top[i, :-1] + score[k]
+        better = cand > top[j, 1:]
+        top[j, 1:] = np.where(better, cand, top[j, 1:])
+        back[j, 1:] = np.where(better, k, back[j, 1:])
+        total[j, 1:] = np.logaddexp(total[j, 1:], total[i, :-1] + score[k])
+    z = np.logaddexp.reduce(total[n])
+    free = int(np.argmax(top[n]))  # the length of the best reading of any length
+    lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]
+    m = max(lengths, key=lambda length: top[n, length]) if lengths else free
+    if m != free and top[n, free] > top[n, m] + math.log(2.0) or not lengths:
+        # What is written does not fit the constraints: report what is written.
+        path = _path(cands, back, n, free)
+        return _reading(path, best, digit_probs, _confidence(path, digit_probs, best, top[n, free] - z),
+                        STATUS_LOW, _length_reason(constraints, path))
+    path = _path(cands, back, n, m)
+    confidence = _confidence(path, digit_probs, best, top[n, m] - z)
+    if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - 0.9) for k in path):
+        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
+    if confidence < threshold:
+        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)
+    return _reading(path, best, digit_probs, confidence, STATUS_OK, "")
+
+
+def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float) -> float:
+    """The product of the digits' probabilities times the segmentation certainty
+    (this cut's share of the weight of every way of cutting the same ink)."""
+    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
+
+
+def _single(p: np.ndarray, threshold: float) -> Reading:
+    """The fast path's reading: one candidate, no other way to cut the ink."""
+    digit = int(np.argmax(p[:10]))
+    confidence = float(p[digit])
+    if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
+        status, reason = STATUS_LOW, REASON_NOT_DIGIT
+    elif confidence < threshold:
+        status, reason = STATUS_LOW, REASON_LOW
+    else:
+        status, reason = STATUS_OK, ""
+    return Reading(text=str(digit), digits=((digit, confidence),), confidence=confidence,
+                   status=status, reason=reason)
+
+
+def _length_reason(constraints: Constraints, path: list[int]) -> str:
+    return f"expected {constraints.describe()}, read {len(path)}"
+
+
+def _path(cands: Candidates, back: np.ndarray, n: int, m: int) -> list[int]:
+    """The candidates of the best path covering all n atoms with m digits."""
+    path, j = [], n
+    while j > 0:
+        k = int(back[j, m])
+        path.append(k)
+        j, m = cands.spans[k][0], m - 1
+    return path[::-1]
+
+
+def _reading(
+    path: list[int], best: np.ndarray, probs: np.ndarray, confidence: float, status: str, reason: str
+) -> Reading:
+    digits = tuple((int(best[k]), float(probs[k, best[k]])) for k in path)
+    return Reading(
+        text="".join(str(d) for d, _ in digits), digits=digits, confidence=float(confidence),
+        status=status, reason=reason,
+    )
+
+
+def read_number(
+    data: bytes, classifier, *, expect: str | None = None, length: str | None = None,
+    threshold: float = 0.5, max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+) -> Reading:
+    """PNG bytes -> Reading, with one classifier call. Raises an ImageError
+    subclass (NoInkError for a blank page) with a one-line message."""
+    cands = read_scan(imaging.decode_gray(data, max_pixels=max_pixels))
+    probs = classifier.predict(cands.crops)
+    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold)
