@@ -160,6 +160,16 @@ def main() -> None:
     _serve(conn, task, limits)
 
 
+def _failure(exc: Exception) -> str:
+    """The one-line reason for an exception the pipeline did not turn into an
+    ImageError: running out of the address space the worker may map is the
+    expected one (numpy raises MemoryError, OpenCV its StsNoMem error)."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, cv2.error) and exc.code == cv2.Error.StsNoMem):
+        return OUT_OF_MEMORY
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"decoder failed: {type(exc).__name__}: {first}"[:300]
+
+
 def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
     """A worker's life: warm up, say ready, then one file at a time until EOF."""
     cv2.setNumThreads(1)  # the workers are the parallelism
@@ -181,8 +191,8 @@ def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
             try:
                 prepared = task(path, name, limits)
                 reply = _pack(prepared, (time.perf_counter() - started) * 1000)
-            except MemoryError:
-                reply = ("", started, None, None, None, OUT_OF_MEMORY, 0.0)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not take the worker down
+                reply = ("", started, None, None, None, _failure(exc), 0.0)
             conn.send((seq, reply))
     except MemoryError:
         os._exit(EXIT_NO_MEMORY)
