@@ -27,10 +27,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing.connection as mpc
+import multiprocessing.reduction as reduction
 import os
 import resource
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -44,7 +46,8 @@ import cv2
 import numpy as np
 import structlog
 
-from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, prepare_file
+from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file
+from digitwatch.errors import ImageError, RefusedError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
 
 log = structlog.get_logger("digitwatch")
@@ -103,14 +106,43 @@ class Outcome:
                         width=self.width, height=self.height, error=self.error)
 
 
-def prepare_claimed(path: str, name: str, limits: Limits) -> Prepared:
-    """The work a worker does for one file: the daemon's own pipeline. A claimed
-    file is read without following links: the inbox is untrusted."""
-    return prepare_file(Path(path), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
-                        follow_links=False)
+def read_open(fd: int, max_bytes: int) -> bytes:
+    """The bytes of a file the loop process opened (without following links) and
+    handed over; closes it. Only regular files, and none over max_bytes."""
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedError("refused: not a regular file")
+        if st.st_size > max_bytes:
+            raise RefusedError(
+                f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB")
+        # The offset is shared with the loop's copy: a worker that died part
+        # way through this file left it wherever it stopped.
+        fh.seek(0)
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:  # still growing; take what is there, up to the limit
+            data += fh.read(max_bytes + 1 - len(data))
+        return data
 
 
-Task = Callable[[str, str, Limits], Prepared]
+def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
+    """The work a worker does for one file: the daemon's own pipeline. `source`
+    is a path (read without following links: the inbox is untrusted) or a
+    descriptor the loop process opened for it."""
+    if isinstance(source, str):
+        return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
+                            follow_links=False)
+    started = time.perf_counter()
+    try:
+        data = read_open(source, limits.max_bytes)
+    except ImageError as exc:
+        return Prepared(name=name, sha256="", started=started, error=str(exc))
+    except OSError as exc:
+        return Prepared(name=name, sha256="", started=started, error=f"cannot read: {exc.strerror or exc}")
+    return prepare_bytes(name, data, started, max_pixels=limits.max_pixels)
+
+
+Task = Callable[[str | int, str, Limits], Prepared]
 
 
 # ------------------------------------------------------------------ in the worker
@@ -187,9 +219,10 @@ def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
             if job is None:
                 return
             seq, path, name = job
+            source = reduction.recv_handle(conn) if path is None else path
             started = time.perf_counter()
             try:
-                prepared = task(path, name, limits)
+                prepared = task(source, name, limits)
                 reply = _pack(prepared, (time.perf_counter() - started) * 1000)
             except Exception as exc:  # noqa: BLE001 - one bad file must not take the worker down
                 reply = ("", started, None, None, None, _failure(exc), 0.0)
@@ -204,9 +237,15 @@ def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
 @dataclass
 class _Job:
     token: Hashable
-    path: str
+    path: str | None
     name: str
+    fd: int = -1  # a descriptor to hand over instead of a path; ours until the job is over
     seq: int = 0
+
+    def over(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass
@@ -278,9 +317,12 @@ class WorkerPool:
                  memory_limit_mb=None if self.limits.memory_limit is None else self.limits.memory_limit >> 20)
         return self
 
-    def submit(self, token: Hashable, path: str | os.PathLike, name: str) -> None:
-        """Queue one claimed file; its Outcome appears in `completed()`."""
-        job = _Job(token, os.fspath(path), name)
+    def submit(self, token: Hashable, source: str | os.PathLike | int, name: str) -> None:
+        """Queue one claimed file, by path or as an open descriptor (the pool
+        owns it from here and closes it when the file is done); its Outcome
+        appears in `completed()`."""
+        fd = source if isinstance(source, int) else -1
+        job = _Job(token, None if fd >= 0 else os.fspath(source), name, fd=fd)
         with self._lock:
             refused = self._closing or bool(self._broken and not self._workers)
             if refused:
@@ -332,6 +374,12 @@ class WorkerPool:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 w.proc.wait(10)
             self._release(w)
+            for job in w.pending:
+                job.over()
+        with self._lock:
+            for job in self._backlog:
+                job.over()
+            self._backlog.clear()
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
@@ -390,6 +438,8 @@ class WorkerPool:
                 w.since = time.monotonic()
             try:
                 w.conn.send((job.seq, job.path, job.name))
+                if job.fd >= 0:  # the worker gets its own copy; ours is kept in case it dies
+                    reduction.send_handle(w.conn, job.fd, w.proc.pid)
             except OSError:  # it died; the collector buries it and re-queues
                 self._backlog.appendleft(job)
                 w.ready = False
@@ -397,6 +447,7 @@ class WorkerPool:
             w.pending.append(job)
 
     def _fail(self, job: _Job, reason: str) -> None:
+        job.over()
         self._done.append(Outcome(token=job.token, name=job.name, started=time.perf_counter(), error=reason))
 
     # ---------------------------------------------------------- collector thread
@@ -470,6 +521,7 @@ class WorkerPool:
             seq, (sha256, started, crops, width, height, error, worker_ms) = msg
             job = w.pending.popleft()
             assert job.seq == seq, (job.seq, seq)
+            job.over()
             w.since = time.monotonic()
             self._done.append(Outcome(token=job.token, name=job.name, sha256=sha256, started=started,
                                       crops=crops, width=width, height=height, error=error,

@@ -140,6 +140,19 @@ class TestResults:
         assert got["gone"].error.startswith("cannot read")
         assert pool.pool.replaced == 0
 
+    def test_descriptors_handed_over_read_like_paths(self, make_pool):
+        before = len(os.listdir("/proc/self/fd"))
+        pool = make_pool(2)
+        for i, path in enumerate(GOOD + FIXTURES[:6]):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.read(fd, 100)  # the worker must not start where the offset was left
+            pool.submit(i, fd, path.name)
+        got = pool.wait_for(range(len(GOOD) + 6))
+        for i, path in enumerate(GOOD + FIXTURES[:6]):
+            assert_matches_in_process(got[i], path)
+        pool.close()
+        assert len(os.listdir("/proc/self/fd")) == before  # each closed once its file was done
+
     def test_default_size_is_the_cpus_this_process_may_use(self):
         assert worker_count() == len(os.sched_getaffinity(0))
         assert WorkerPool().size == worker_count()
@@ -153,8 +166,8 @@ class TestCrash:
         hang = staged(tmp_path, GOOD[0], "hang-a.png")
         others = [staged(tmp_path, GOOD[i % len(GOOD)], f"ok-{i}.png") for i in range(6)]
         pool.submit("hang", hang)
-        for i, p in enumerate(others):
-            pool.submit(i, p)
+        for i, p in enumerate(others):  # as descriptors: a re-queued one is sent again
+            pool.submit(i, os.open(p, os.O_RDONLY | os.O_CLOEXEC), p.name)
         pid = int(wait_until(lambda: hang.with_name(hang.name + ".started").exists()
                              and hang.with_name(hang.name + ".started").read_text(), what="hang marker"))
         # The victim's worker holds the hanging file and one queued behind it;
