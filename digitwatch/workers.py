@@ -47,7 +47,7 @@ import numpy as np
 import structlog
 
 from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file
-from digitwatch.errors import ImageError, RefusedError
+from digitwatch.errors import DigitwatchError, ImageError, RefusedError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
 
 log = structlog.get_logger("digitwatch")
@@ -267,7 +267,7 @@ def _death_reason(exitcode: int | None) -> str:
     return f"decoder exited with status {exitcode}"
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(DigitwatchError):
     """The workers could not be started (they died or did not report ready)."""
 
 
