@@ -78,13 +78,14 @@ def _rate(fn, items, threads: int) -> float:
 
 
 def _ms_each(fn, items) -> float:
-    """ms per item of fn on this thread, after a short warm-up."""
+    """CPU ms per item of fn on this thread, after a short warm-up. CPU, not
+    wall time: on a shared machine wall time mostly measures the neighbours."""
     for item in items[:5]:
         fn(item)
-    start = time.perf_counter()
+    start = time.thread_time()
     for item in items:
         fn(item)
-    return (time.perf_counter() - start) * 1000 / len(items)
+    return (time.thread_time() - start) * 1000 / len(items)
 
 
 def _task_cpu(pid: int) -> float:
@@ -165,9 +166,10 @@ def scaling(paths: list[Path]) -> list[dict]:
 
 
 def stage_costs(paths: list[Path]) -> dict:
-    """What one file costs, stage by stage, on one thread: where a worker's
-    time goes. IPC is a worker pool's round trip for a task that does nothing
-    (one worker, one file at a time: nothing overlaps)."""
+    """What one file costs, stage by stage, in CPU time on one thread: where a
+    worker's time goes. IPC is a worker pool's round trip for a task that does
+    nothing (one worker, one file at a time: nothing overlaps), in wall time,
+    and the CPU it costs the loop process and the worker."""
     from digitwatch import imaging
     from digitwatch.classify import DEFAULT_MAX_BYTES, read_file
     from tests import worker_tasks
@@ -296,10 +298,10 @@ def _scaling_rows(label: str, rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def _stage_rows(label: str, c: dict) -> list[tuple[str, str, str]]:
-    rows = [(f"{label} ({c['kb_mean']:.0f} KB): {name}", f"{c[name]:.3f} ms/file", "")
+    rows = [(f"{label} ({c['kb_mean']:.0f} KB): {name}", f"{c[name]:.3f} ms/file", "CPU")
             for name in ("read", "hash", "decode", "normalize")]
     rows.append((f"{label} ({c['kb_mean']:.0f} KB): IPC round trip", f"{c['ipc_round_trip']:.3f} ms/file",
-                 f"CPU: loop {c['ipc_parent_cpu']:.3f} ms, worker {c['ipc_worker_cpu']:.3f} ms"))
+                 f"wall; CPU: loop {c['ipc_parent_cpu']:.3f} ms, worker {c['ipc_worker_cpu']:.3f} ms"))
     return rows
 
 
