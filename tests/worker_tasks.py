@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from digitwatch.classify import Prepared
-from digitwatch.workers import Limits, prepare_claimed
+from digitwatch.decoder import Limits, prepare_claimed
 
 
 def marked(path: str, name: str, limits: Limits) -> Prepared:
