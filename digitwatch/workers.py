@@ -218,9 +218,9 @@ class WorkerPool:
             else:
                 self._backlog.append(job)
                 self._dispatch()
-            wake, self._sleeping = self._sleeping, False
-        if wake:
-            self._wake()
+            if self._sleeping:  # its wait has no deadline; this file may need one
+                self._sleeping = False
+                self._wake()
         if refused and self.on_done is not None:
             self.on_done()
 
@@ -249,7 +249,7 @@ class WorkerPool:
         flight, which stay claimed) and reap them. Safe to call twice."""
         with self._lock:
             self._closing = True
-        self._wake()
+            self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10)
         with self._lock:
@@ -280,11 +280,8 @@ class WorkerPool:
 
     # ---------------------------------------------------------- workers
 
-    def _spawn(self) -> _Worker:
-        """Start one worker process. Called on the collector thread only."""
-        return _Worker.start(self.task, self.limits)
-
     def _wake(self) -> None:
+        """Interrupt the collector's wait. Holds the lock (the pipe is closed under it)."""
         with contextlib.suppress(BlockingIOError, OSError):
             if self._wake_w >= 0:
                 os.write(self._wake_w, b"x")
@@ -315,7 +312,7 @@ class WorkerPool:
         try:
             with self._lock:
                 for _ in range(self.size):
-                    self._workers.append(self._spawn())
+                    self._workers.append(_Worker.start(self.task, self.limits))
         except OSError as exc:
             with self._changed:
                 self._broken = f"cannot start a worker: {exc}"
@@ -408,7 +405,7 @@ class WorkerPool:
         if self._failed_starts >= MAX_FAILED_STARTS:
             return n + self._give_up(reason)
         try:
-            self._workers.append(self._spawn())
+            self._workers.append(_Worker.start(self.task, self.limits))
         except OSError as exc:
             return n + self._give_up(f"cannot start a worker: {exc}")
         return n
