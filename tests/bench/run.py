@@ -344,6 +344,27 @@ def _stage_rows(label: str, c: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _worker_rows(costs: dict, scale: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for label in ("small", "page"):
+        rows += _stage_rows(label, costs[label])
+    for label in ("small", "page"):
+        rows += _scaling_rows(label, scale[label])
+    mem = scale["page"][-1]["processes"]["worker_memory"]
+    rows.append(("one worker's memory (page scans)", f"{np.mean([m['rss_mb'] for m in mem]):.0f} MB RSS",
+                 f"PSS {np.mean([m['pss_mb'] for m in mem]):.0f} MB, "
+                 f"anonymous {np.mean([m['anonymous_mb'] for m in mem]):.0f} MB"))
+    rows.append(("worker pool start", f"{scale['page'][-1]['processes']['start_s']:.2f} s",
+                 f"{scale['page'][-1]['n']} workers, warm"))
+    return rows
+
+
+def _print(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:>16}  {note}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -353,6 +374,8 @@ def main() -> None:
     ap.add_argument("--scaling-files", type=int, default=1000, help="files per workers=N run")
     ap.add_argument("--quick", action="store_true",
                     help="a small run for a busy machine: 300 files, 5 s paced, 200 per scaling run, no accuracy")
+    ap.add_argument("--workers-only", action="store_true",
+                    help="only the per-stage table and the processes-against-threads scaling")
     args = ap.parse_args()
     if args.quick:
         args.files, args.paced_seconds, args.accuracy, args.scaling_files = 300, 5.0, 0, 200
@@ -365,9 +388,15 @@ def main() -> None:
         sizes = [len(d) for d, _ in pool]
         files = stage(work / "stage-a", pool, args.files)
         small = stage(work / "stage-s", small_pool, args.scaling_files, prefix="small")
-        decode = decode_only(files)
         costs = {"small": stage_costs(small[:200]), "page": stage_costs(files[:200])}
         scale = {"small": scaling(small), "page": scaling(files[: args.scaling_files])}
+        if args.workers_only:
+            _print(_worker_rows(costs, scale))
+            (args.out / "bench-workers.json").write_text(json.dumps({"stage_costs": costs, "scaling": scale},
+                                                                    indent=2))
+            print(f"\nwrote {args.out / 'bench-workers.json'}")
+            return
+        decode = decode_only(files)
         original = original_loop(files[:200])
         burst = daemon_run(work / "burst", files, rate=None)
         paced_files = stage(work / "stage-b", pool, int(50 * args.paced_seconds))
@@ -402,16 +431,7 @@ def main() -> None:
         ("  with its workers (sum of peaks)", f"{burst['peak_rss_with_workers_mb']:.0f} MB", "bar: <= 300"),
         ("daemon peak RSS (paced)", f"{paced['peak_rss_mb']:.0f} MB", ""),
     ]
-    for label in ("small", "page"):
-        rows += _stage_rows(label, costs[label])
-    for label in ("small", "page"):
-        rows += _scaling_rows(label, scale[label])
-    mem = scale["page"][-1]["processes"]["worker_memory"]
-    rows.append(("one worker's memory (page scans)", f"{np.mean([m['rss_mb'] for m in mem]):.0f} MB RSS",
-                 f"PSS {np.mean([m['pss_mb'] for m in mem]):.0f} MB, "
-                 f"anonymous {np.mean([m['anonymous_mb'] for m in mem]):.0f} MB"))
-    rows.append(("worker pool start", f"{scale['page'][-1]['processes']['start_s']:.2f} s",
-                 f"{scale['page'][-1]['n']} workers, warm"))
+    rows += _worker_rows(costs, scale)
     if args.accuracy:
         from tests.bench import accuracy
 
@@ -419,9 +439,7 @@ def main() -> None:
         report["accuracy"] = acc
         rows.append(("accuracy, MNIST scans", f"{acc['summary']['mnist_scans']:.2%}", "bar: >= 99%"))
         rows.append(("accuracy, other writers", f"{acc['summary']['other_writers']:.2%}", "bar: >= 95%"))
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        print(f"{name.ljust(width)}  {value:>16}  {note}")
+    _print(rows)
     if "accuracy" in report:
         print()
         print(accuracy.format_rows(report["accuracy"]))
