@@ -323,3 +323,65 @@ class TestClose:
         pool.close()
         pool.submit("late", GOOD[0])
         assert pool.wait_for(["late"])["late"].error
+
+
+def decoder_pids(parent: int) -> list[int]:
+    """The daemon's worker processes, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"digitwatch.decoder" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _daemon_uses_workers() -> bool:
+    from digitwatch import daemon
+
+    return hasattr(daemon, "WorkerPool")
+
+
+@pytest.mark.skipif(not _daemon_uses_workers(),
+                    reason="the daemon still prepares files in threads (adopts WorkerPool after issue 10)")
+class TestDaemon:
+    """Through the real daemon: a worker that segfaults mid-file costs that file."""
+
+    def test_worker_segfault_mid_file_fails_that_file_only(self, tmp_path):
+        from tests.daemon_harness import DaemonProc, drop
+
+        page = np.full((5000, 5000, 3), 255, np.uint8)  # long enough to decode that the kill lands mid-file
+        cv2.putText(page, "7", (1500, 3500), cv2.FONT_HERSHEY_SIMPLEX, 50, (0, 0, 0), 160)
+        d = DaemonProc(tmp_path, "--workers", "1").start()
+        worker, new = 0, []
+        try:
+            (worker,) = wait_until(lambda: decoder_pids(d.proc.pid), what="the daemon's worker")
+            assert state(worker) in "SD"  # idle, waiting for a file
+            drop(d.inbox, "big.png", cv2.imencode(".png", page)[1].tobytes())
+            wait_until(lambda: state(worker) == "R", what="the worker busy on big.png")
+            os.kill(worker, signal.SIGSEGV)
+            (row,) = d.wait_lines(1)
+            assert row["file"] == "big.png" and row["status"] == "error"
+            assert row["error"] == "decoder crashed (signal 11)"
+            assert "/failed/" in row["moved_to"]
+            new = wait_until(lambda: [p for p in decoder_pids(d.proc.pid) if p != worker], what="replacement")
+            assert len(new) == 1 and not alive(worker)
+            drop(d.inbox, "good.png", GOOD[0].read_bytes())
+            rows = d.wait_lines(2)
+            assert rows[1]["file"] == "good.png" and rows[1]["status"] in ("ok", "low_confidence")
+            assert d.events("worker_replaced")[0]["file"] == "big.png"
+        finally:
+            d.terminate()
+        assert not any(alive(p) for p in [worker, *new])
