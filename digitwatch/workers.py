@@ -115,7 +115,10 @@ class _Worker:
     @classmethod
     def start(cls, task: Task, limits: Limits) -> _Worker:
         ours, theirs = socket.socketpair()
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        # The worker imports from where the loop process did (a checkout, a
+        # venv), never another installed copy; one BLAS thread: it is one core.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path),
+               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", "from digitwatch.decoder import main; main()",
