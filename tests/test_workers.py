@@ -51,10 +51,15 @@ class Pool:
             assert left > 0, f"still waiting for {set(tokens) - self.got.keys()} after {timeout} s"
             with contextlib.suppress(queue.Empty):
                 self.wakes.get(timeout=left)
-            for outcome in self.pool.completed():
-                assert outcome.token not in self.got, f"{outcome.token} completed twice"
-                self.got[outcome.token] = outcome
+            self.drain()
         return {t: self.got[t] for t in tokens}
+
+    def drain(self) -> bool:
+        """Take what has completed, without waiting."""
+        for outcome in self.pool.completed():
+            assert outcome.token not in self.got, f"{outcome.token} completed twice"
+            self.got[outcome.token] = outcome
+        return True
 
     def close(self) -> None:
         self.pool.close()
@@ -170,19 +175,19 @@ class TestCrash:
             pool.submit(i, os.open(p, os.O_RDONLY | os.O_CLOEXEC), p.name)
         pid = int(wait_until(lambda: hang.with_name(hang.name + ".started").exists()
                              and hang.with_name(hang.name + ".started").read_text(), what="hang marker"))
-        # The victim's worker holds the hanging file and one queued behind it;
-        # the other worker serves the rest.
-        bystander = wait_until(lambda: len(pool.pool.busy().get(pid, [])) == 2 and pool.pool.busy()[pid][1],
-                               what="a file queued behind the hanging one")
+        # Everything the other worker can do is done; the victim holds the
+        # hanging file and perhaps one queued behind it.
+        wait_until(lambda: pool.drain() and pool.pool.in_flight() == len(pool.pool.busy()[pid])
+                   and set(range(len(others))) <= pool.got.keys() | set(pool.pool.busy()[pid]),
+                   what="every file done but those the victim holds")
+        assert pool.pool.busy()[pid][0] == "hang"
         os.kill(pid, signal.SIGSEGV)
         got = pool.wait_for(["hang", *range(len(others))])
         assert got["hang"].error == "decoder crashed (signal 11)"
         assert got["hang"].crops is None
         for i, p in enumerate(others):
             assert got[i].error == "", (i, got[i].error)
-            np.testing.assert_allclose(got[i].prepared().pixels,
-                                       prepare_file(p, p.name).pixels, atol=1e-6)
-        assert got[bystander].error == ""
+            np.testing.assert_allclose(got[i].prepared().pixels, prepare_file(p, p.name).pixels, atol=1e-6)
         # A fresh worker took the dead one's place, and serves.
         pids = wait_until(lambda: len(pool.pool.pids()) == 2 and pool.pool.pids(), what="replacement")
         assert pid not in pids and not alive(pid)
@@ -191,6 +196,21 @@ class TestCrash:
         for i, p in enumerate(more):
             pool.submit(("after", i), p)
         assert all(o.error == "" for o in pool.wait_for([("after", i) for i in range(4)]).values())
+
+    def test_the_file_queued_behind_a_crash_is_sent_again(self, make_pool, tmp_path):
+        pool = make_pool(1, task=worker_tasks.marked, depth=2)
+        hang = staged(tmp_path, GOOD[0], "hang-e.png")
+        pool.submit("hang", hang)
+        pool.submit("behind", os.open(GOOD[1], os.O_RDONLY | os.O_CLOEXEC), GOOD[1].name)
+        pool.submit("backlog", GOOD[0])
+        pid = int(wait_until(lambda: hang.with_name(hang.name + ".started").exists()
+                             and hang.with_name(hang.name + ".started").read_text(), what="hang marker"))
+        assert pool.pool.busy() == {pid: ["hang", "behind"]}  # sent to the worker that will die
+        os.kill(pid, signal.SIGSEGV)
+        got = pool.wait_for(["hang", "behind", "backlog"])
+        assert got["hang"].error == "decoder crashed (signal 11)"
+        assert_matches_in_process(got["behind"], GOOD[1])
+        assert_matches_in_process(got["backlog"], GOOD[0])
 
     def test_sigkill_between_files_fails_nothing(self, make_pool, tmp_path):
         pool = make_pool(1)
