@@ -250,11 +250,12 @@ class TestMemoryLimit:
     """RLIMIT_AS in the worker: a decode that needs more fails that file only."""
 
     def test_real_page_over_the_limit_fails_and_the_worker_goes_on(self, make_pool, tmp_path):
-        page = np.full((6000, 6000, 3), 255, np.uint8)  # 108 MB decoded, ~0.2 MB on disk
-        cv2.putText(page, "7", (2000, 4000), cv2.FONT_HERSHEY_SIMPLEX, 60, (0, 0, 0), 200)
+        # 27 MB decoded (under the pipeline's own decode bound), ~0.1 MB on disk
+        page = np.full((3000, 3000, 3), 255, np.uint8)
+        cv2.putText(page, "7", (1000, 2000), cv2.FONT_HERSHEY_SIMPLEX, 30, (0, 0, 0), 100)
         big = tmp_path / "big.png"
         big.write_bytes(cv2.imencode(".png", page)[1].tobytes())
-        pool = make_pool(1, task=worker_tasks.marked, limits=Limits(memory_limit=64 * 1024**2))
+        pool = make_pool(1, task=worker_tasks.marked, limits=Limits(memory_limit=16 * 1024**2))
         (pid,) = pool.pool.pids()
         pool.submit("big", big)
         pool.submit("huge", staged(tmp_path, GOOD[0], "huge-c.png"))
