@@ -1,26 +1,22 @@
-"""Claiming files and putting them away, so that no file is ever lost or counted twice.
+"""The daemon's own state inside the inbox, and claiming files into it.
 
-Every input goes through these states, each durable on disk:
+The inbox is written by other users, so nothing under it is trusted until
+checked. Layout (everything created by the daemon, mode 0700):
 
-1. **in the inbox**: `inbox/a.png`.
-2. **claimed**: renamed (atomically; of several instances exactly one wins)
-   to `inbox/.digitwatch/<instance-dir>/<token>-a.png`, or into a token
-   folder, `<token>/sub/a.png`, when the name has folders in it or would not
-   fit in NAME_MAX beside the token. Either way the name as dropped can be read
-   back off the path. A crash here leaves the claim, which is classified again
-   on restart.
-3. **placed**: hard-linked into `processed/`, `failed/` or `review/` under a
-   name nobody else holds (link creation is exclusive), and the batch's
-   records written to a journal. A crash here: the journal says which lines
-   may be missing from the results file.
-4. **reported**: the batch's lines appended to the results file and synced.
-5. **done**: the claim unlinked, the journal removed.
+    inbox/.digitwatch/                      the state root: a real folder, ours, 0700
+    inbox/.digitwatch/quarantine/           what failed a check, set aside (never followed)
+    inbox/.digitwatch/<name>-<pid>-<ns>/    one per instance run, flock'ed on `lock`
+        lock  owner.json                    owner.json names the instance's results file
+        <token>-<name>                      a claim whose name fits beside its token
+        <token>/<sub>/<name>                a claim from a sub-folder, or a long name
+        journal-<n>.json                    a batch's intent (see `commit`)
 
-Recovery (at start, and when a dead instance's folder is adopted) finishes
-journals by appending only the lines not already in the results file, and
-re-classifies claims that never reached a journal. Each instance holds an
-flock on its folder; a folder whose lock can be taken belongs to a dead
-instance, on this host or another sharing the inbox.
+Every operation goes through folder descriptors opened with O_NOFOLLOW, and
+names below them (dir_fd=..., follow_symlinks=False), so a path component
+swapped for a link half way is never followed. A folder is trusted only if
+lstat says it is a real directory, owned by our euid, writable by nobody
+else; the state root failing that stops the daemon (exit 78, config error),
+anything below it failing that is quarantined.
 """
 
 from __future__ import annotations
@@ -32,290 +28,522 @@ import itertools
 import json
 import os
 import re
-import shutil
+import socket
+import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
+from digitwatch.crashpoints import checkpoint
+from digitwatch.errors import ConfigError, RefusedError
 from digitwatch.inbox import WORK_DIR
-from digitwatch.results import Result
+from digitwatch.results import display_name
+
+log = structlog.get_logger("digitwatch")
 
 NAME_MAX = 255
+QUARANTINE = "quarantine"
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}-(\d+)-([0-9a-f]{1,20})")
+TOKEN = re.compile(rb"\d{8}")
+FLAT = re.compile(rb"(\d{8})-(.+)", re.S)
+JOURNAL = re.compile(r"journal-\d{8}\.json")
+STALE_LOCKLESS_SECONDS = 60.0
+
+
+class UntrustedError(Exception):
+    """A folder or entry that is not what the daemon creates; the message says why."""
+
+
+def untrusted_reason(st: os.stat_result) -> str | None:
+    """Why a folder cannot be trusted with our state, or None if it can."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this process (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def open_dir(name: str | bytes, dir_fd: int | None) -> int:
+    """Open a trusted folder by name without following a link; UntrustedError if it is not ours."""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise UntrustedError(untrusted_reason(os.lstat(name, dir_fd=dir_fd)) or str(exc)) from exc
+    reason = untrusted_reason(os.fstat(fd))
+    if reason:
+        os.close(fd)
+        raise UntrustedError(reason)
+    return fd
+
+
+def write_new(dir_fd: int, name: bytes, data: bytes, *, replace: bool = False) -> None:
+    """Write a file durably under `name` in the folder: a temporary name created
+    exclusively, synced, then renamed into place (`replace`) or linked (never
+    overwriting: FileExistsError)."""
+    tmp = b"." + name + b".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if replace:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        if not replace:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+@dataclass(eq=False)
+class Folder:
+    """An instance folder, held open by descriptor."""
+
+    name: str
+    fd: int
+    path: Path  # for messages only; never used to reach a file
+    lock_fd: int | None = None
+    _journals: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
+
+    def journal_name(self) -> str:
+        return f"journal-{next(self._journals):08d}.json"
+
+    @property
+    def uid(self) -> bytes:
+        """Unique among instance folders ever made: pid and start time, in hex."""
+        m = FOLDER_NAME.fullmatch(self.name)
+        return (f"{int(m.group(1)):x}{m.group(2)}" if m else self.name).encode()
+
+    def close(self) -> None:
+        for fd in (self.lock_fd, self.fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.lock_fd = None
+
+    def deleted(self) -> bool:
+        """Whether the folder was removed under us (the inbox deleted with it)."""
+        try:
+            return os.fstat(self.fd).st_nlink == 0
+        except OSError:
+            return True
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A file taken (or about to be taken) out of the inbox into this instance's folder."""
+    """A file taken (or about to be taken) out of the inbox into an instance folder."""
 
-    token: str
-    rel: str  # the name relative to the inbox, as dropped
-    path: Path  # where the file is once claimed
+    folder: Folder = field(compare=False)
+    token: bytes
+    rel: bytes  # the name relative to the inbox, as dropped, as bytes
 
     @property
     def flat(self) -> bool:
-        """Whether the claim is a file directly in the instance folder (no token folder)."""
-        return self.path.parents[self.rel.count("/")].name != self.token
+        return b"/" not in self.rel and len(self.token) + 1 + len(self.rel) <= NAME_MAX
+
+    @property
+    def local(self) -> bytes:
+        """The claim's path inside its instance folder."""
+        return self.token + (b"-" if self.flat else b"/") + self.rel
+
+    @property
+    def name(self) -> bytes:
+        return self.rel.rpartition(b"/")[2]
+
+    @property
+    def display(self) -> str:
+        """The name as shown in results and logs (undecodable bytes as \\xNN)."""
+        return display_name(os.fsdecode(self.rel))
 
 
-_FLAT = re.compile(r"(\d{8}a?)-(.+)", re.S)
+def valid_rel(rel: bytes) -> bool:
+    """A relative name of plain components: no empty, '.', '..' or NUL, not absolute."""
+    parts = rel.split(b"/")
+    return bool(rel) and not rel.startswith(b"/") and b"\0" not in rel and all(
+        p and p not in (b".", b"..") and len(p) <= NAME_MAX for p in parts)
 
 
-def claim_path(folder: Path, token: str, rel: str) -> Path:
-    """Where a claim lives: `<token>-<name>` when that is one short enough
-    name (no mkdir and rmdir per file, ~80 us of kernel time here), else
-    `<token>/<rel>`. A longer token never makes a name flat that was not, so
-    re-tokening on adoption keeps a token folder a token folder."""
-    flat = f"{token}-{rel}"
-    if "/" not in rel and len(os.fsencode(flat)) <= NAME_MAX:
-        return folder / flat
-    return folder / token / rel
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+@contextlib.contextmanager
+def parent_of(dir_fd: int, local: bytes, *, create: bool = False) -> Iterator[tuple[int, bytes]]:
+    """The folder holding the last component of `local` (opened without
+    following links, made 0700 on the way if `create`) and that component."""
+    *dirs, leaf = local.split(b"/")
+    fds: list[int] = []
     try:
-        os.fsync(fd)
+        fd = dir_fd
+        for d in dirs:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, 0o700, dir_fd=fd)
+            fd = os.open(d, DIR_FLAGS, dir_fd=fd)
+            fds.append(fd)
+        yield fd, leaf
+    finally:
+        for f in fds:
+            os.close(f)
+
+
+def lstat_claim(claim: Claim) -> os.stat_result | None:
+    try:
+        with parent_of(claim.folder.fd, claim.local) as (fd, leaf):
+            return os.lstat(leaf, dir_fd=fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def read_claim(claim: Claim, max_bytes: int) -> bytes:
+    """A claimed file's bytes. Links are refused, never followed; FIFOs and
+    devices are refused before opening (opening a device can itself have effects)."""
+    with parent_of(claim.folder.fd, claim.local) as (dfd, leaf):
+        _refuse_unless_regular(os.lstat(leaf, dir_fd=dfd).st_mode)
+        fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        _refuse_unless_regular(st.st_mode)
+        if st.st_size > max_bytes:
+            raise RefusedError(
+                f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB")
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:
+            data += fh.read(max_bytes + 1 - len(data))
+        return data
+
+
+def _refuse_unless_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise RefusedError("is a directory, not a file")
+    if stat.S_ISLNK(mode):
+        raise RefusedError("refused: a symbolic link (never followed)")
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+    raise RefusedError(f"refused: a {kind}, not a regular file")
+
+
+def release(claim: Claim) -> None:
+    """The claim is reported: drop our name for the file (and its token folders)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+            parent_of(claim.folder.fd, claim.local) as (fd, leaf):
+        os.unlink(leaf, dir_fd=fd)
+    if not claim.flat:
+        _drop_token_dirs(claim.folder.fd, claim.local)
+
+
+def _drop_token_dirs(dir_fd: int, local: bytes) -> None:
+    """rmdir the token folders of a claim, deepest first, stopping at one not empty."""
+    dirs = local.split(b"/")[:-1]
+    for depth in range(len(dirs), 0, -1):
+        try:
+            with parent_of(dir_fd, b"/".join(dirs[:depth])) as (fd, leaf):
+                os.rmdir(leaf, dir_fd=fd)
+        except OSError:
+            return
+
+
+class Workspace:
+    """This instance's folder in the state root, locked for as long as it lives."""
+
+    def __init__(self, inbox: Path, instance: str, results: Path) -> None:
+        self.inbox = inbox
+        self.results = results
+        self.inbox_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_path = inbox / WORK_DIR
+        try:
+            self.root_fd = self._open_root(WORK_DIR, self.inbox_fd)
+            self.quarantine_fd = self._open_root(QUARANTINE, self.root_fd)
+        except UntrustedError as exc:
+            os.close(self.inbox_fd)
+            raise ConfigError(f"state folder {self.root_path} {exc}; refusing to use it "
+                              "(it must be a real directory owned by this user, mode 0700)") from None
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", instance)[:100] or "x"
+        name = f"{safe}-{os.getpid()}-{time.time_ns():x}"
+        os.mkdir(name, 0o700, dir_fd=self.root_fd)
+        self.folder = Folder(name, open_dir(name, self.root_fd), self.root_path / name)
+        self.folder.lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      0o600, dir_fd=self.folder.fd)
+        fcntl.flock(self.folder.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        owner = {"results": str(results), "host": socket.gethostname(), "pid": os.getpid()}
+        write_new(self.folder.fd, b"owner.json", json.dumps(owner).encode())
+        self._tokens = itertools.count(1)
+
+    @staticmethod
+    def _open_root(name: str, parent_fd: int) -> int:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        return open_dir(name, parent_fd)
+
+    @property
+    def dir(self) -> Path:
+        return self.folder.path
+
+    def close(self) -> None:
+        """Release the folder. An empty one is removed; leftovers stay for recovery."""
+        with contextlib.suppress(OSError):
+            names = set(os.listdir(self.folder.fd))
+            if names <= {"lock", "owner.json"}:
+                for n in names:
+                    os.unlink(n, dir_fd=self.folder.fd)
+                os.rmdir(self.folder.name, dir_fd=self.root_fd)
+        self.folder.close()
+        for fd in (self.quarantine_fd, self.root_fd, self.inbox_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def alive(self) -> bool:
+        """Our folder still exists and the inbox path is still the folder we opened."""
+        try:
+            st, mine = os.stat(self.inbox), os.fstat(self.inbox_fd)
+        except OSError:
+            return False
+        return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev) and not self.folder.deleted()
+
+    # ------------------------------------------------------------ claiming
+
+    def reserve(self, rel: str) -> Claim:
+        """A fresh token and the claim it names; nothing touches the disk, so
+        the loop can hand the claim itself to a worker."""
+        return Claim(self.folder, f"{next(self._tokens):08d}".encode(), os.fsencode(rel))
+
+    def take(self, claim: Claim) -> bool:
+        """Atomically rename the inbox file to the claim; False if it vanished or
+        another instance took it first. The inbox side is walked without
+        following links too: a sub-folder swapped for a link is not entered."""
+        try:
+            with parent_of(self.inbox_fd, claim.rel) as (src_fd, src_leaf), \
+                    parent_of(claim.folder.fd, claim.local, create=True) as (dst_fd, dst_leaf):
+                os.rename(src_leaf, dst_leaf, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError as exc:
+            # Gone, or a sub-folder on its way swapped for a link (ELOOP,
+            # ENOTDIR with O_NOFOLLOW): not ours to take, never entered.
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            if not claim.flat:
+                _drop_token_dirs(claim.folder.fd, claim.local)
+            return False
+        checkpoint("claimed")
+        return True
+
+    def adopt(self, claim: Claim) -> Claim:
+        """Move a dead instance's unjournaled claim into our folder under a fresh
+        token. Safe to be cut short: the file is in one folder or the other,
+        and no journal names it in either."""
+        mine = Claim(self.folder, f"{next(self._tokens):08d}".encode(), claim.rel)
+        with parent_of(claim.folder.fd, claim.local) as (sfd, sleaf), \
+                parent_of(self.folder.fd, mine.local, create=True) as (dfd, dleaf):
+            os.rename(sleaf, dleaf, src_dir_fd=sfd, dst_dir_fd=dfd)
+        if not claim.flat:
+            _drop_token_dirs(claim.folder.fd, claim.local)
+        return mine
+
+    # ------------------------------------------------------------ other instances
+
+    def quarantine(self, dir_fd: int, name: str, where: Path, reason: str) -> None:
+        """Move an entry we did not make aside (a rename: never followed), with an event."""
+        target = f"{time.time_ns():x}-{name}"[:NAME_MAX]
+        try:
+            os.rename(name, target, src_dir_fd=dir_fd, dst_dir_fd=self.quarantine_fd)
+        except OSError as exc:
+            log.error("state_quarantine_failed", path=display_name(str(where / name)), reason=reason,
+                      error=str(exc))
+            return
+        log.error("state_quarantined", path=display_name(str(where / name)), reason=reason,
+                  moved_to=display_name(str(self.root_path / QUARANTINE / target)))
+
+    def others(self, *, starting: bool) -> Iterator[Folder]:
+        """Dead instances' folders, each locked by us while the caller works on it.
+        Entries that are not instance folders we could have made are quarantined;
+        a live instance writing another results file stops us at start."""
+        for name in sorted(os.listdir(self.root_fd)):
+            if name in (self.folder.name, QUARANTINE):
+                continue
+            if not FOLDER_NAME.fullmatch(name):
+                self.quarantine(self.root_fd, name, self.root_path, "not an instance folder name")
+                continue
+            try:
+                folder = Folder(name, open_dir(name, self.root_fd), self.root_path / name)
+            except UntrustedError as exc:
+                self.quarantine(self.root_fd, name, self.root_path, f"instance folder {exc}")
+                continue
+            except FileNotFoundError:
+                continue  # finished by another instance just now
+            try:
+                dead = self._lock_if_dead(folder, starting=starting)
+            except UntrustedError as exc:
+                folder.close()
+                self.quarantine(self.root_fd, name, self.root_path, str(exc))
+                continue
+            except BaseException:
+                folder.close()
+                raise
+            if not dead:
+                folder.close()
+                continue
+            try:
+                yield folder
+            finally:
+                folder.close()
+
+    def _lock_if_dead(self, folder: Folder, *, starting: bool) -> bool:
+        try:
+            fd = os.open("lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder.fd)
+        except FileNotFoundError:
+            # No lock: died before locking, or finished; trust age, not a race.
+            return time.time() - os.fstat(folder.fd).st_mtime > STALE_LOCKLESS_SECONDS
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UntrustedError("its lock is a symbolic link") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UntrustedError("its lock is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if starting:
+                self._check_same_results(folder)
+            return False
+        folder.lock_fd = fd
+        return True
+
+    def _check_same_results(self, folder: Folder) -> None:
+        """One results file per inbox: a live instance writing elsewhere stops us."""
+        theirs = owner_results(folder)
+        if theirs is not None and theirs != str(self.results):
+            raise ConfigError(f"inbox {self.inbox} is watched by a live instance ({folder.name}) writing "
+                              f"results to {theirs}, not {self.results}: one results file per inbox")
+
+
+def owner_results(folder: Folder) -> str | None:
+    """The results file an instance folder's owner.json names; None if absent or unreadable."""
+    try:
+        fd = os.open("owner.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=folder.fd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        body = json.loads(os.read(fd, 65536))
+        results = body.get("results") if isinstance(body, dict) else None
+        return results if isinstance(results, str) else None
+    except ValueError:
+        return None
     finally:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write-and-rename with fsync: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+@dataclass
+class Listing:
+    """What a dead instance folder holds, sorted out."""
+
+    journals: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    junk: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
-class Workspace:
-    """This instance's claim folder inside the inbox, locked for as long as it lives."""
-
-    def __init__(self, inbox: Path, instance: str) -> None:
-        self.root = inbox / WORK_DIR
-        self.root.mkdir(exist_ok=True)
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", instance)[:100]
-        self.dir = self.root / f"{safe}-{os.getpid()}-{time.time_ns():x}"
-        self.dir.mkdir()
-        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._tokens = itertools.count(1)
-        self._batches = itertools.count(1)
-
-    def close(self) -> None:
-        """Release the folder. Empty folders are removed; leftovers stay for recovery."""
-        with contextlib.suppress(OSError):
-            leftovers = [p for p in self.dir.iterdir() if p.name != "lock"]
-            if not leftovers:
-                shutil.rmtree(self.dir)
-        with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
-
-    def reserve(self, rel: str) -> Claim:
-        """A fresh token and the path the claim will have; nothing touches the
-        disk, so the loop can hand the claim itself to a worker."""
-        token = self._token()
-        return Claim(token, rel, claim_path(self.dir, token, rel))
-
-    def _token(self, suffix: str = "") -> str:
-        """Unique in this folder; adopted claims get suffix "a" so they can never
-        meet one of our own numbers."""
-        return f"{next(self._tokens):08d}{suffix}"
-
-    @staticmethod
-    def take(claim: Claim, source: Path) -> bool:
-        """Atomically rename `source` to the claim's path; False if it vanished
-        or another instance took it first. Safe to run in any thread."""
-        if not claim.flat:
-            os.makedirs(claim.path.parent)
-        try:
-            os.rename(source, claim.path)
-        except FileNotFoundError:
-            if not claim.flat:
-                _drop_token_dir(claim)
-            return False
-        return True
-
-    def journal_path(self) -> Path:
-        return self.dir / f"journal-{next(self._batches):08d}.json"
-
-    @staticmethod
-    def release(claim: Claim) -> None:
-        """The claim is reported: drop our name for the file (and its token folder)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(claim.path)
-        if not claim.flat:
-            _drop_token_dir(claim)
-
-    def adopt_dead(self) -> list[Path]:
-        """Move claim folders of dead instances into ours; returns their journals."""
-        journals: list[Path] = []
-        for other in sorted(self.root.iterdir()):
-            if other == self.dir or not other.is_dir():
-                continue
+def list_folder(folder: Folder) -> Listing:
+    """Sort a folder's entries into journals, claims and junk, following nothing.
+    Claims may themselves be links, FIFOs...: they were dropped so, and are
+    never followed; token folders must be real folders of ours."""
+    out = Listing()
+    for entry in sorted(os.scandir(folder.fd), key=lambda e: e.name):
+        name, raw = entry.name, os.fsencode(entry.name)
+        if name in ("lock", "owner.json"):
+            if not entry.is_file(follow_symlinks=False):
+                out.junk.append((name, f"{name} is not a regular file"))
+            continue
+        if JOURNAL.fullmatch(name):
+            if entry.is_file(follow_symlinks=False):
+                out.journals.append(name)
+            else:
+                out.junk.append((name, "journal is not a regular file"))
+            continue
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):  # a write cut short by the crash: ours, unfinished
+                os.unlink(name, dir_fd=folder.fd)
+            continue
+        if (m := FLAT.fullmatch(raw)) and not entry.is_dir(follow_symlinks=False):
+            out.claims.append(Claim(folder, m.group(1), m.group(2)))
+            continue
+        if TOKEN.fullmatch(raw):
             try:
-                fd = os.open(other / "lock", os.O_RDWR)
-            except FileNotFoundError:
-                # No lock file: a folder that died before locking, or was just adopted.
-                if time.time() - other.stat().st_mtime > 60:
-                    journals += self._take_over(other)
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # alive
-            try:
-                journals += self._take_over(other)
-            finally:
-                os.close(fd)
-        return journals
-
-    def _take_over(self, other: Path) -> list[Path]:
-        """Rename a dead folder's claims into ours under fresh tokens, and rewrite
-        its journals to point at them."""
-        renamed: dict[str, str] = {}
-        for entry in sorted(other.iterdir()):
-            if entry.is_dir():
-                token = self._token("a")
-                os.rename(entry, self.dir / token)
-                renamed[entry.name] = token
-            elif m := _FLAT.fullmatch(entry.name):
-                token = self._token("a")
-                target = claim_path(self.dir, token, m.group(2))
-                if target.parent != self.dir:
-                    target.parent.mkdir()
-                os.rename(entry, target)
-                renamed[m.group(1)] = token
-        journals = []
-        for entry in sorted(other.glob("journal-*.json")):
-            moved = []
-            for e in read_journal(entry):
-                token = renamed.get(e.claim.token, e.claim.token)
-                moved.append(Entry(Claim(token, e.claim.rel, claim_path(self.dir, token, e.claim.rel)), e.result))
-            target = self.journal_path()
-            write_journal(target, moved)
-            journals.append(target)
-        shutil.rmtree(other, ignore_errors=True)
-        return journals
-
-    def leftover_claims(self, skip: set[str]) -> list[Claim]:
-        """Claims in our folder whose token is not in `skip` (journaled or in
-        hand): to be classified again."""
-        claims = []
-        for entry in sorted(self.dir.iterdir()):
-            if entry.is_dir():
-                if entry.name in skip:
-                    continue
-                files = [p for p in entry.rglob("*") if not p.is_dir()]
-                if not files:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    continue
-                for f in files:
-                    claims.append(Claim(entry.name, f.relative_to(entry).as_posix(), f))
-            elif (m := _FLAT.fullmatch(entry.name)) and m.group(1) not in skip:
-                claims.append(Claim(m.group(1), m.group(2), entry))
-        return claims
+                out.claims += _token_claims(folder, raw)
+            except (UntrustedError, OSError) as exc:
+                out.junk.append((name, f"token folder {exc}"))
+            continue
+        out.junk.append((name, "not a name this daemon makes"))
+    return out
 
 
-def _drop_token_dir(claim: Claim) -> None:
-    """Remove a token folder emptied of its file: rmdir per level, a few
-    syscalls where rmtree costs dozens; rmtree only if something else is in it."""
-    depth = claim.rel.count("/")
+def _token_claims(folder: Folder, token: bytes) -> list[Claim]:
+    """The files under a token folder, walked by descriptor without following links."""
+    found: list[Claim] = []
+    top = open_dir(token, folder.fd)
+    stack = [(top, b"")]
     try:
-        for folder in claim.path.parents[: depth + 1]:
-            os.rmdir(folder)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(claim.path.parents[depth], ignore_errors=True)
-
-
-# ---------------------------------------------------------------- placing files
-
-
-def _candidate_names(name: str):
-    """name, then stem-2.ext, stem-3.ext ... each within NAME_MAX bytes."""
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem:
-        stem, ext = name, ""
-    else:
-        ext = "." + ext
-    yield name
-    for n in itertools.count(2):
-        suffix = f"-{n}{ext}"
-        raw = os.fsencode(stem)
-        budget = NAME_MAX - len(os.fsencode(suffix))
-        yield os.fsdecode(raw[:budget]) + suffix
-
-
-def place(src: Path, folder: Path, name: str) -> Path:
-    """Give `src` a new name in `folder` that nobody else holds; never overwrites.
-
-    A hard link is created exclusively (EEXIST means taken: try the next
-    name). Where links cannot be made (another filesystem), the file is copied
-    into an exclusively created name instead. `folder` must exist.
-    """
-    for candidate_name in _candidate_names(name):
-        target = folder / candidate_name
-        try:
-            os.link(src, target, follow_symlinks=False)
-            return target
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
-                raise
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        return target
-    raise AssertionError("unreachable")
-
-
-def find_link(src: Path, folders: list[Path]) -> Path | None:
-    """Another name of `src` in `folders` (a link placed before a crash)."""
-    st = os.stat(src, follow_symlinks=False)
-    if st.st_nlink < 2:
-        return None
-    for folder in folders:
+        while stack:
+            fd, prefix = stack.pop()
+            try:
+                for entry in os.scandir(fd):
+                    raw = os.fsencode(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((open_dir(raw, fd), prefix + raw + b"/"))
+                    else:
+                        found.append(Claim(folder, token, prefix + raw))
+            finally:
+                if fd != top:
+                    os.close(fd)
+    finally:
+        os.close(top)
+        for fd, _ in stack:
+            os.close(fd)
+    if not found:
         with contextlib.suppress(OSError):
-            for entry in os.scandir(folder):
-                est = entry.stat(follow_symlinks=False)
-                if (est.st_ino, est.st_dev) == (st.st_ino, st.st_dev):
-                    return Path(entry.path)
-    return None
+            _rmtree_empty(folder.fd, token)
+    if any(c.flat for c in found):
+        # We only make token folders for names that cannot be flat.
+        raise UntrustedError("holds a name this daemon would not put there")
+    return found
 
 
-# ---------------------------------------------------------------- journals
+def _rmtree_empty(dir_fd: int, name: bytes) -> None:
+    """Remove a tree of empty folders (nothing else), by descriptor."""
+    fd = open_dir(name, dir_fd)
+    try:
+        for entry in os.scandir(fd):
+            _rmtree_empty(fd, os.fsencode(entry.name))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One file of a batch: its claim and the record to report."""
-
-    claim: Claim
-    result: Result
-
-
-def write_journal(path: Path, entries: list[Entry]) -> None:
-    body = [
-        {"token": e.claim.token, "rel": e.claim.rel, "path": str(e.claim.path), "result": e.result.as_dict()}
-        for e in entries
-    ]
-    write_atomic(path, json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogateescape"))
-
-
-def read_journal(path: Path) -> list[Entry]:
-    body = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
-    return [
-        Entry(Claim(item["token"], item["rel"], Path(item["path"])), Result(**item["result"]))
-        for item in body
-    ]
+def remove_if_empty(root_fd: int, folder: Folder) -> bool:
+    """Remove a finished instance folder (only its lock and owner.json left)."""
+    try:
+        names = set(os.listdir(folder.fd))
+        if not names <= {"lock", "owner.json"}:
+            return False
+        for n in names:
+            os.unlink(n, dir_fd=folder.fd)
+        os.rmdir(folder.name, dir_fd=root_fd)
+        return True
+    except OSError:
+        return False

@@ -1,7 +1,8 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
 thread, classified in a batch, its result line written and synced, and the
-file put away. Crash safety lives in `claims`; this module is the order of
-events, batching, back-off and signals.
+file put away. Trusted state and claiming live in `claims`, the commit
+protocol in `commit`, finishing dead instances' work in `recovery`; this
+module is the order of events, batching, back-off and signals.
 """
 
 from __future__ import annotations
@@ -11,26 +12,27 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import gc
-import json
 import os
 import queue
+import select
 import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import structlog
 
-from digitwatch import claims, inbox, logs, systemd
-from digitwatch.classify import Prepared, classify_batch, prepare_file
+from digitwatch import claims, commit, inbox, logs, recovery, systemd
+from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, classify_batch, prepare_bytes
 from digitwatch.config import Settings
+from digitwatch.errors import ImageError
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
-from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile, display_name, render
+from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile
 
 log = structlog.get_logger("digitwatch")
 
@@ -59,24 +61,77 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def prepare_claim(claim: claims.Claim, source: Path | None, *, max_pixels: int) -> Prepared | None:
-    """Take the file (unless `source` is None: already ours) and prepare it in a
-    worker, keeping the rename off the loop's thread. None: it vanished or
-    another instance took it. A claimed file is read without following links:
-    the inbox is untrusted."""
-    if source is not None and not claims.Workspace.take(claim, source):
+def prepare_claim(claim: claims.Claim, workspace: claims.Workspace | None, *, max_pixels: int) -> Prepared | None:
+    """Take the file (unless `workspace` is None: already ours) and prepare it
+    in a worker, keeping the rename off the loop's thread. None: it vanished,
+    another instance took it, or a folder on its way is a link. A claimed
+    file is read by descriptor without following links: the inbox is untrusted."""
+    if workspace is not None and not workspace.take(claim):
         return None
-    return prepare_file(claim.path, display_name(claim.rel), max_pixels=max_pixels, follow_links=False)
+    started = time.perf_counter()
+    try:
+        data = claims.read_claim(claim, DEFAULT_MAX_BYTES)
+    except ImageError as exc:
+        return Prepared(name=claim.display, sha256="", started=started, error=str(exc))
+    except OSError as exc:
+        return Prepared(name=claim.display, sha256="", started=started,
+                        error=f"cannot read: {exc.strerror or exc}")
+    return prepare_bytes(claim.display, data, started, max_pixels=max_pixels)
 
 
 @dataclass
-class _Batch:
-    """A batch whose commit failed part way; retried with back-off."""
+class _Pending:
+    """Files whose commit could not finish (a destination or the results file
+    refused): still claimed, journaled unless `journal` is None; retried with back-off."""
 
-    entries: list[claims.Entry]
-    journal: Path | None = None
+    folder: claims.Folder
+    items: list[tuple[claims.Claim, Result, str]]
+    intents: list[commit.Intent] = field(default_factory=list)
+    journal: str | None = None
     attempts: int = 0
     retry_at: float = 0.0
+
+
+class _Flag:
+    """A flag a signal handler may set: a plain attribute, no lock to deadlock on
+    (threading.Event.set takes a lock the interrupted loop may hold)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class WakeQueue(queue.Queue):
+    """The loop's event queue, with a self-pipe: every put (and every signal)
+    writes a byte, and the loop sleeps in select() on the pipe, so a signal
+    wakes it as surely as an event does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.rfd, select.POLLIN)
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.poke()
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is already pending
+            os.write(self.wfd, b"\0")
+
+    def sleep(self, timeout: float) -> None:
+        """Until something is put, a signal arrives, or `timeout` passes."""
+        if timeout > 0 and self.empty():
+            self._poll.poll(timeout * 1000)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.rfd, 4096):
+                pass
 
 
 @dataclass
@@ -96,18 +151,23 @@ class Daemon:
         self.classifier = classifier
         self.instance = settings.instance_name()
         self.inbox = settings.inbox.resolve()
-        self.events: queue.Queue = queue.Queue()
+        self.events = WakeQueue()
         self.settler = inbox.Settler(settings.settle_seconds)
         self.ready: dict[Path, None] = {}  # insertion-ordered set
         self.in_flight: deque[tuple[claims.Claim, Future]] = deque()
         self.done: list[tuple[claims.Claim, Prepared]] = []
         self.oldest_done = 0.0
-        self.blocked: _Batch | None = None
-        self.stopping = threading.Event()
-        self.hup = threading.Event()
+        self.parked: list[_Pending] = []
+        self.stopping = _Flag()
+        self._hups = self._hups_seen = 0  # a counter: a HUP during a clear is never lost
         self.counters = Counters()
         self.results = ResultsFile(settings.results, settings.format)
+        roots = {"processed": settings.processed, "failed": settings.failed}
+        if settings.review is not None:
+            roots["review"] = settings.review
+        self.committer = commit.Committer(roots, self.results, settings.results, settings.format)
         self.workspace: claims.Workspace | None = None
+        self._retired: list[claims.Workspace] = []
         self.pool: ThreadPoolExecutor | None = None
         self.observer = None
         self.inbox_missing = False
@@ -124,11 +184,15 @@ class Daemon:
         cv2.setNumThreads(1)
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
-        self.workspace = claims.Workspace(self.inbox, self.instance)
+        self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
         self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
         try:
             self._install_signals()
-            self._recover()
+            try:  # created now, CSV header included, so `tail -f` works from the start
+                self.results.open()
+            except OSError as exc:  # each commit retries it and reports commit_failed
+                log.error("results_unavailable", path=str(self.s.results), error=str(exc))
+            self._recover(starting=True)
             if not once:
                 self._watch()
             self._rescan()
@@ -141,13 +205,20 @@ class Daemon:
             systemd.notify("READY=1", f"STATUS=watching {self.inbox}")
             self._loop(once=once)
         finally:
+            if threading.current_thread() is threading.main_thread():
+                # Stopping: a late HUP has nothing to reopen, and must not kill
+                # the process once the interpreter resets its handlers on exit.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             systemd.notify("STOPPING=1")
             if self.observer is not None:
                 self.observer.stop()
             self._drain_on_stop()
             self.pool.shutdown(wait=True, cancel_futures=True)
-            self.workspace.close()
+            for ws in (*self._retired, self.workspace):
+                ws.close()
             self.results.close()
+            # The self-pipe stays open until the process ends: a signal landing
+            # after a close would write into whatever file reused its number.
             self.metrics.close()
             c = self.counters
             log.info("daemon_stopped", ok=c.ok, low_confidence=c.low_confidence, error=c.error,
@@ -172,10 +243,11 @@ class Daemon:
                 self.inbox_missing = True
                 log.error("inbox_missing", inbox=str(self.inbox))
             return False
-        if self.inbox_missing or not self.workspace.dir.is_dir():
+        if self.inbox_missing or not self.workspace.alive():
             self.inbox_missing = False
-            self.workspace.close()
-            self.workspace = claims.Workspace(self.inbox, self.instance)
+            # Claims in hand still name the old folder: keep it open until we stop.
+            self._retired.append(self.workspace)
+            self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
             if watching:
                 self._watch()
             log.warning("inbox_reappeared", inbox=str(self.inbox))
@@ -185,9 +257,20 @@ class Daemon:
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    # Handlers set a flag and poke the self-pipe; nothing else (no locks, no I/O
+    # but one non-blocking write), so a storm of signals costs nothing and a
+    # signal landing anywhere in the loop cannot deadlock it.
+    def _on_stop(self, *_: object) -> None:
+        self.stopping.set()
+        self.events.poke()
+
+    def _on_hup(self, *_: object) -> None:
+        self._hups += 1
+        self.events.poke()
 
     def _loop(self, *, once: bool) -> None:
         next_rescan = time.monotonic() + self.s.rescan_seconds
@@ -197,12 +280,11 @@ class Daemon:
         while not self.stopping.is_set():
             now = time.monotonic()
             watchdog.ping(status=self._status())
-            if self.hup.is_set():
-                self.hup.clear()
+            if self._hups != self._hups_seen:
+                self._hups_seen = self._hups
                 self.results.reopen()
                 log.info("results_reopened", path=str(self.s.results))
-            if self.blocked is not None and now >= self.blocked.retry_at:
-                self._retry_blocked()
+            self._retry_parked(now)
             self._take_events(timeout=self._wait_time())
             if now >= next_settle:
                 next_settle = now + SETTLE_CHECK_SECONDS
@@ -214,7 +296,7 @@ class Daemon:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
                 self._recover()
-            if self.blocked is None and inbox_ok:
+            if not self._held_up() and inbox_ok:
                 self._claim_ready()
             self._collect()
             if self._batch_due():
@@ -225,7 +307,7 @@ class Daemon:
     def _wait_time(self) -> float:
         """How long the loop may sleep. Workers wake it early through the event
         queue when a file is prepared, so it never spins on futures."""
-        if self.ready and self.blocked is None and self._has_capacity():
+        if self.ready and not self._held_up() and self._has_capacity():
             return 0.0
         if self.done:
             age_ms = (time.monotonic() - self.oldest_done) * 1000
@@ -243,8 +325,13 @@ class Daemon:
         return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
 
     def _idle(self) -> bool:
-        return not (self.ready or self.in_flight or self.done or self.blocked
+        return not (self.ready or self.in_flight or self.done or self.parked
                     or self.settler.waiting() or not self.events.empty())
+
+    def _held_up(self) -> bool:
+        """Too many files waiting on a broken destination: stop claiming more
+        (they are safer in the inbox). Below the cap, other files go on."""
+        return sum(len(p.items) for p in self.parked) >= 2 * self.s.batch_size
 
     def _status(self) -> str:
         c = self.counters
@@ -262,8 +349,9 @@ class Daemon:
     def _take_events(self, timeout: float) -> None:
         if timeout > 0:
             logs.flush()  # about to sleep: let the events so far out
+        self.events.sleep(timeout)
         try:
-            path, settled = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
+            path, settled = self.events.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -303,12 +391,13 @@ class Daemon:
             rel = inbox.relative_name(path, self.inbox)
             if rel is None:
                 continue
-            self._submit(self.workspace.reserve(rel), path)
+            self._submit(self.workspace.reserve(rel))
 
-    def _submit(self, claim: claims.Claim, source: Path | None = None) -> None:
+    def _submit(self, claim: claims.Claim, take: bool = True) -> None:
         with self._wake_lock:
             self._submitted += 1
-        future = self.pool.submit(prepare_claim, claim, source, max_pixels=self.s.max_pixels)
+        future = self.pool.submit(prepare_claim, claim, self.workspace if take else None,
+                                  max_pixels=self.s.max_pixels)
         future.add_done_callback(self._prepared)
         self.in_flight.append((claim, future))
 
@@ -332,8 +421,8 @@ class Daemon:
                 continue
             try:
                 prepared = future.result()
-            except OSError as exc:  # the claim itself failed; the file stays in the inbox
-                log.warning("claim_failed", file=display_name(claim.rel), error=str(exc))
+            except Exception as exc:  # the claim itself failed; the file stays in the inbox
+                log.warning("claim_failed", file=claim.display, error=str(exc))
                 continue
             if prepared is None:  # gone, or another instance has it
                 continue
@@ -343,7 +432,7 @@ class Daemon:
         self.in_flight = still
 
     def _batch_due(self) -> bool:
-        if not self.done or self.blocked is not None:
+        if not self.done or self._held_up():
             return False
         if len(self.done) >= self.s.batch_size:
             return True
@@ -361,99 +450,67 @@ class Daemon:
         started = time.perf_counter()
         results = classify_batch(self.classifier, [p for _, p in batch],
                                  low_confidence=self.s.review_threshold)
-        entries = [claims.Entry(c, r) for (c, _), r in zip(batch, results, strict=True)]
-        pending = _Batch(entries)
-        self._try_commit(pending)
-        self.metrics.batch_done(len(entries))
+        items = [(c, r, self._destination(r)) for (c, _), r in zip(batch, results, strict=True)]
+        by_folder: dict[claims.Folder, list] = {}  # one folder, unless the inbox was recreated
+        for item in items:
+            by_folder.setdefault(item[0].folder, []).append(item)
+        for folder, its in by_folder.items():
+            self._commit(_Pending(folder, its))
+        self.metrics.batch_done(len(items))
         self.metrics.depth(self._queued())
-        log.info("batch_classified", size=len(entries), ms=round((time.perf_counter() - started) * 1000, 2),
+        log.info("batch_classified", size=len(items), ms=round((time.perf_counter() - started) * 1000, 2),
                  queued=len(self.ready) + len(self.in_flight))
 
-    def _destination(self, result: Result, day: str) -> Path:
+    def _destination(self, result: Result) -> str:
         if result.status == STATUS_ERROR:
-            root = self.s.failed
-        elif result.status == STATUS_LOW and self.s.review is not None:
-            root = self.s.review
-        else:
-            root = self.s.processed
-        return root / day
+            return "failed"
+        if result.status == STATUS_LOW and self.s.review is not None:
+            return "review"
+        return "processed"
 
-    def _try_commit(self, batch: _Batch) -> None:
-        try:
-            if batch.journal is None:
-                # Open the results file first: if it cannot be written, the
-                # files stay claimed and nothing is placed yet.
-                self.results.open()
-                self._place(batch)
-            self._report(batch)
-        except OSError as exc:
-            batch.attempts += 1
-            delay = min(MAX_BACKOFF, 0.5 * 2 ** (batch.attempts - 1))
-            batch.retry_at = time.monotonic() + delay
-            self.blocked = batch
-            log.error("commit_failed", error=str(exc), files=len(batch.entries), retry_in_s=delay,
-                      attempt=batch.attempts)
-            return
-        self.blocked = None
+    def _commit(self, pending: _Pending) -> None:
+        """Journal (once), then place, report and release what can be; the rest
+        is parked with back-off. Never raises for one file's trouble."""
+        if pending.journal is None:
+            try:
+                pending.intents = self.committer.plan(pending.items, utc_now(), self.instance)
+                name = pending.folder.journal_name()
+                self.committer.journal(pending.folder, name, pending.intents)
+                pending.journal = name
+            except OSError as exc:
+                if pending.folder.deleted():
+                    # Deleted under us (the inbox removed with our claims in it):
+                    # nothing left to place or report.
+                    for _claim, result, _ in pending.items:
+                        log.error("claim_vanished", file=result.file)
+                    return
+                self._park(pending, f"journal: {exc}")
+                return
+        out = self.committer.run(pending.folder, pending.journal, pending.intents, dedupe=pending.attempts > 0)
+        for intent in out.done:
+            self._count(intent.result)
+        if pending.attempts == 0:
+            for intent in out.gone:
+                log.error("claim_vanished", file=intent.result.file)
+        if out.parked:
+            pending.intents = out.parked
+            pending.items = [(i.claim, i.result, i.dest) for i in out.parked]
+            self._park(pending, out.error)
 
-    def _retry_blocked(self) -> None:
-        batch, self.blocked = self.blocked, None
-        self._try_commit(batch)
+    def _park(self, pending: _Pending, error: str) -> None:
+        pending.attempts += 1
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** (pending.attempts - 1))
+        pending.retry_at = time.monotonic() + delay
+        self.parked.append(pending)
+        log.error("commit_failed", error=error, files=len(pending.items), retry_in_s=delay,
+                  attempt=pending.attempts)
 
-    def _place(self, batch: _Batch) -> None:
-        """Link each file to its destination and journal the batch; undone on failure."""
-        now = utc_now()
-        day = now.strftime("%Y-%m-%d")
-        ts = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        placed: list[claims.Entry] = []
-        made: set[Path] = set()  # destination folders created in this batch
-        try:
-            for entry in batch.entries:
-                name = os.path.basename(entry.claim.rel)
-                folder = self._destination(entry.result, day)
-                if folder not in made:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    made.add(folder)
-                try:
-                    target = claims.place(entry.claim.path, folder, name)
-                except FileNotFoundError:
-                    if os.path.lexists(entry.claim.path):
-                        raise
-                    # Deleted under us (the inbox was removed with our claims in
-                    # it): nothing left to place or report.
-                    log.error("claim_vanished", file=entry.result.file)
-                    continue
-                result = replace(entry.result, ts=ts, moved_to=display_name(str(target)),
-                                 instance=self.instance)
-                placed.append(claims.Entry(entry.claim, result))
-                if result.status == STATUS_ERROR:
-                    sidecar = target.with_name(target.name + ".error.json")
-                    claims.write_atomic(sidecar, json.dumps(result.as_dict(),
-                                                            ensure_ascii=False, indent=2).encode())
-            journal = self.workspace.journal_path()
-            claims.write_journal(journal, placed)
-        except OSError:
-            for entry in placed:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.result.moved_to)
-                    os.unlink(entry.result.moved_to + ".error.json")
-            raise
-        batch.entries, batch.journal = placed, journal
-
-    def _report(self, batch: _Batch, *, recovering: bool = False) -> None:
-        lines = [render(e.result, self.s.format) for e in batch.entries]
-        if recovering:
-            lines = [line for line in lines if not self.results.contains(line)]
-        if lines:
-            self.results.append(lines)
-        for folder in {Path(e.result.moved_to).parent for e in batch.entries}:
-            with contextlib.suppress(OSError):
-                claims.fsync_dir(folder)
-        for entry in batch.entries:
-            self.workspace.release(entry.claim)
-            self._count(entry.result)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(batch.journal)
+    def _retry_parked(self, now: float) -> None:
+        due = [p for p in self.parked if now >= p.retry_at]
+        if due:
+            self.parked = [p for p in self.parked if now < p.retry_at]
+            for pending in due:
+                self._commit(pending)
 
     def _count(self, r: Result) -> None:
         self.metrics.file_done(r.status, r.latency_ms)
@@ -472,62 +529,35 @@ class Daemon:
 
     # ------------------------------------------------------------ recovery and stop
 
-    def _recover(self) -> None:
+    def _recover(self, *, starting: bool = False) -> None:
         """Finish what dead instances (this one's past included) left half done.
-        Runs at start and on every rescan: another instance may have died."""
-        self._finish_journals(self.workspace.adopt_dead())
-
-    def _finish_journals(self, journals: list[Path]) -> None:
-        journaled: set[str] = set()
-        for journal in journals:
-            entries = claims.read_journal(journal)
-            journaled |= {e.claim.token for e in entries}
-            batch = _Batch(entries, journal=journal)
-            for e in entries:
-                # The link may not have survived a power cut; the claim has.
-                if e.claim.path.exists() and not os.path.lexists(e.result.moved_to):
-                    os.link(e.claim.path, e.result.moved_to, follow_symlinks=False)
-            try:
-                self._report(batch, recovering=True)
-                self.counters.recovered += len(entries)
-            except OSError as exc:
-                batch.retry_at = time.monotonic() + 1.0
-                self.blocked = batch
-                log.error("recovery_report_failed", error=str(exc), journal=str(journal))
-                return
-        in_hand = {c.token for c, _ in self.in_flight} | {c.token for c, _ in self.done}
-        if self.blocked is not None:
-            in_hand |= {e.claim.token for e in self.blocked.entries}
-        leftovers = self.workspace.leftover_claims(journaled | in_hand)
-        for claim in leftovers:
-            self._drop_orphan_link(claim)
-            self._submit(claim)
-            self.counters.recovered += 1
-        if journals or leftovers:
-            log.info("recovered", journals=len(journals), claims=len(leftovers))
-
-    def _drop_orphan_link(self, claim: claims.Claim) -> None:
-        """A crash between linking and journaling leaves a second name; remove it."""
-        today = utc_now()
-        days = [(today - dt.timedelta(days=d)).strftime("%Y-%m-%d") for d in (0, 1)]
-        roots = [r for r in (self.s.processed, self.s.failed, self.s.review) if r is not None]
-        with contextlib.suppress(OSError):
-            link = claims.find_link(claim.path, [root / d for root in roots for d in days])
-            if link is not None:
-                os.unlink(link)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(link.with_name(link.name + ".error.json"))
+        Runs at start and on every rescan: another instance may have died.
+        One bad folder, journal or file costs that item only."""
+        try:
+            for folder in self.workspace.others(starting=starting):
+                if self.stopping.is_set():
+                    return
+                try:
+                    rec = recovery.recover_folder(self.workspace, self.committer, folder)
+                except Exception as exc:  # contained: the folder is retried on the next rescan
+                    log.error("recovery_failed", folder=str(folder.path), error=str(exc))
+                    continue
+                for intent in rec.done:
+                    self._count(intent.result)
+                for claim in rec.adopted:
+                    self._submit(claim, take=False)
+                self.counters.recovered += len(rec.done) + len(rec.adopted)
+        except OSError as exc:
+            log.error("recovery_failed", folder=str(self.workspace.root_path), error=str(exc))
 
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
         deadline = time.monotonic() + self.s.stop_timeout
         self.ready.clear()
-        while (self.in_flight or self.done or self.blocked) and time.monotonic() < deadline:
-            if self.blocked is not None:
-                if time.monotonic() >= self.blocked.retry_at:
-                    self._retry_blocked()
-                else:
-                    time.sleep(0.05)
+        while (self.in_flight or self.done or self.parked) and time.monotonic() < deadline:
+            if self.parked and not (self.in_flight or self.done):
+                self._retry_parked(time.monotonic())
+                time.sleep(0.05)
                 continue
             self._collect()
             if self.done and not self.in_flight or len(self.done) >= self.s.batch_size:

@@ -39,6 +39,17 @@ from digitwatch.errors import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MAX_PIXELS = 40_000_000  # a 600 dpi A4 scan is 35 Mpx
+# Peak memory one decode may take (README, "Memory"). The unit's MemoryMax is
+# 512 MiB: two workers at this peak plus the daemon's ~120 MB stay under it.
+DEFAULT_MAX_DECODED_BYTES = 200_000_000
+# Peak bytes per pixel of load_digit, by the image OpenCV decodes to (channels,
+# 16-bit?): the decoded array plus the float32 copies to_gray makes. Measured
+# as VmHWM growth over 3000x3000 files of every flavour (8-bit gray 2.3, 16-bit
+# gray 6.3, 8-bit RGB 6.3, 16-bit RGB 22.5, 8-bit 4-channel 36.5, 16-bit
+# 4-channel 40.5), rounded up.
+_PEAK_BYTES_PER_PIXEL = {(1, False): 2.5, (1, True): 6.5, (3, False): 6.5, (3, True): 23.0,
+                         (4, False): 37.0, (4, True): 41.0}
+_COLOR_NAMES = {0: "gray", 2: "RGB", 3: "palette", 4: "gray+alpha", 6: "RGBA"}
 SIDE = 28
 BOX = 20  # MNIST: the digit's longer side, before centring in 28x28
 COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
@@ -58,6 +69,29 @@ class PngHeader:
     bit_depth: int
     color_type: int
     interlaced: bool
+    transparency: bool = False  # a tRNS chunk: OpenCV then decodes palette and RGB with alpha
+
+    def decoded_channels(self) -> int:
+        """Channels of the array OpenCV's IMREAD_UNCHANGED gives: gray stays one
+        (tRNS or not), gray+alpha becomes BGRA, palette becomes BGR (BGRA with tRNS)."""
+        if self.color_type == 0:
+            return 1
+        if self.color_type in (2, 3):
+            return 4 if self.transparency else 3
+        return 4
+
+    def peak_decode_bytes(self) -> int:
+        """Peak memory `load_digit` needs for this image (see _PEAK_BYTES_PER_PIXEL)."""
+        per_pixel = _PEAK_BYTES_PER_PIXEL[(self.decoded_channels(), self.bit_depth == 16)]
+        return int(self.width * self.height * per_pixel)
+
+    def describe(self) -> str:
+        """e.g. "6300x6300 RGBA 16-bit"."""
+        kind = _COLOR_NAMES.get(self.color_type, f"color type {self.color_type}")
+        if self.color_type == 3 and self.transparency:
+            kind += "+transparency"
+        depth = "8-bit" if self.color_type == 3 else f"{self.bit_depth}-bit"
+        return f"{self.width}x{self.height} {kind} {depth}"
 
 
 @dataclass(frozen=True)
@@ -90,11 +124,16 @@ def _describe_magic(data: bytes) -> str:
     return "not an image"
 
 
-def read_png_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PngHeader:
+def read_png_header(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> PngHeader:
     """Validate the PNG container (signature, chunk lengths, CRCs, IEND) and size.
 
     Walking the chunks costs one CRC pass over the file and turns truncated or
-    corrupted files into precise messages before the decoder sees them.
+    corrupted files into precise messages before the decoder sees them. Size is
+    bounded twice: by pixel count, and by the memory decoding would take (a
+    16-bit RGBA page takes 16x what an 8-bit gray one of the same size does),
+    so a file that would get the daemon OOM-killed is refused instead.
     """
     if not data:
         raise EmptyFileError("empty file (0 bytes)")
@@ -110,7 +149,7 @@ def read_png_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Png
             f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the "
             f"limit of {max_pixels / 1e6:.1f} Mpx (max_pixels); refused before decoding"
         )
-    pos, seen_idat = 8, False
+    pos, seen_idat, transparency = 8, False, False
     while True:
         if pos + 8 > len(data):
             raise CorruptImageError(f"truncated PNG: ends at byte {len(data)} with no IEND chunk")
@@ -127,12 +166,25 @@ def read_png_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Png
             name = kind.decode("latin-1")
             raise CorruptImageError(f"corrupt PNG: bad checksum in {name} chunk at byte {pos}")
         seen_idat |= kind == b"IDAT"
+        transparency |= kind == b"tRNS"
         if kind == b"IEND":
             break
         pos = end
     if not seen_idat:
         raise CorruptImageError("corrupt PNG: no image data (IDAT) chunk")
-    return PngHeader(width, height, bit_depth, color_type, bool(interlace))
+    if color_type not in _COLOR_NAMES:
+        raise CorruptImageError(f"corrupt PNG: unknown color type {color_type}")
+    header = PngHeader(width, height, bit_depth, color_type, bool(interlace), transparency)
+    if (need := header.peak_decode_bytes()) > max_decoded_bytes:
+        raise ImageTooLargeError(
+            f"refused: decoding {header.describe()} needs {_size(need)}, over the limit of "
+            f"{_size(max_decoded_bytes)} (max_decoded_bytes); refused before decoding"
+        )
+    return header
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

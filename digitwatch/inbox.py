@@ -5,6 +5,13 @@ A file is ready when it was closed after writing or renamed into the inbox
 (inotify). In polling mode, and for files found by listing rather than by an
 event, it is ready once its size and mtime have been stable for
 `settle_seconds`: a scan can see a file that is still being written.
+
+With `recursive`, a folder created or moved into the inbox is listed as soon as
+its event arrives: inotify watches a new folder only after its creation event
+is read, so files renamed into it before that (`mkdir sub && mv a.png sub/`)
+send no event of their own. Listing never follows a link: each folder is opened
+from its parent with O_NOFOLLOW, and hidden folders (our `.digitwatch`
+included) are never entered.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileModifiedEvent,
@@ -63,19 +72,85 @@ def relative_name(path: Path, inbox: Path) -> str | None:
 
 def list_inbox(inbox: Path, recursive: bool) -> Iterator[Path]:
     """Every entry that is not a folder (links and FIFOs too: they are refused later)."""
-    stack = [inbox]
-    while stack:
-        folder = stack.pop()
+    return list_folder(inbox, inbox, recursive)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def list_folder(inbox: Path, folder: Path, recursive: bool) -> Iterator[Path]:
+    """Every entry that is not a folder in `folder` (the inbox or a folder in
+    it), and with `recursive` in its sub-folders. Hidden folders are skipped and
+    links are never followed: each folder, `folder`'s own path included, is
+    opened from its parent with O_NOFOLLOW, so one swapped for a symlink is
+    skipped rather than entered. Unreadable or vanished folders are skipped (the
+    next rescan tries again). Only the folders on the current path are held
+    open, so a wide tree costs no more descriptors than a narrow one."""
+    try:
+        parts = folder.relative_to(inbox).parts
+    except ValueError:
+        return
+    if any(p.startswith(".") for p in parts):
+        return
+    try:
+        fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    for part in parts:
         try:
-            entries = list(os.scandir(folder))
+            sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
         except OSError:
-            continue  # vanished or unreadable: the next rescan will try again
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                if recursive and not entry.name.startswith("."):
-                    stack.append(Path(entry.path))
-            else:
-                yield Path(entry.path)
+            sub = -1
+        os.close(fd)
+        if sub < 0:
+            return
+        fd = sub
+    yield from _walk(fd, folder, recursive)
+
+
+def _walk(fd: int, path: Path, recursive: bool) -> Iterator[Path]:
+    """Depth first from the open folder `fd` (closed when done, or when the
+    caller stops early); frames hold each open folder and its unvisited sub-folders."""
+    frames: list[tuple[int, Path, list[str]]] = []
+    current: tuple[int, Path] | None = (fd, path)
+    try:
+        while True:
+            if current is not None:
+                fd, path = current
+                current = None
+                subdirs: list[str] = []
+                frames.append((fd, path, subdirs))
+                try:
+                    with os.scandir(fd) as it:
+                        entries = list(it)
+                except OSError:
+                    entries = []
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if not is_dir:
+                        yield path / entry.name
+                    elif recursive and not entry.name.startswith("."):
+                        subdirs.append(entry.name)
+            if not frames:
+                return
+            top_fd, top_path, pending = frames[-1]
+            if not pending:
+                os.close(top_fd)
+                frames.pop()
+                continue
+            name = pending.pop()
+            try:
+                current = (os.open(name, _DIR_FLAGS, dir_fd=top_fd), top_path / name)
+            except OSError:
+                continue  # vanished, unreadable, or swapped for a link
+    finally:
+        for open_fd, _, _ in frames:
+            os.close(open_fd)
+        if current is not None:
+            os.close(current[0])
 
 
 @dataclass
@@ -120,12 +195,22 @@ class Settler:
 class _Handler(FileSystemEventHandler):
     """Turns watchdog events into (path, settled?) notices on a queue."""
 
-    def __init__(self, out: queue.Queue, polling: bool) -> None:
+    def __init__(self, out: queue.Queue, polling: bool, inbox: Path | None = None,
+                 recursive: bool = False) -> None:
         self._out = out
         self._polling = polling
+        self._inbox = inbox
+        self._recursive = recursive
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if self._recursive and not event.is_synthetic:
+                # Synthetic events are watchdog's own listing of a folder moved
+                # in: the listing of that folder below already covers them.
+                if isinstance(event, DirMovedEvent) and event.dest_path:
+                    self._list_new_folder(event.dest_path)
+                elif isinstance(event, DirCreatedEvent):
+                    self._list_new_folder(event.src_path)
             return
         if isinstance(event, FileMovedEvent):
             if event.dest_path:  # empty when moved out of the inbox
@@ -145,6 +230,14 @@ class _Handler(FileSystemEventHandler):
                 return
             if not regular:
                 self._out.put((path, True))
+
+    def _list_new_folder(self, folder: bytes | str) -> None:
+        """Report what is already in a folder that just appeared. Listed files
+        must settle like any others: one may still be being written."""
+        if self._inbox is None:
+            return
+        for path in list_folder(self._inbox, Path(os.fsdecode(folder)), recursive=True):
+            self._out.put((path, False))
 
 
 def start_observer(inbox: Path, *, recursive: bool, polling: bool, poll_interval: float,
@@ -168,7 +261,7 @@ def start_observer(inbox: Path, *, recursive: bool, polling: bool, poll_interval
             observer = InotifyObserver(generate_full_events=True)
         except ImportError:  # not Linux
             observer = Observer()
-    observer.schedule(_Handler(out, polling), str(inbox), recursive=recursive)
+    observer.schedule(_Handler(out, polling, inbox, recursive), str(inbox), recursive=recursive)
     observer.daemon = True
     observer.start()
     return observer

@@ -8,10 +8,13 @@ flushing and syncing belong to whoever owns the file.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import json
 import os
+import stat
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -118,15 +121,50 @@ def render(result: Result, fmt: str, columns: tuple[str, ...] = DAEMON_COLUMNS) 
     return csv_line(result, columns) if fmt == "csv" else json_line(result, columns)
 
 
+class NotRegularFileError(OSError):
+    """The results path is a link, FIFO, device, socket or folder: refused before
+    any byte is written (a FIFO with no reader would block the daemon forever)."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder"}
+
+
+def _check_regular(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise NotRegularFileError(f"refused: results path {path} is {kind}, not a regular file")
+
+
 class ResultsFile:
     """The append-only results file that people `tail -f`.
 
-    Each append is one write of whole lines under an exclusive lock, then
-    fsync; a failed write is cut back off, so a reader never sees half a line.
-    The file is reopened when it was rotated or deleted under us, or on SIGHUP.
+    Guarantees (README, "The results file"):
+
+    - Only a regular file is ever written. The path is lstat-checked, then
+      opened with O_NOFOLLOW | O_NONBLOCK and fstat-checked before any byte is
+      written: a link, FIFO, device or socket raises NotRegularFileError (an
+      OSError, so the daemon reports commit_failed and retries; it never blocks).
+    - A new file is created exclusively (O_EXCL) and, for CSV, gets its header
+      at once, so `tail -f` works from the start.
+    - Each append is one write of whole lines under an exclusive flock (waited
+      for at most LOCK_TIMEOUT seconds, then OSError), then fsync; a failed
+      write is cut back off, so a reader never sees half a line.
+    - Torn tails: a file whose last byte is not a newline ends in a partial line
+      (a crash mid-write; after a power cut, often a run of NULs where the size
+      reached the disk but the data did not). Before the next append exactly
+      that final partial line is cut: the file is truncated to just after its
+      last newline, found by scanning back at most REPAIR_SCAN bytes. Nothing
+      before that newline is ever cut. With no newline in that window (a file
+      that is one huge partial line) nothing is cut at all: a newline is
+      written first so the new lines start whole, and the junk stays as one bad
+      line. The file is never truncated to zero by repair.
+    - The file is reopened when it was rotated or deleted under us, or on SIGHUP.
     """
 
-    TAIL_BYTES = 16 * 1024 * 1024
+    TAIL_BYTES = 16 * 1024 * 1024  # how far back `contains` looks (crash recovery)
+    REPAIR_SCAN = 16 * 1024 * 1024  # how far back torn-tail repair looks for the last newline
+    LOCK_TIMEOUT = 10.0  # seconds to wait for another process's flock
 
     def __init__(self, path: Path, fmt: str) -> None:
         self.path = path
@@ -136,7 +174,7 @@ class ResultsFile:
     def _ensure_open(self) -> int:
         if self._fd is not None:
             try:
-                st, mine = os.stat(self.path), os.fstat(self._fd)
+                st, mine = os.lstat(self.path), os.fstat(self._fd)
                 same = (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
             except FileNotFoundError:
                 same = False
@@ -144,12 +182,42 @@ class ResultsFile:
                 return self._fd
             self.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        return self._fd
+        fd, created = self._open_regular()
+        self._fd = fd
+        if created and self.fmt == "csv":
+            self._locked(fd, lambda: self._append_locked(fd, b""))
+        return fd
+
+    def _open_regular(self) -> tuple[int, bool]:
+        """(fd, created): a regular file, never through a link, never blocking."""
+        flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            _check_regular(self.path, os.lstat(self.path))  # a device is refused unopened
+        except FileNotFoundError:
+            try:
+                return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                pass  # someone made it just now: open it like any existing file
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link made since the lstat
+                raise NotRegularFileError(f"refused: results path {self.path} is a symbolic link, "
+                                          "not a regular file") from None
+            raise
+        try:
+            _check_regular(self.path, os.fstat(fd))  # swapped between lstat and open
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, False
 
     def open(self) -> None:
-        """Open (or reopen after rotation) now; raises OSError if impossible."""
-        self._ensure_open()
+        """Open (creating it, with the CSV header, if new) or reopen after
+        rotation, now; raises OSError (NotRegularFileError included) if impossible."""
+        fd = self._ensure_open()
+        if self.fmt == "csv" and os.fstat(fd).st_size == 0:
+            self._locked(fd, lambda: self._append_locked(fd, b""))
 
     def reopen(self) -> None:
         self.close()
@@ -163,36 +231,83 @@ class ResultsFile:
         """Append whole lines durably, or raise OSError having written nothing."""
         fd = self._ensure_open()
         payload = "".join(lines).encode("utf-8", "backslashreplace")
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                # A power cut mid-write left a torn last line: cut it away so
-                # the file stays whole records (its file is still claimed and
-                # will be written again).
-                tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-                cut = tail.rfind(b"\n")
-                size = max(0, size - len(tail) + cut + 1) if cut >= 0 else 0
-                os.ftruncate(fd, size)
-            if size == 0 and self.fmt == "csv":
-                payload = csv_header(DAEMON_COLUMNS).encode() + payload
+        self._locked(fd, lambda: self._append_locked(fd, payload))
+
+    def _locked(self, fd: int, action) -> None:
+        """Run `action` holding the file's flock; never wait longer than LOCK_TIMEOUT
+        (anyone who can read the file can flock it)."""
+        deadline = time.monotonic() + self.LOCK_TIMEOUT
+        while True:
             try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, size)
-                raise
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EWOULDBLOCK, f"results file {self.path} locked by another "
+                                  f"process for over {self.LOCK_TIMEOUT:.0f} s") from None
+                time.sleep(0.01)
+        try:
+            action()
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def contains(self, line: str) -> bool:
-        """Whether this exact line is in the file's recent tail (crash recovery)."""
+    def _append_locked(self, fd: int, payload: bytes) -> None:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            cut = _last_newline(fd, size, self.REPAIR_SCAN)
+            if cut is None:
+                payload = b"\n" + payload  # no whole line to fall back to: cut nothing
+            else:
+                size = cut
+                os.ftruncate(fd, size)
+        if size == 0 and self.fmt == "csv":
+            payload = csv_header(DAEMON_COLUMNS).encode() + payload
+        if not payload:
+            return
         try:
-            with self.path.open("rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - self.TAIL_BYTES))
-                return line.encode("utf-8", "backslashreplace") in fh.read()
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+
+    def contains(self, line: str) -> bool:
+        """Whether this exact line is, as a whole line, in the file's last
+        TAIL_BYTES (crash recovery: was this record already reported?)."""
+        try:
+            fd = self._ensure_open()
         except FileNotFoundError:
             return False
+        size = os.fstat(fd).st_size
+        start = max(0, size - self.TAIL_BYTES)
+        data = _pread_all(fd, size - start, start)
+        needle = line.encode("utf-8", "backslashreplace")
+        # A whole line: at the start of the file or right after a newline.
+        return (start == 0 and data.startswith(needle)) or b"\n" + needle in data
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    parts = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _last_newline(fd: int, size: int, limit: int, step: int = 1 << 20) -> int | None:
+    """The offset just after the file's last newline, looking back at most
+    `limit` bytes, one `step` at a time; None if there is none in that window."""
+    end = size
+    while end > 0 and size - end < limit:
+        start = max(0, end - step, size - limit)
+        at = _pread_all(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return None

@@ -7,8 +7,10 @@ import collections
 import csv
 import hashlib
 import io
+import json
 import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ def png(i: int) -> bytes:
 
 
 def files_under(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".error.json")]
+    return [p for p in folder.rglob("*") if p.is_file() and ".errors" not in p.parts]
 
 
 class TestIntake:
@@ -132,8 +134,11 @@ class TestOutcomes:
         by_name = {r["file"]: r for r in rows}
         for name in bad:
             assert by_name[name]["status"] == "error" and by_name[name]["error"]
-            sidecar = Path(by_name[name]["moved_to"] + ".error.json")
+            # Sidecars live in .errors/, a folder only the daemon writes: never another input's name.
+            moved = Path(by_name[name]["moved_to"])
+            sidecar = moved.parent / ".errors" / (moved.name + ".error.json")
             assert sidecar.is_file() and str(d.failed) in str(sidecar)
+            assert json.loads(sidecar.read_text())["file"] == name
         assert all(by_name[f"good{i}.png"]["status"] != "error" for i in range(5))
         assert len(files_under(d.failed)) == 3 and len(files_under(d.processed)) == 5
 
@@ -145,7 +150,10 @@ class TestOutcomes:
         assert d.terminate() == 0
         rows = d.lines()
         moved = [Path(r["moved_to"]) for r in rows]
-        assert sorted(p.name for p in moved) == ["same-2.png", "same-3.png", "same.png"]
+        # The first keeps its name; later ones get a unique suffix at once (no probing).
+        assert moved[0].name == "same.png"
+        assert all(re.fullmatch(r"same-[0-9a-f]+-\d{8}\.png", p.name) for p in moved[1:])
+        assert len(set(moved)) == 3
         for r, p in zip(rows, moved, strict=True):
             assert hashlib.sha256(p.read_bytes()).hexdigest() == r["sha256"]
 
@@ -219,14 +227,78 @@ class TestNeverLoseAFile:
         names = {f"k{i:03d}.png" for i in range(150)}
         for n in sorted(names):
             drop(d.inbox, n, png(hash(n)))
-        kills = 0
-        while kills < 12:
+        interrupted = 0
+        for _ in range(12):
+            before = len(d.lines())
             d.start(wait=False)
-            time.sleep(rng.uniform(0.5, 2.5))
+            # Kill while files are moving: once this run has written a line.
+            deadline = time.monotonic() + 30
+            while len(d.lines()) == before and time.monotonic() < deadline and d.proc.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
             d.kill()
-            kills += 1
+            interrupted += bool(self.work_in_hand(d.inbox))
+        assert interrupted >= 4, f"only {interrupted} of 12 kills caught claims or journals in hand"
         assert d.run_once() == 0
         self.check_exactly_once(names, d.lines(), tmp_path)
+
+    @staticmethod
+    def work_in_hand(inbox: Path) -> list[str]:
+        """Claims and journals a killed instance left in its folder."""
+        return [p.name for p in (inbox / ".digitwatch").glob("*/*")
+                if p.parent.name != "quarantine" and p.name not in ("lock", "owner.json")]
+
+    def test_sighup_storm_during_a_burst(self, tmp_path):
+        """Signal handlers only set a flag: a HUP every 2 ms never recurses or
+        deadlocks, and SIGTERM still stops the loop within stop_timeout."""
+        d = DaemonProc(tmp_path, "--stop-timeout", "10", "--batch-size", "8").start()
+        names = {f"h{i:03d}.png" for i in range(120)}
+        import threading
+
+        stop = threading.Event()
+
+        def storm() -> None:
+            while not stop.is_set():
+                d.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.002)
+
+        hupper = threading.Thread(target=storm)
+        hupper.start()
+        try:
+            for n in sorted(names):
+                drop(d.inbox, n, png(hash(n)))
+            d.wait_lines(len(names), timeout=90)
+            started = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            rc = d.proc.wait(timeout=15)
+        finally:
+            stop.set()
+            hupper.join()
+        assert rc == 0 and time.monotonic() - started < 10
+        assert d.events("results_reopened")
+        assert "Traceback" not in d.log.read_text()
+        self.check_exactly_once(names, d.lines(), tmp_path)
+
+    def test_broken_destination_holds_only_its_own_files(self, tmp_path):
+        """failed/ unusable: bad inputs stay claimed and retry with back-off;
+        good ones in the same batches go through."""
+        d = DaemonProc(tmp_path, "--batch-size", "8")
+        d.failed.mkdir()
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        (d.failed / day).write_text("a file where the day folder should be")
+        d.start()
+        for i in range(6):
+            drop(d.inbox, f"good{i}.png", png(i))
+        for i in range(2):
+            drop(d.inbox, f"bad{i}.png", b"not a png")
+        rows = d.wait_lines(6, timeout=30)
+        d.wait_log("commit_failed", timeout=20)
+        assert sorted(r["file"] for r in rows) == [f"good{i}.png" for i in range(6)]
+        assert len(self.work_in_hand(d.inbox)) >= 2  # the bad ones: claimed and journaled
+        (d.failed / day).unlink()  # repaired: the next retry places them
+        rows = d.wait_lines(8, timeout=40)
+        assert d.terminate() == 0
+        self.check_exactly_once({*(f"good{i}.png" for i in range(6)), "bad0.png", "bad1.png"}, rows, tmp_path)
 
     def test_three_instances_share_one_inbox(self, tmp_path):
         results = tmp_path / "shared.jsonl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -137,3 +138,119 @@ def test_hostile_corpus(tmp_path):
     assert left == ["folder.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["outside", "inbox", "processed", "failed", "results.jsonl", "d.log"])
+
+
+# ---------------------------------------------------------------- hostile daemon state
+
+
+def _journal(folder: Path, name: str, rel: bytes, target: bytes, results: Path, roots: dict) -> bytes:
+    """A well-formed journal entry, built with the daemon's own encoder."""
+    from digitwatch import claims, commit
+    from digitwatch.results import Result
+
+    f = claims.Folder(folder.name, -1, folder)
+    claim = claims.Claim(f, name.encode(), rel)
+    r = Result(file=os.fsdecode(rel), digit=1, confidence=0.9, status="ok", error="", sha256="", width=1,
+               height=1, model="m", latency_ms=1.0, ts="2026-01-01T00:00:00.000Z", instance="dead")
+    return commit.encode_journal(results, [commit.Intent(claim, "processed", "2026-01-01", target, "link", r)])
+
+
+def test_planted_state_is_quarantined_and_good_files_still_get_their_line(tmp_path):
+    """The bar: planted state under inbox/.digitwatch touches nothing outside,
+    never stops the daemon, and a good file dropped beside it gets its line."""
+    outside = tmp_path / "outside"
+    (outside / "victim").mkdir(parents=True)
+    (outside / "victim" / "secret.txt").write_text("keep out")
+    (outside / "note.txt").write_text("not a png")
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    d = DaemonProc(tmp_path)
+    root = d.inbox / ".digitwatch"
+    root.mkdir(mode=0o700)
+    roots = {"processed": d.processed, "failed": d.failed}
+    # A dead instance: real leftovers and a real journal beside garbage ones.
+    dead = root / "dead-1-1"
+    dead.mkdir(mode=0o700)
+    (dead / "lock").write_bytes(b"")
+    (dead / "00000003-left.png").write_bytes(PNG_GOOD)
+    (dead / "00000004-journaled.png").write_bytes(PNG_GOOD)
+    (dead / "journal-00000001.json").write_bytes(
+        _journal(dead, "00000004", b"journaled.png", b"journaled.png", d.results, roots))
+    # Another: garbage, empty, truncated, wrong-schema journals and one climbing out.
+    bad = root / "bad-5-5"
+    bad.mkdir(mode=0o700)
+    (bad / "lock").write_bytes(b"")
+    (bad / "journal-00000002.json").write_bytes(b"\x00garbage{")
+    (bad / "journal-00000003.json").write_bytes(b"")
+    (bad / "journal-00000004.json").write_bytes(b'{"v": 2, "entries": [')
+    (bad / "journal-00000005.json").write_bytes(b'[{"token": "00000009", "rel": "x", "path": "/etc/passwd"}]')
+    (bad / "00000006-victim.png").write_bytes(b"")
+    (bad / "journal-00000006.json").write_bytes(
+        _journal(bad, "00000006", b"../../../../outside/victim/secret.txt", b"../../x", d.results, roots))
+    os.symlink(outside, dead / "00000007")  # a token folder linking outside
+    # Another dead instance: a journal for another results file.
+    other = root / "other-2-2"
+    other.mkdir(mode=0o700)
+    (other / "lock").write_bytes(b"")
+    (other / "00000001-theirs.png").write_bytes(PNG_GOOD)
+    (other / "journal-00000001.json").write_bytes(
+        _journal(other, "00000001", b"theirs.png", b"theirs.png", tmp_path / "elsewhere.jsonl", roots))
+    # A fake dead instance whose claim folder links outside, and a folder that is a link.
+    evil = root / "evil-3-3"
+    evil.mkdir(mode=0o700)
+    (evil / "lock").write_bytes(b"")
+    os.symlink(outside, evil / "00000001")
+    os.symlink(outside, root / "link-4-4")
+    (root / "junk.txt").write_text("x")
+
+    d.start()
+    drop_path = d.inbox / "good.png"
+    drop_path.write_bytes(PNG_GOOD)
+    rows = d.wait_lines(3, timeout=30)
+    time.sleep(1.0)
+    assert d.proc.poll() is None, "daemon died"
+    assert d.terminate() == 0
+    rows = d.lines()
+    assert sorted(r["file"] for r in rows) == ["good.png", "journaled.png", "left.png"]
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert not os.path.lexists(tmp_path / "x")
+    quarantined = sorted(n.split("-", 1)[1] for n in os.listdir(root / "quarantine"))
+    assert quarantined == sorted([
+        "00000007", "journal-00000002.json", "journal-00000003.json", "journal-00000004.json",
+        "journal-00000005.json", "journal-00000006.json", "journal-00000001.json", "00000001",
+        "link-4-4", "junk.txt", "00000006-victim.png", "00000001-theirs.png"])
+    events = d.events("state_quarantined")
+    assert len(events) == len(quarantined) and all(e["reason"] for e in events)
+    # The quarantined journals' claims stay, set aside for a person, never placed.
+    placed = sorted(p.name for p in d.processed.rglob("*.png"))
+    assert placed == ["good.png", "journaled.png", "left.png"]
+
+
+@pytest.mark.parametrize("plant", ["symlink_outside", "symlink_parent", "regular_file"])
+def test_untrusted_state_root_refuses_to_start(tmp_path, plant):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.png").write_bytes(PNG_GOOD)
+    d = DaemonProc(tmp_path)
+    root = d.inbox / ".digitwatch"
+    if plant == "symlink_outside":
+        root.symlink_to(outside)
+    elif plant == "symlink_parent":
+        root.symlink_to("..")
+    else:
+        root.write_text("x")
+    (d.inbox / "waiting.png").write_bytes(PNG_GOOD)
+    rc = d.run_once(timeout=60)
+    assert rc == 78
+    message = [line for line in d.log.read_text().splitlines() if line.startswith("digitwatch: error")]
+    assert len(message) == 1 and str(root) in message[0]
+    assert sorted(os.listdir(outside)) == ["a.png"] and (d.inbox / "waiting.png").exists()
+    assert not d.processed.exists() and not d.results.exists()
+
+
+def test_second_instance_with_another_results_file_refuses_to_start(tmp_path):
+    first = DaemonProc(tmp_path, name="first").start()
+    second = DaemonProc(tmp_path, name="second", results=tmp_path / "other.jsonl")
+    rc = second.run_once(timeout=60)
+    assert first.terminate() == 0
+    assert rc == 78
+    assert "one results file per inbox" in second.log.read_text()

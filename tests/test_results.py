@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from digitwatch.results import (
     DAEMON_COLUMNS,
+    NotRegularFileError,
     Result,
     ResultsFile,
     csv_line,
@@ -85,3 +92,173 @@ class TestResultsFile:
         assert not f.contains(line)
         f.append([line])
         assert f.contains(line)
+
+    def test_contains_matches_whole_lines_only(self, tmp_path):
+        f = ResultsFile(tmp_path / "r.jsonl", "jsonl")
+        f.append(["xab\n", "cd\n"])
+        assert f.contains("xab\n") and f.contains("cd\n")
+        assert not f.contains("ab\n") and not f.contains("d\n")
+
+    def test_contains_ignores_a_torn_copy(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        line = json_line(result("a"), DAEMON_COLUMNS)
+        path.write_text(line[:-5])
+        assert not ResultsFile(path, "jsonl").contains(line)
+
+
+def lines_of(n: int) -> bytes:
+    return b"".join(json_line(result(f"f{i:05d}.png"), DAEMON_COLUMNS).encode() for i in range(n))
+
+
+class TestTornTail:
+    """Repair cuts exactly the final partial line, never anything before it."""
+
+    def test_nul_tail_keeps_every_earlier_line(self, tmp_path):
+        # A power cut: the size reached the disk, the last 1.5 MiB of data did not.
+        path = tmp_path / "r.jsonl"
+        history = lines_of(20_000)
+        path.write_bytes(history + b"\0" * (3 << 19))
+        ResultsFile(path, "jsonl").append([json_line(result("next"), DAEMON_COLUMNS)])
+        data = path.read_bytes()
+        assert data.startswith(history)
+        rows = [json.loads(x) for x in data.splitlines()]
+        assert len(rows) == 20_001 and rows[-1]["file"] == "next"
+
+    def test_partial_line_then_nuls_is_cut(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        history = lines_of(3)
+        path.write_bytes(history + b'{"file": "to' + b"\0" * 5000)
+        ResultsFile(path, "jsonl").append(["{}\n"])
+        assert path.read_bytes() == history + b"{}\n"
+
+    def test_csv_header_kept(self, tmp_path):
+        path = tmp_path / "r.csv"
+        f = ResultsFile(path, "csv")
+        f.append([csv_line(result("a.png"), DAEMON_COLUMNS)])
+        whole = path.read_bytes()
+        with path.open("ab") as fh:
+            fh.write(b"2026-01-01,b.p" + b"\0" * 100)
+        f.append([csv_line(result("c.png"), DAEMON_COLUMNS)])
+        assert path.read_bytes() == whole + csv_line(result("c.png"), DAEMON_COLUMNS).encode()
+
+    @pytest.mark.parametrize("junk", [b"\0" * 70_000, b"no newline anywhere"])
+    def test_no_newline_at_all_cuts_nothing(self, tmp_path, junk):
+        path = tmp_path / "r.jsonl"
+        path.write_bytes(junk)
+        ResultsFile(path, "jsonl").append(["{}\n"])
+        assert path.read_bytes() == junk + b"\n{}\n"
+
+    def test_newline_beyond_the_scan_window_cuts_nothing(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        path.write_bytes(b"{}\n" + b"\0" * 5000)
+        f = ResultsFile(path, "jsonl")
+        f.REPAIR_SCAN = 4096
+        f.append(["{}\n"])
+        assert path.read_bytes() == b"{}\n" + b"\0" * 5000 + b"\n{}\n"
+
+
+class TestRegularFileOnly:
+    """Never a link, FIFO, device or socket; never blocks; refusals are OSErrors."""
+
+    def test_open_creates_with_csv_header(self, tmp_path):
+        path = tmp_path / "sub" / "r.csv"
+        ResultsFile(path, "csv").open()
+        assert path.read_text() == ",".join(DAEMON_COLUMNS) + "\n"
+        ResultsFile(path, "csv").open()  # an existing file is opened, not rewritten
+        assert path.read_text().count("\n") == 1
+
+    def test_open_jsonl_creates_empty(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        ResultsFile(path, "jsonl").open()
+        assert path.read_bytes() == b""
+
+    def test_fifo_refused_without_blocking(self, tmp_path):
+        path = tmp_path / "r.csv"
+        os.mkfifo(path)
+        f = ResultsFile(path, "csv")
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                f.append([csv_line(result("a.png"), DAEMON_COLUMNS)])
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+                outcome.append(exc)
+
+        t = threading.Thread(target=attempt, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "append blocked on a FIFO"
+        assert isinstance(outcome[0], NotRegularFileError)
+        assert "is a FIFO" in str(outcome[0]) and str(path) in str(outcome[0])
+        with pytest.raises(NotRegularFileError):
+            f.contains("x\n")
+        with pytest.raises(NotRegularFileError):
+            f.open()
+
+    def test_symlink_refused_and_target_untouched(self, tmp_path):
+        victim = tmp_path / "victim.txt"
+        victim.write_bytes(b"keep")
+        path = tmp_path / "r.jsonl"
+        path.symlink_to(victim)
+        with pytest.raises(NotRegularFileError, match="symbolic link"):
+            ResultsFile(path, "jsonl").append(["{}\n"])
+        assert victim.read_bytes() == b"keep"
+
+    def test_dangling_symlink_not_followed(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        path.symlink_to(tmp_path / "made-through-link")
+        with pytest.raises(NotRegularFileError):
+            ResultsFile(path, "jsonl").open()
+        assert not (tmp_path / "made-through-link").exists()
+
+    def test_device_refused(self):
+        with pytest.raises(NotRegularFileError, match="character device"):
+            ResultsFile(Path("/dev/null"), "jsonl").append(["{}\n"])
+
+    def test_socket_refused(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(path))
+            with pytest.raises(NotRegularFileError, match="socket"):
+                ResultsFile(path, "jsonl").open()
+        finally:
+            sock.close()
+
+    def test_swapped_for_a_fifo_after_rotation(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        f = ResultsFile(path, "jsonl")
+        f.append(["{}\n"])
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(NotRegularFileError):
+            f.append(["{}\n"])
+
+    def test_lock_held_elsewhere_times_out(self, tmp_path):
+        path = tmp_path / "r.jsonl"
+        f = ResultsFile(path, "jsonl")
+        f.open()
+        f.LOCK_TIMEOUT = 0.3
+        with path.open("rb") as other:  # read access is enough to flock
+            fcntl.flock(other, fcntl.LOCK_EX)
+            started = time.monotonic()
+            with pytest.raises(OSError, match="locked by another process"):
+                f.append(["{}\n"])
+            assert time.monotonic() - started < 5
+        f.append(["{}\n"])
+        assert path.read_bytes() == b"{}\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_daemon_creates_results_file_at_start(tmp_path, fmt):
+    """`tail -f results.csv` works right after start: the file exists, with its header."""
+    from tests.daemon_harness import DaemonProc
+
+    d = DaemonProc(tmp_path, fmt=fmt).start()
+    try:
+        assert d.results.exists()
+        assert d.results.read_text() == (",".join(DAEMON_COLUMNS) + "\n" if fmt == "csv" else "")
+    finally:
+        assert d.terminate() == 0

@@ -3,9 +3,15 @@ files lost and duplicated lines.
 
     python -m tests.bench.soak [--files 5000] [--kills 50] [--soak-files 100000] [--out DIR]
 
-Faults: SIGKILL loop with restarts; results disk full (a small tmpfs, needs
-root; skipped otherwise); results file deleted under the daemon; inbox
-removed and recreated. Soak: many files through one daemon while RSS, open
+Faults: SIGKILL loop with restarts; the issue-10 kill bar (1,000 inputs, 25
+SIGKILLs, half aimed between placing and reporting with DIGITWATCH_CRASH_AT,
+on one filesystem and with processed/ failed/ on a tmpfs, so placing copies);
+results disk full (a small tmpfs, needs root; skipped otherwise); results
+file deleted under the daemon; inbox removed and recreated.
+
+    python -m tests.bench.soak --only kill-bar --bar-files 1000 --bar-kills 25
+
+Soak: many files through one daemon while RSS, open
 file descriptors and throughput are sampled.
 """
 
@@ -29,7 +35,15 @@ from tests.daemon_harness import DaemonProc, read_results
 
 def placed(base: Path) -> int:
     return sum(1 for root in ("processed", "failed") for p in (base / root).rglob("*")
-               if p.is_file() and not p.name.endswith(".error.json"))
+               if (p.is_file() or p.is_symlink()) and ".errors" not in p.parts)
+
+
+def temp_left(base: Path) -> int:
+    """Temporary copy names and claims or journals left anywhere after the final run."""
+    temps = sum(1 for p in base.rglob("*.tmp"))
+    state = base / "inbox" / ".digitwatch"
+    held = [p for p in state.glob("*/*") if p.parent.name != "quarantine"] if state.exists() else []
+    return temps + len(held)
 
 
 def tally(name: str, files_in: int, rows: list[dict], base: Path, note: str = "") -> dict:
@@ -51,14 +65,76 @@ def sigkill_loop(work: Path, pool, files: int, kills: int) -> dict:
     for p in fill(base / "stage", pool, files, "k"):
         os.rename(p, d.inbox / p.name)
     rng = random.Random(5)
-    done = 0
+    done = caught = 0
     for _ in range(kills):
         d.start(wait=False)
         time.sleep(rng.uniform(0.8, 2.0))
         d.kill()
         done += 1
+        caught += in_hand(base)
     assert d.run_once(timeout=600) == 0
-    return tally("SIGKILL loop", files, d.lines(), base, f"{done} kills at random moments, then one --once")
+    return tally("SIGKILL loop", files, d.lines(), base,
+                 f"{done} kills at random moments ({caught} caught claims/journals in hand), then one --once")
+
+
+def in_hand(base: Path) -> bool:
+    """Whether a killed instance left claims or journals: the kill interrupted work."""
+    state = base / "inbox" / ".digitwatch"
+    return any(p.name not in ("lock", "owner.json") for p in state.glob("*/*") if p.parent.name != "quarantine")
+
+
+def kill_bar(work: Path, pool, files: int, kills: int, *, other_fs: bool) -> dict:
+    """The issue's bar: `files` inputs, `kills` SIGKILLs, every other one aimed
+    between placing and reporting (a crash point after a file or a batch is
+    placed, before its line), the others at a random moment mid-burst; then one
+    --once. processed/ and failed/ on a tmpfs when `other_fs` (copies, not links)."""
+    name = "kill bar, other fs" if other_fs else "kill bar, one fs"
+    base = work / ("bar-tmpfs" if other_fs else "bar")
+    out = base / "out"
+    out.mkdir(parents=True)
+    if other_fs:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(out)], capture_output=True)
+        if r.returncode != 0:
+            return {"fault": name, "skipped": f"cannot mount tmpfs: {r.stderr.decode().strip()}"}
+    try:
+        args = ("--batch-size", "16", "--processed", str(out / "processed"), "--failed", str(out / "failed"))
+        d = DaemonProc(base, *args)
+        for p in fill(base / "stage", pool, files, "b"):
+            os.rename(p, d.inbox / p.name)
+        rng = random.Random(10)
+        aimed = timed = caught = 0
+        for k in range(kills):
+            before = len(d.lines())
+            if k % 2 == 0:
+                step = rng.choice(["placed", "placed_batch"])
+                n = rng.randint(1, 40) if step == "placed" else rng.randint(1, 3)
+                run = DaemonProc(base, *args, name=f"aimed{k}", env={"DIGITWATCH_CRASH_AT": f"{step}:{n}"})
+                run.start(wait=False)
+                try:
+                    run.proc.wait(timeout=120)
+                    aimed += run.proc.returncode == -9
+                except subprocess.TimeoutExpired:
+                    run.kill()
+            else:
+                d.start(wait=False)
+                deadline = time.monotonic() + 60
+                while len(d.lines()) == before and time.monotonic() < deadline and d.proc.poll() is None:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.5))
+                d.kill()
+                timed += 1
+            caught += in_hand(base)
+        assert d.run_once(timeout=900) == 0
+        rows = d.lines()
+        result = tally(name, files, rows, out, f"{aimed} kills at a crash point between placing and "
+                       f"reporting, {timed} timed mid-burst; {caught} of {kills} caught claims/journals "
+                       f"in hand; then one --once")
+        result["extra_placed"] = result["files_placed"] - files
+        result["temp_or_state_left"] = temp_left(base) + temp_left(out)
+        return result
+    finally:
+        if other_fs:
+            subprocess.run(["umount", "-l", str(out)], capture_output=True)
 
 
 def disk_full(work: Path, pool, files: int = 300) -> dict:
@@ -207,19 +283,28 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--soak-files", type=int, default=100_000)
+    ap.add_argument("--bar-files", type=int, default=1000)
+    ap.add_argument("--bar-kills", type=int, default=25)
+    ap.add_argument("--only", choices=["kill-bar"], help="run only these faults (no soak)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="digitwatch-soak-"))
     pool = make_pool(40)
     try:
-        faults = [
-            sigkill_loop(work, pool, args.files, args.kills),
-            disk_full(work, pool),
-            results_deleted(work, pool),
-            inbox_recreated(work, pool),
-        ]
-        long_run = soak(work, pool, args.soak_files) if args.soak_files else None
+        bar = [kill_bar(work, pool, args.bar_files, args.bar_kills, other_fs=False),
+               kill_bar(work, pool, args.bar_files, args.bar_kills, other_fs=True)]
+        if args.only == "kill-bar":
+            faults, long_run = bar, None
+        else:
+            faults = [
+                sigkill_loop(work, pool, args.files, args.kills),
+                *bar,
+                disk_full(work, pool),
+                results_deleted(work, pool),
+                inbox_recreated(work, pool),
+            ]
+            long_run = soak(work, pool, args.soak_files) if args.soak_files else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'fault':<30} {'files in':>9} {'lines out':>10} {'placed':>7} {'lost':>5} {'dup':>4}  note")
@@ -229,6 +314,9 @@ def main() -> None:
             continue
         print(f"{f['fault']:<30} {f['files_in']:>9} {f['lines_out']:>10} {f['files_placed']:>7} "
               f"{f['lost']:>5} {f['duplicated']:>4}  {f['note']}")
+        if "extra_placed" in f:
+            print(f"{'':<30} extra placed copies: {f['extra_placed']}; temporary names, claims or "
+                  f"journals left: {f['temp_or_state_left']}")
     if long_run:
         s = long_run
         print(f"\nsoak: {s['files']} files, {s['lines']} lines in {s['seconds']} s; "

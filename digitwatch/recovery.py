@@ -1,0 +1,70 @@
+"""Finishing what a dead instance left in its folder (this one's past included).
+
+Journals are finished in place by the commit protocol itself (their claims
+never move, so a crash during recovery loses nothing: the folder is simply
+recovered again). Claims no journal names never reached a journal: they are
+moved into the live instance's folder to be classified again. A folder whose
+journal failed validation has those claims set aside too, since which of
+them the bad journal named (and perhaps reported) cannot be known.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import structlog
+
+from digitwatch import claims, commit
+from digitwatch.crashpoints import checkpoint
+
+log = structlog.get_logger("digitwatch")
+
+
+@dataclass
+class Recovered:
+    """What recovering one folder did."""
+
+    done: list[commit.Intent] = field(default_factory=list)  # placed, reported, released now
+    adopted: list[claims.Claim] = field(default_factory=list)  # now ours, to classify again
+    journals: int = 0
+
+
+def recover_folder(ws: claims.Workspace, committer: commit.Committer, folder: claims.Folder) -> Recovered:
+    """Quarantine what is not ours, finish valid journals, adopt the other claims."""
+    out = Recovered()
+    listing = claims.list_folder(folder)
+    for name, reason in listing.junk:
+        ws.quarantine(folder.fd, name, folder.path, reason)
+    journaled: set[bytes] = set()
+    untrusted = False
+    for name in listing.journals:
+        try:
+            intents = commit.read_journal(folder, name, committer.results_path, committer.roots)
+        except commit.JournalError as exc:
+            ws.quarantine(folder.fd, name, folder.path, f"journal {exc}")
+            untrusted = True
+            continue
+        journaled |= {i.claim.token for i in intents}
+        checkpoint("recovering")
+        run = committer.run(folder, name, intents, dedupe=True)
+        checkpoint("recovered")
+        out.journals += 1
+        out.done += run.done
+        if run.parked:
+            log.error("recovery_incomplete", folder=str(folder.path), journal=name,
+                      files=len(run.parked), error=run.error)
+    leftovers = [c for c in listing.claims if c.token not in journaled]
+    if untrusted:
+        for top in sorted({c.local.split(b"/")[0] for c in leftovers}):
+            ws.quarantine(folder.fd, os.fsdecode(top), folder.path, "claim beside a quarantined journal")
+        leftovers = []
+    for claim in leftovers:
+        try:
+            out.adopted.append(ws.adopt(claim))
+        except OSError as exc:
+            log.error("adopt_failed", file=claim.display, error=str(exc))
+    claims.remove_if_empty(ws.root_fd, folder)
+    if out.journals or leftovers:
+        log.info("recovered", folder=folder.name, journals=out.journals, claims=len(out.adopted))
+    return out
