@@ -1,6 +1,6 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
-process (`workers`), classified in a batch, its result line written and synced, and the
-file put away. Trusted state and claiming live in `claims`, the commit
+process (`workers`), classified in a batch, its result line written and synced,
+and the file put away. Trusted state and claiming live in `claims`, the commit
 protocol in `commit`, finishing dead instances' work in `recovery`; this
 module is the order of events, batching, back-off and signals.
 """
@@ -397,9 +397,10 @@ class Daemon:
         self.pool.submit(claim.token, fd, claim.display)
 
     def _prepared(self) -> None:
-        """Runs in the pool's collector thread. Wake the loop when the pool has nothing else in
-        hand (a lone file is never kept waiting) or half a batch is ready; waking
-        it for every file in a burst cost a loop turn and a GIL hand-off each."""
+        """Runs in the pool's collector thread. Wake the loop when the pool has
+        nothing else in hand (a lone file is never kept waiting) or half a batch
+        is ready; waking it for every file in a burst cost a loop turn and a GIL
+        hand-off each."""
         with self._wake_lock:
             self._finished += 1
             self._unwoken += 1
