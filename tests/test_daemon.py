@@ -87,8 +87,10 @@ class TestIntake:
         target = d.inbox / "touched.png"
         target.write_bytes(PNG)
         for _ in range(5):  # each open+close queues another "closed" event
-            with target.open("ab"):
-                pass
+            try:  # never re-create it once the daemon has taken it
+                os.close(os.open(target, os.O_WRONLY | os.O_APPEND))
+            except FileNotFoundError:
+                break
         d.wait_lines(1)
         time.sleep(1.5)
         assert d.terminate() == 0
