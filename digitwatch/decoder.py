@@ -115,8 +115,8 @@ def _warm() -> None:
 
 
 def _pack(prepared: Prepared, worker_ms: float) -> tuple:
-    crops = None if prepared.pixels is None else np.ascontiguousarray(prepared.pixels, np.float32)[None]
-    return (prepared.sha256, prepared.started, crops, prepared.width, prepared.height,
+    # The candidates, not the side-by-side debug image: that is derived from them.
+    return (prepared.sha256, prepared.started, prepared.candidates, prepared.width, prepared.height,
             prepared.error, worker_ms)
 
 

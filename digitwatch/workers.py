@@ -37,12 +37,12 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-import numpy as np
 import structlog
 
 from digitwatch.classify import Prepared
 from digitwatch.decoder import EXIT_NO_MEMORY, OUT_OF_MEMORY, Limits, Task, prepare_claimed
 from digitwatch.errors import DigitwatchError
+from digitwatch.reading import Candidates
 
 log = structlog.get_logger("digitwatch")
 
@@ -63,24 +63,23 @@ def worker_count() -> int:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One file prepared by a worker, or the reason it could not be. `crops` is
-    (k, 28, 28) float32: one crop per digit found (one today)."""
+    """One file prepared by a worker, or the reason it could not be.
+    `candidates` holds the scan cut into candidate digits (their 28x28 crops)."""
 
     token: Hashable
     name: str
     sha256: str = ""
     started: float = 0.0  # time.perf_counter() when work began (CLOCK_MONOTONIC: same in every process)
-    crops: np.ndarray | None = None
+    candidates: Candidates | None = None
     width: int | None = None
     height: int | None = None
     error: str = ""
     worker_ms: float = 0.0  # wall time the worker spent on it
 
     def prepared(self) -> Prepared:
-        """The single-digit record `classify_batch` takes."""
-        pixels = None if self.crops is None or not len(self.crops) else self.crops[0]
-        return Prepared(name=self.name, sha256=self.sha256, started=self.started, pixels=pixels,
-                        width=self.width, height=self.height, error=self.error)
+        """The record `classify_batch` takes."""
+        return Prepared(name=self.name, sha256=self.sha256, started=self.started,
+                        width=self.width, height=self.height, error=self.error, candidates=self.candidates)
 
 
 # ------------------------------------------------------------------ in the loop process
@@ -377,13 +376,13 @@ class WorkerPool:
                 self._failed_starts = 0
                 self._changed.notify_all()
                 continue
-            seq, (sha256, started, crops, width, height, error, worker_ms) = msg
+            seq, (sha256, started, candidates, width, height, error, worker_ms) = msg
             job = w.pending.popleft()
             assert job.seq == seq, (job.seq, seq)
             job.over()
             w.since = time.monotonic()
             self._done.append(Outcome(token=job.token, name=job.name, sha256=sha256, started=started,
-                                      crops=crops, width=width, height=height, error=error,
+                                      candidates=candidates, width=width, height=height, error=error,
                                       worker_ms=worker_ms))
             n += 1
 

@@ -103,11 +103,12 @@ def assert_matches_in_process(outcome: Outcome, path: Path) -> None:
     got = outcome.prepared()
     assert (got.name, got.sha256, got.error, got.width, got.height) == (
         want.name, want.sha256, want.error, want.width, want.height)
-    if want.pixels is None:
-        assert outcome.crops is None
+    if want.candidates is None:
+        assert outcome.candidates is None
     else:
-        assert outcome.crops.shape == (1, 28, 28) and outcome.crops.dtype == np.float32
-        np.testing.assert_allclose(got.pixels, want.pixels, atol=1e-6)
+        assert outcome.candidates.crops.dtype == np.float32
+        assert outcome.candidates.spans == want.candidates.spans
+        np.testing.assert_allclose(got.candidates.crops, want.candidates.crops, atol=1e-6)
 
 
 def staged(tmp_path: Path, src: Path, name: str) -> Path:
@@ -184,10 +185,11 @@ class TestCrash:
         os.kill(pid, signal.SIGSEGV)
         got = pool.wait_for(["hang", *range(len(others))])
         assert got["hang"].error == "decoder crashed (signal 11)"
-        assert got["hang"].crops is None
+        assert got["hang"].candidates is None
         for i, p in enumerate(others):
             assert got[i].error == "", (i, got[i].error)
-            np.testing.assert_allclose(got[i].prepared().pixels, prepare_file(p, p.name).pixels, atol=1e-6)
+            np.testing.assert_allclose(got[i].prepared().candidates.crops, prepare_file(p, p.name).candidates.crops,
+                                       atol=1e-6)
         # A fresh worker took the dead one's place, and serves.
         pids = wait_until(lambda: len(pool.pool.pids()) == 2 and pool.pool.pids(), what="replacement")
         assert pid not in pids and not alive(pid)
