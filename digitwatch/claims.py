@@ -228,13 +228,17 @@ def lstat_claim(claim: Claim) -> os.stat_result | None:
         return None
 
 
-def read_claim(claim: Claim, max_bytes: int) -> bytes:
-    """A claimed file's bytes. Links are refused, never followed; FIFOs and
-    devices are refused before opening (opening a device can itself have effects)."""
+def open_claim(claim: Claim) -> int:
+    """A claimed file opened for reading. Links are refused, never followed; FIFOs
+    and devices are refused before opening (opening a device can itself have effects)."""
     with parent_of(claim.folder.fd, claim.local) as (dfd, leaf):
         _refuse_unless_regular(os.lstat(leaf, dir_fd=dfd).st_mode)
-        fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    with os.fdopen(fd, "rb") as fh:
+        return os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+
+
+def read_claim(claim: Claim, max_bytes: int) -> bytes:
+    """A claimed file's bytes (see `open_claim`)."""
+    with os.fdopen(open_claim(claim), "rb") as fh:
         st = os.fstat(fh.fileno())
         _refuse_unless_regular(st.st_mode)
         if st.st_size > max_bytes:

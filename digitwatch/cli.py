@@ -210,7 +210,7 @@ LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
 
 # How a default reads in --help where the value itself says little.
 _SHOWN = {"review": "off", "model": "models/digits.tflite", "instance": "the host name",
-          "recursive": "no-recursive", "polling": "no-polling", "length": "any"}
+          "recursive": "no-recursive", "polling": "no-polling", "length": "any", "workers": "0 (one per CPU)"}
 
 
 def _setting(key: str, *names: str, **kwargs) -> typer.models.OptionInfo:
@@ -270,7 +270,7 @@ def watch(
     expect: Annotated[Expect | None, _setting("expect")] = None,
     length: Annotated[str | None, _setting("length")] = None,
     stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
-    workers: Annotated[int | None, _setting("workers", min=1)] = None,
+    workers: Annotated[int | None, _setting("workers", min=0)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
     instance: Annotated[str | None, _setting("instance")] = None,
     log_format: Annotated[LogFormat | None, _setting("log_format")] = None,

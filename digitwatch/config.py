@@ -58,7 +58,7 @@ class Settings:
     expect: str = "number"  # "digit": exactly one digit; "number": 1 or more
     length: str = ""  # digits a reading must have: "5" or "4-6"; "" any
     stop_timeout: float = 20.0
-    workers: int = 2
+    workers: int = 0  # worker processes; 0: one per CPU this process may use
     max_pixels: int = DEFAULT_MAX_PIXELS
     instance: str = ""
     log_format: str = "auto"
@@ -101,7 +101,7 @@ HELP: dict[str, str] = {
     "expect": "number: read 1 or more digits; digit: exactly one (anything else is not ok).",
     "length": "Digits a reading must have, e.g. 5 or 4-6; empty: any.",
     "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",
-    "workers": "Threads that read, decode and normalize files.",
+    "workers": "Worker processes that read, decode and normalize files; 0: one per CPU.",
     "max_pixels": "Refuse images with more pixels (from the PNG header).",
     "instance": "Name in each result line's instance field; empty: the host name.",
     "log_format": "Log lines: console on a terminal, JSON lines otherwise (auto).",
@@ -277,9 +277,11 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{key} = {getattr(s, key)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
-    for key in ("batch_size", "workers", "max_pixels"):
+    for key in ("batch_size", "max_pixels"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if s.workers < 0:
+        raise ConfigError("workers must be 0 (one per CPU) or more")
     for key in ("poll_interval", "rescan_seconds", "stop_timeout"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be positive")

@@ -1,6 +1,6 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
-thread, classified in a batch, its result line written and synced, and the
-file put away. Trusted state and claiming live in `claims`, the commit
+process (`workers`), classified in a batch, its result line written and synced,
+and the file put away. Trusted state and claiming live in `claims`, the commit
 protocol in `commit`, finishing dead instances' work in `recovery`; this
 module is the order of events, batching, back-off and signals.
 """
@@ -18,8 +18,6 @@ import select
 import signal
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +25,13 @@ import cv2
 import structlog
 
 from digitwatch import claims, commit, inbox, logs, recovery, systemd
-from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, classify_batch, prepare_bytes
+from digitwatch.classify import Prepared, classify_batch
 from digitwatch.config import Settings
 from digitwatch.errors import ImageError
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile
+from digitwatch.workers import Limits, WorkerPool
 
 log = structlog.get_logger("digitwatch")
 
@@ -67,24 +66,6 @@ def backoff_delay(attempt: int) -> float:
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def prepare_claim(claim: claims.Claim, workspace: claims.Workspace | None, *, max_pixels: int) -> Prepared | None:
-    """Take the file (unless `workspace` is None: already ours) and prepare it
-    in a worker, keeping the rename off the loop's thread. None: it vanished,
-    another instance took it, or a folder on its way is a link. A claimed
-    file is read by descriptor without following links: the inbox is untrusted."""
-    if workspace is not None and not workspace.take(claim):
-        return None
-    started = time.perf_counter()
-    try:
-        data = claims.read_claim(claim, DEFAULT_MAX_BYTES)
-    except ImageError as exc:
-        return Prepared(name=claim.display, sha256="", started=started, error=str(exc))
-    except OSError as exc:
-        return Prepared(name=claim.display, sha256="", started=started,
-                        error=f"cannot read: {exc.strerror or exc}")
-    return prepare_bytes(claim.display, data, started, max_pixels=max_pixels)
 
 
 @dataclass
@@ -163,7 +144,7 @@ class Daemon:
         self.events = WakeQueue()
         self.settler = inbox.Settler(settings.settle_seconds)
         self.ready: dict[Path, None] = {}  # insertion-ordered set
-        self.in_flight: deque[tuple[claims.Claim, Future]] = deque()
+        self.in_flight: dict[bytes, claims.Claim] = {}  # token -> claim, in a worker process
         self.done: list[tuple[claims.Claim, Prepared]] = []
         self.oldest_done = 0.0
         self.parked: list[_Pending] = []
@@ -177,7 +158,7 @@ class Daemon:
         self.committer = commit.Committer(roots, self.results, settings.results, settings.format)
         self.workspace: claims.Workspace | None = None
         self._retired: list[claims.Workspace] = []
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: WorkerPool | None = None
         self.observer = None
         self.inbox_missing = False
         self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
@@ -195,7 +176,9 @@ class Daemon:
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
         self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
-        self.pool = ThreadPoolExecutor(max_workers=self.s.workers, thread_name_prefix="prepare")
+        # Worker processes read, hash, decode and normalize; warm before READY.
+        self.pool = WorkerPool(self.s.workers or None, limits=Limits(max_pixels=self.s.max_pixels),
+                               on_done=self._prepared).start()
         try:
             self._install_signals()
             try:  # created now, CSV header included, so `tail -f` works from the start
@@ -223,7 +206,7 @@ class Daemon:
             if self.observer is not None:
                 self.observer.stop()
             self._drain_on_stop()
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.close()
             for ws in (*self._retired, self.workspace):
                 ws.close()
             self.results.close()
@@ -410,17 +393,30 @@ class Daemon:
             self._submit(self.workspace.reserve(rel))
 
     def _submit(self, claim: claims.Claim, take: bool = True) -> None:
+        """Take the file (unless already ours) and hand a worker process a
+        descriptor for it, opened without following links: the inbox is untrusted."""
+        try:
+            if take and not self.workspace.take(claim):
+                return  # gone, or another instance has it
+        except OSError as exc:  # the claim itself failed; the file stays in the inbox
+            log.warning("claim_failed", file=claim.display, error=str(exc))
+            return
+        try:
+            fd = claims.open_claim(claim)
+        except (ImageError, OSError) as exc:  # ours now: an error line
+            error = str(exc) if isinstance(exc, ImageError) else f"cannot read: {exc.strerror or exc}"
+            self._prepared_now(claim, Prepared(claim.display, "", time.perf_counter(), error=error))
+            return
         with self._wake_lock:
             self._submitted += 1
-        future = self.pool.submit(prepare_claim, claim, self.workspace if take else None,
-                                  max_pixels=self.s.max_pixels)
-        future.add_done_callback(self._prepared)
-        self.in_flight.append((claim, future))
+        self.in_flight[claim.token] = claim
+        self.pool.submit(claim.token, fd, claim.display)
 
-    def _prepared(self, _future: Future) -> None:
-        """Runs in the worker. Wake the loop when the pool has nothing else in
-        hand (a lone file is never kept waiting) or half a batch is ready; waking
-        it for every file in a burst cost a loop turn and a GIL hand-off each."""
+    def _prepared(self) -> None:
+        """Runs in the pool's collector thread. Wake the loop when the pool has
+        nothing else in hand (a lone file is never kept waiting) or half a batch
+        is ready; waking it for every file in a burst cost a loop turn and a GIL
+        hand-off each."""
         with self._wake_lock:
             self._finished += 1
             self._unwoken += 1
@@ -430,22 +426,13 @@ class Daemon:
         self.events.put((None, False))
 
     def _collect(self) -> None:
-        still = deque()
-        for claim, future in self.in_flight:
-            if not future.done():
-                still.append((claim, future))
-                continue
-            try:
-                prepared = future.result()
-            except Exception as exc:  # the claim itself failed; the file stays in the inbox
-                log.warning("claim_failed", file=claim.display, error=str(exc))
-                continue
-            if prepared is None:  # gone, or another instance has it
-                continue
-            if not self.done:
-                self.oldest_done = time.monotonic()
-            self.done.append((claim, prepared))
-        self.in_flight = still
+        for outcome in self.pool.completed():
+            self._prepared_now(self.in_flight.pop(outcome.token), outcome.prepared())
+
+    def _prepared_now(self, claim: claims.Claim, prepared: Prepared) -> None:
+        if not self.done:
+            self.oldest_done = time.monotonic()
+        self.done.append((claim, prepared))
 
     def _batch_due(self) -> bool:
         if not self.done or self._held_up():

@@ -1,0 +1,170 @@
+"""One worker process: reads, hashes, decodes and normalizes the files the
+loop process sends it, one at a time, under a memory limit, and dies with the
+loop process. Started and replaced by `digitwatch.workers.WorkerPool`; kept
+apart from it so a worker imports only the pipeline (numpy, OpenCV), not the
+loop's logging (structlog and what it pulls in: ~9 MB and 0.1 s per worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import multiprocessing.connection as mpc
+import multiprocessing.reduction as reduction
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file
+from digitwatch.errors import ImageError, RefusedError
+from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
+
+DEFAULT_TIME_LIMIT = 10.0  # seconds one file may take in a worker
+# Address space a worker may map beyond what it has when warm. A 40 Mpx RGB16
+# page (the pixel limit) decodes to 240 MB and its gray copies to ~400 MB more.
+DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+EXIT_NO_MEMORY = 75  # a worker's exit status when it ran out of memory outside a file
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+OUT_OF_MEMORY = "decoder ran out of memory"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one worker may spend on one file."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    time_limit: float = DEFAULT_TIME_LIMIT
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT  # None: no RLIMIT_AS
+
+
+def read_open(fd: int, max_bytes: int) -> bytes:
+    """The bytes of a file the loop process opened (without following links) and
+    handed over; closes it. Only regular files, and none over max_bytes."""
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedError("refused: not a regular file")
+        if st.st_size > max_bytes:
+            raise RefusedError(
+                f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB")
+        # The offset is shared with the loop's copy: a worker that died part
+        # way through this file left it wherever it stopped.
+        fh.seek(0)
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:  # still growing; take what is there, up to the limit
+            data += fh.read(max_bytes + 1 - len(data))
+        return data
+
+
+def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
+    """The work a worker does for one file: the daemon's own pipeline. `source`
+    is a path (read without following links: the inbox is untrusted) or a
+    descriptor the loop process opened for it."""
+    if isinstance(source, str):
+        return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
+                            follow_links=False)
+    started = time.perf_counter()
+    try:
+        data = read_open(source, limits.max_bytes)
+    except ImageError as exc:
+        return Prepared(name=name, sha256="", started=started, error=str(exc))
+    except OSError as exc:
+        return Prepared(name=name, sha256="", started=started, error=f"cannot read: {exc.strerror or exc}")
+    return prepare_bytes(name, data, started, max_pixels=limits.max_pixels)
+
+
+Task = Callable[[str | int, str, Limits], Prepared]
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this worker when the loop process dies, even by SIGKILL (a socket
+    at EOF stops a worker too, but only once it is between files)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(0)
+
+
+def _address_space() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _warm() -> None:
+    """Run the pipeline once on a drawn digit, so the first real file does not
+    pay for first calls (OpenCV's lazy init, numpy's dispatch caches)."""
+    page = np.full((96, 96), 255, np.uint8)
+    cv2.putText(page, "7", (24, 78), cv2.FONT_HERSHEY_SIMPLEX, 2.4, 0, 6)
+    ok, png = cv2.imencode(".png", page)
+    if ok:
+        load_digit(png.tobytes())
+
+
+def _pack(prepared: Prepared, worker_ms: float) -> tuple:
+    # The candidates, not the side-by-side debug image: that is derived from them.
+    return (prepared.sha256, prepared.started, prepared.candidates, prepared.width, prepared.height,
+            prepared.error, worker_ms)
+
+
+def main() -> None:
+    """A worker process: `python -c '...main()' <socket fd> <parent pid>`."""
+    _die_with_parent(int(sys.argv[2]))
+    conn = mpc.Connection(int(sys.argv[1]))
+    try:
+        task, limits = conn.recv()
+    except EOFError:
+        return
+    _serve(conn, task, limits)
+
+
+def _failure(exc: Exception) -> str:
+    """The one-line reason for an exception the pipeline did not turn into an
+    ImageError: running out of the address space the worker may map is the
+    expected one (numpy raises MemoryError, OpenCV its StsNoMem error)."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, cv2.error) and exc.code == cv2.Error.StsNoMem):
+        return OUT_OF_MEMORY
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"decoder failed: {type(exc).__name__}: {first}"[:300]
+
+
+def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
+    """A worker's life: warm up, say ready, then one file at a time until EOF."""
+    cv2.setNumThreads(1)  # the workers are the parallelism
+    _warm()
+    if limits.memory_limit is not None:
+        cap = _address_space() + limits.memory_limit
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            try:
+                job = conn.recv()
+            except EOFError:
+                return
+            if job is None:
+                return
+            seq, path, name = job
+            source = reduction.recv_handle(conn) if path is None else path
+            started = time.perf_counter()
+            try:
+                prepared = task(source, name, limits)
+                reply = _pack(prepared, (time.perf_counter() - started) * 1000)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not take the worker down
+                reply = ("", started, None, None, None, _failure(exc), 0.0)
+            conn.send((seq, reply))
+    except MemoryError:
+        os._exit(EXIT_NO_MEMORY)
