@@ -129,7 +129,10 @@ def log_events(path: Path) -> list[dict]:
 def read_results(path: Path, fmt: str) -> list[dict]:
     if not path.exists():
         return []
-    text = path.read_bytes().decode("utf-8")
+    raw = path.read_bytes()
+    # A batch is one write(2), but a reader may catch it half done (as `tail -f`
+    # can): only whole lines count.
+    text = raw[: raw.rfind(b"\n") + 1].decode("utf-8")
     if fmt == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return list(csv.DictReader(text.splitlines(keepends=True)))
