@@ -70,6 +70,12 @@ def train(
     quantize: Annotated[
         bool, typer.Option(help="int8 .tflite (about 4x faster on CPU); --no-quantize keeps float32.")
     ] = True,
+    reject: Annotated[
+        bool, typer.Option(help="Add an 11th class, 'not a digit', trained on drawn non-digits.")
+    ] = False,
+    synthetic: Annotated[
+        int, typer.Option(min=0, help="With --reject: drawn non-digits (font digits: a quarter).")
+    ] = 40_000,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
     from digitwatch.training import TrainRequest, run_training
@@ -87,6 +93,9 @@ def train(
         limit=limit,
         augment=augment and arch is Arch.cnn,
         quantize=quantize,
+        reject=reject,
+        synthetic_rejects=synthetic,
+        font_digits=synthetic // 4,
         command="digitwatch " + shlex.join(sys.argv[1:]),
     )
     card = run_training(request)

@@ -271,7 +271,7 @@ def _side_by_side(left: np.ndarray, right: np.ndarray, rng: np.random.Generator,
     dy = int(rng.normal(0, 0.06) * left.shape[0])
     offset = max(0, left.shape[1] + int(gap * left.shape[1]))
     h = max(left.shape[0], right.shape[0]) + abs(dy) + 2
-    out = np.zeros((h, offset + right.shape[1] + 2), np.float32)
+    out = np.zeros((h, max(left.shape[1], offset + right.shape[1]) + 2), np.float32)
     out[: left.shape[0], : left.shape[1]] = left
     y = max(0, dy)
     region = out[y : y + right.shape[0], offset : offset + right.shape[1]]
