@@ -155,8 +155,19 @@ def evaluate(
         Path | None, typer.Option(help="Folder for confusion.png and worst_errors.png.")
     ] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
+    numbers: Annotated[
+        int, typer.Option(min=0, help="Scans of 1-12 digit numbers made of MNIST test digits.")
+    ] = 600,
+    non_digits: Annotated[
+        int, typer.Option(min=0, help="Scans of letters, symbols, pen marks, shapes, smudges.")
+    ] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of the scan sets.")] = 2026,
+    low_confidence: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Answers below this are not ok.")
+    ] = DEFAULT_LOW_CONFIDENCE,
 ) -> None:
-    """Score a model on the 10,000 MNIST test digits (never used in training)."""
+    """Score a model on the 10,000 MNIST test digits (never used in training), then
+    on scans of numbers and non-digits (reliability.png with --report)."""
     from digitwatch import evaluation
     from digitwatch.data import load_mnist, to_input
     from digitwatch.model import load_classifier
@@ -170,9 +181,20 @@ def evaluate(
         report.mkdir(parents=True, exist_ok=True)
         evaluation.confusion_png(ev, report / "confusion.png")
         evaluation.worst_errors_png(mnist.x_test, probs, mnist.y_test, report / "worst_errors.png")
-    typer.echo(ev.to_json() if format is ReportFormat.json else evaluation.format_table(ev), nl=False)
+    scan_report = None
+    if numbers or non_digits:
+        scan_report = evaluation.evaluate_scans(
+            classifier, mnist, numbers=numbers, non_digits=non_digits, seed=seed,
+            threshold=low_confidence, report=report,
+        )
     if format is ReportFormat.json:
-        typer.echo()
+        doc = json.loads(ev.to_json())
+        doc["scans"] = scan_report.to_dict() if scan_report else None
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(evaluation.format_table(ev), nl=False)
+        if scan_report:
+            typer.echo("\n" + evaluation.format_scan_report(scan_report), nl=False)
 
 
 def _settings_from(config: Path | None, flags: dict) -> Settings:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.data import Mnist, to_input
+from digitwatch.data import Mnist, split_indices, to_input
 from digitwatch.errors import ModelError
 from digitwatch.model import DIGITS, REJECT, load_keras_model, to_probabilities
 
@@ -33,7 +33,6 @@ import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
 SIDE = 28
-VALIDATION_SIZE = 5_000
 BATCH_SIZE = 128
 PEAK_LR = 2e-3
 LABEL_SMOOTHING = 0.1
@@ -77,17 +76,6 @@ class TrainOutcome:
     val_count: int
     val_outputs: np.ndarray  # the model's raw outputs on the validation split
     val_labels: np.ndarray
-
-
-def split_indices(count: int, *, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices into MNIST's training split. Calibration uses
-    the same validation indices (same seed), so it never sees a trained digit."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(count)
-    if limit is not None:
-        order = order[:limit]
-    n_val = min(VALIDATION_SIZE, max(1, len(order) // 10))
-    return order[n_val:], order[:n_val]
 
 
 def split_train_validation(
