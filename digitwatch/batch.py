@@ -17,6 +17,7 @@ from digitwatch.classify import Prepared, classify_batch, prepare_file
 from digitwatch.model import load_classifier
 from digitwatch.results import (
     CLASSIFY_COLUMNS,
+    CLASSIFY_JSON,
     STATUS_ERROR,
     Result,
     csv_header,
@@ -50,6 +51,7 @@ def expand(paths: list[Path], *, recursive: bool) -> Iterator[tuple[Path, str | 
 def classify_paths(
     paths: list[Path], *, out: TextIO, fmt: str, model: Path | None, debug_dir: Path | None,
     low_confidence: float, recursive: bool, max_pixels: int,
+    expect: str | None = None, length: str | None = None,
 ) -> int:
     """Classify everything under `paths`; returns how many files failed."""
     classifier = load_classifier(model)
@@ -70,7 +72,8 @@ def classify_paths(
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(items), BATCH):
             prepared = list(pool.map(prepare, items[start : start + BATCH]))
-            results = classify_batch(classifier, prepared, low_confidence=low_confidence)
+            results = classify_batch(classifier, prepared, low_confidence=low_confidence,
+                                     expect=expect, length=length)
             for k, (item, result) in enumerate(zip(prepared, results, strict=True)):
                 if result.status == STATUS_ERROR:
                     failed += 1
@@ -82,7 +85,7 @@ def classify_paths(
                 if fmt == "csv":
                     out.write(csv_line(result, CLASSIFY_COLUMNS))
                 elif fmt == "jsonl":
-                    out.write(json_line(result, CLASSIFY_COLUMNS))
+                    out.write(json_line(result, CLASSIFY_JSON))
                 else:
                     collected.append(result)
             out.flush()

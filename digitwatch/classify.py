@@ -1,5 +1,6 @@
-"""From a file on disk to a Result: read, hash, normalize (in worker threads),
-then classify a batch at once. Shared by `digitwatch classify` and the daemon.
+"""From a file on disk to a Result: read, hash, cut into candidate digits (in
+worker threads), then classify a batch at once and read each file's digits.
+Shared by `digitwatch classify` and the daemon.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from digitwatch.errors import ImageError, RefusedError
-from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
+from digitwatch.imaging import DEFAULT_MAX_PIXELS, decode_gray
 from digitwatch.model import Classifier
-from digitwatch.results import STATUS_ERROR, STATUS_LOW, STATUS_OK, Result
+from digitwatch.reading import Candidates, Constraints, constraints_for, decide, read_scan
+from digitwatch.results import STATUS_ERROR, Result
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_LOW_CONFIDENCE = 0.5
@@ -26,15 +28,16 @@ DEFAULT_LOW_CONFIDENCE = 0.5
 
 @dataclass(frozen=True)
 class Prepared:
-    """A file read and normalized, or the reason it could not be."""
+    """A file read and cut into candidate digits, or the reason it could not be."""
 
     name: str
     sha256: str
     started: float  # time.perf_counter() when work on the file began
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | None = None  # the candidates side by side, (28, 28*K): what --debug-dir writes
     width: int | None = None
     height: int | None = None
     error: str = ""
+    candidates: Candidates | None = None
 
 
 def _refuse_unless_regular(mode: int) -> None:
@@ -81,12 +84,14 @@ def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int) ->
     """Bytes -> Prepared; image problems become an error message, never an exception."""
     digest = hashlib.sha256(data).hexdigest()
     try:
-        digit = load_digit(data, max_pixels=max_pixels)
+        gray = decode_gray(data, max_pixels=max_pixels)
+        cands = read_scan(gray)
     except ImageError as exc:
         return Prepared(name=name, sha256=digest, started=started, error=str(exc))
+    pixels = cands.crops[0] if len(cands.crops) == 1 else np.hstack(list(cands.crops))
     return Prepared(
-        name=name, sha256=digest, started=started, pixels=digit.pixels,
-        width=digit.width, height=digit.height,
+        name=name, sha256=digest, started=started, pixels=pixels,
+        width=gray.shape[1], height=gray.shape[0], candidates=cands,
     )
 
 
@@ -108,29 +113,34 @@ def prepare_file(
 
 
 def classify_batch(
-    classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float
+    classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float,
+    expect: str | None = None, length: str | None = None,
 ) -> list[Result]:
-    """One model call for every good item in the batch; errors pass straight through."""
-    good = [i for i, item in enumerate(items) if item.pixels is not None]
+    """One model call for every candidate digit of every good item in the batch,
+    then each file's reading; errors pass straight through. `expect` and
+    `length` are the per-run constraints (see reading.constraints_for)."""
+    constraints: Constraints = constraints_for(expect, length)
+    good = [i for i, item in enumerate(items) if item.candidates is not None]
+    counts = [len(items[i].candidates.crops) for i in good]  # type: ignore[union-attr]
     probs = (
-        classifier.predict(np.stack([items[i].pixels for i in good]))
+        classifier.predict(np.concatenate([items[i].candidates.crops for i in good]))  # type: ignore[union-attr]
         if good else np.zeros((0, 10), np.float32)
     )
-    by_index = dict(zip(good, probs, strict=True))
+    bounds = np.cumsum([0, *counts])
+    by_index = {i: probs[bounds[k] : bounds[k + 1]] for k, i in enumerate(good)}
     done = time.perf_counter()
     results = []
     for i, item in enumerate(items):
         latency = (done - item.started) * 1000.0
         if i in by_index:
-            p = by_index[i]
-            digit = int(np.argmax(p))
-            confidence = float(p[digit])
-            status = STATUS_OK if confidence >= low_confidence else STATUS_LOW
+            r = decide(item.candidates, by_index[i], constraints=constraints,  # type: ignore[arg-type]
+                       threshold=low_confidence)
             results.append(
                 Result(
-                    file=item.name, digit=digit, confidence=confidence, status=status,
+                    file=item.name, digit=r.digit, confidence=r.confidence, status=r.status,
                     error="", sha256=item.sha256, width=item.width, height=item.height,
-                    model=classifier.model_id, latency_ms=latency,
+                    model=classifier.model_id, latency_ms=latency, text=r.text, reason=r.reason,
+                    digits=r.digits,
                 )
             )
         else:

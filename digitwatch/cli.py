@@ -136,13 +136,25 @@ def classify(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
     ] = DEFAULT_MAX_PIXELS,
+    expect: Annotated[
+        str, typer.Option(help="'number' (1 or more digits) or 'digit' (exactly one).")
+    ] = "number",
+    length: Annotated[
+        str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
+    ] = None,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.batch import classify_paths
+    from digitwatch.reading import constraints_for
 
+    try:
+        constraints_for(expect, length)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     failed = classify_paths(
         paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
         low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
+        expect=expect, length=length,
     )
     raise typer.Exit(1 if failed else 0)
 
@@ -229,6 +241,8 @@ def watch(
     batch_size: Annotated[int | None, typer.Option()] = None,
     batch_wait_ms: Annotated[float | None, typer.Option()] = None,
     review_threshold: Annotated[float | None, typer.Option()] = None,
+    expect: Annotated[str | None, typer.Option(help="number or digit.")] = None,
+    length: Annotated[str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")] = None,
     stop_timeout: Annotated[float | None, typer.Option()] = None,
     workers: Annotated[int | None, typer.Option()] = None,
     max_pixels: Annotated[int | None, typer.Option()] = None,

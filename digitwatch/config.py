@@ -21,6 +21,7 @@ import tomllib
 from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.errors import ConfigError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.reading import constraints_for
 
 ENV_PREFIX = "DIGITWATCH_"
 
@@ -45,6 +46,8 @@ class Settings:
     batch_size: int = 32
     batch_wait_ms: float = 20.0
     review_threshold: float = DEFAULT_LOW_CONFIDENCE
+    expect: str = "number"  # "digit": exactly one digit; "number": 1 or more
+    length: str = ""  # digits a reading must have: "5" or "4-6"; "" any
     stop_timeout: float = 20.0
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -173,6 +176,10 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{key} must not be negative")
     if not 0.0 <= s.review_threshold <= 1.0:
         raise ConfigError("review_threshold must be between 0 and 1")
+    try:
+        constraints_for(s.expect, s.length)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if not s.patterns:
         raise ConfigError("patterns is empty: nothing would ever be taken")
     for pattern in s.patterns:

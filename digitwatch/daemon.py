@@ -360,7 +360,8 @@ class Daemon:
         self.counters.batches += 1
         started = time.perf_counter()
         results = classify_batch(self.classifier, [p for _, p in batch],
-                                 low_confidence=self.s.review_threshold)
+                                 low_confidence=self.s.review_threshold,
+                                 expect=self.s.expect, length=self.s.length)
         entries = [claims.Entry(c, r) for (c, _), r in zip(batch, results, strict=True)]
         pending = _Batch(entries)
         self._try_commit(pending)

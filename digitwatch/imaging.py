@@ -42,11 +42,15 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 600 dpi A4 scan is 35 Mpx
 SIDE = 28
 BOX = 20  # MNIST: the digit's longer side, before centring in 28x28
 COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
-COARSE_SIDE = 160  # the whole page is searched at most this large first
+COARSE_SIDE = 160  # the whole page is searched at most this large (in area, squared) first
 COARSE_RETRIES = 2  # then up to this many finer levels (2x, 4x) if nothing was found
 WORK_SIDE = 80  # the digit's longer side while it is cleaned (4x MNIST's box)
 MNIST_STROKE = 2.4  # median stroke width of MNIST digits at 20 px, measured
 MIN_CONTRAST = 0.08  # weaker than this against the paper is not ink
+ROW_MATE = 0.45  # a blob this fraction of the digit's height beside it is another digit
+ROW_GAP = 1.5  # ... when no further sideways than this many digit heights
+WIDE = 1.25  # ink wider than this many heights is cropped by its height, not its width
+MAX_WORK_PIXELS = 400_000  # the cleaned crop of a long number stays about this small
 
 
 @dataclass(frozen=True)
@@ -179,13 +183,15 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def pyramid(gray: np.ndarray, side: int, levels: int) -> list[tuple[np.ndarray, int]]:
-    """The page halved until it is at most `side` large: the last `levels` steps,
+    """The page halved until it is at most `side` squared in area: the last `levels` steps,
     coarsest first, each with the factor k it was reduced by (coarse pixel (y, x)
     sits at page (y*k, x*k)). Gaussian pyramid steps: anti-aliased and, with
     SIMD, half the cost of one INTER_AREA resize to the same size."""
     kept: deque[tuple[np.ndarray, int]] = deque([(gray, 1)], maxlen=levels)
     k = 1
-    while max(gray.shape) > side and min(gray.shape) >= 2:
+    # By area, not the longer side: a long strip (a number on a form line)
+    # keeps enough rows for its digits to stay digits.
+    while gray.shape[0] * gray.shape[1] > side * side and min(gray.shape) >= 2:
         gray = cv2.pyrDown(gray)
         k *= 2
         kept.append((gray, k))
@@ -345,7 +351,8 @@ def _line_mask(mask: np.ndarray, span: float, slenderness: float) -> np.ndarray:
 def segment(
     ink: np.ndarray, *, line_span: float, slenderness: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Smoothed ink and the uint8 mask of the digit's pixels (specks and lines removed)."""
+    """Smoothed ink and the uint8 mask of the ink to read: the digit, or the row
+    of digits it stands in (specks and lines removed)."""
     h, w = ink.shape
     sigma = max(0.8, min(h, w) / 160)
     smooth = cv2.GaussianBlur(ink, (0, 0), sigma)
@@ -368,7 +375,7 @@ def segment(
     count, labels, stats = _components(mask)
     if count <= 1:
         raise NoInkError("no ink found: only straight lines, no digit")
-    chosen = _choose_components(stats[1:], (h, w)) + 1
+    chosen = _choose_row(stats[1:], (h, w)) + 1
     digit = _select(labels, count, chosen)
     return smooth, digit
 
@@ -428,6 +435,33 @@ def _choose_components(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.array(sorted(chosen))
 
 
+def _choose_row(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The digit (as `_choose_components` finds it) plus the digits written beside
+    it: blobs at least ROW_MATE of its height, overlapping a chosen blob's rows
+    and within ROW_GAP heights of it sideways, repeatedly, so a whole number
+    joins even with uneven spacing and a drifting baseline. A lone digit with
+    nothing of its size beside it gets exactly what `_choose_components` gives."""
+    chosen = set(_choose_components(stats, shape).tolist())
+    x, y, bw, bh = (stats[:, i].astype(np.float64) for i in range(4))
+    ref = max(bh[i] for i in chosen)
+    h, w = shape
+    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & ((bw > 0.9 * w) | (bh > 0.9 * h))
+    pool = [int(i) for i in np.flatnonzero(~frame & (bh >= ROW_MATE * ref) & (bw < 4 * ref)) if i not in chosen]
+    grew = True
+    while grew and pool:
+        grew = False
+        for i in list(pool):
+            for j in chosen:
+                gap = max(x[i] - (x[j] + bw[j]), x[j] - (x[i] + bw[i]))
+                overlap = min(y[i] + bh[i], y[j] + bh[j]) - max(y[i], y[j])
+                if gap <= ROW_GAP * max(bh[i], bh[j]) and overlap >= 0.3 * min(bh[i], bh[j]):
+                    chosen.add(i)
+                    pool.remove(i)
+                    grew = True
+                    break
+    return np.array(sorted(chosen))
+
+
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the non-zero pixels of a uint8 mask."""
     x, y, w, h = cv2.boundingRect(mask)
@@ -466,8 +500,18 @@ def mnist_box(ink: np.ndarray) -> np.ndarray:
     return np.clip(out / peak if peak > 0 else out, 0.0, 1.0).astype(np.float32)
 
 
-def normalize(gray: np.ndarray) -> np.ndarray:
-    """A page (gray, uint8 or float in [0, 1], paper light or dark) -> the 28x28 digit."""
+@dataclass(frozen=True)
+class Work:
+    """The region holding the ink, resampled so a digit is about WORK_SIDE tall
+    and cleaned: what `finish` (one digit) and segmentation (a number) cut from."""
+
+    ink: np.ndarray  # float32 ink map of the crop: 0 paper, 1 black
+    smooth: np.ndarray  # the same, smoothed
+    mask: np.ndarray  # uint8: the ink to read (specks and ruled lines removed)
+
+
+def work_region(gray: np.ndarray) -> Work:
+    """A page (gray, uint8 or float in [0, 1], paper light or dark) -> the cleaned ink region."""
     gray = np.asarray(gray)
     if gray.dtype != np.uint8:
         gray = gray.astype(np.float32, copy=False)
@@ -496,12 +540,14 @@ def normalize(gray: np.ndarray) -> np.ndarray:
     # Coarse pixel i covers page pixels around i*k; the margin below absorbs the rest.
     x0, y0, x1, y1 = (v * k for v in _bbox(mask))
 
-    # Pass 2: a crop with a wide margin, resampled so the digit is WORK_SIDE tall.
-    side = max(x1 - x0, y1 - y0)
+    # Pass 2: a crop with a wide margin, resampled so the digit is WORK_SIDE
+    # tall. A row of digits is scaled by its height, not its length.
+    side = max(x1 - x0, y1 - y0) if x1 - x0 <= WIDE * (y1 - y0) else y1 - y0
     margin = 0.45 * side + 2 * k
     cx0, cy0 = max(0, int(x0 - margin)), max(0, int(y0 - margin))
     cx1, cy1 = min(w, int(np.ceil(x1 + margin))), min(h, int(np.ceil(y1 + margin)))
     scale = WORK_SIDE / side
+    scale = min(scale, (MAX_WORK_PIXELS / max(1, (cx1 - cx0) * (cy1 - cy0))) ** 0.5)
     size = (max(8, round((cx1 - cx0) * scale)), max(8, round((cy1 - cy0) * scale)))
     crop = _unit(_resample(gray[cy0:cy1, cx0:cx1], size, scale))
     if light_ink:
@@ -509,9 +555,20 @@ def normalize(gray: np.ndarray) -> np.ndarray:
     box = (cx0 / w, cy0 / h, cx1 / w, cy1 / h)
     ink = ink_map(crop, paper.over(crop.shape, box))
     smooth, mask = segment(ink, line_span=0.8, slenderness=12)
+    return Work(ink=ink, smooth=smooth, mask=mask)
 
+
+def finish(
+    ink: np.ndarray, smooth: np.ndarray, mask: np.ndarray, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """One digit's pixels (`mask`, within a Work's arrays) -> MNIST's 28x28.
+
+    `exclude` marks ink that belongs to other digits: the anti-aliased edge
+    kept around the strokes must not reach into a neighbour."""
     # Keep the anti-aliased edge of the strokes, nothing else on the page.
     near = cv2.dilate(mask, np.ones((5, 5), np.uint8)).astype(bool)
+    if exclude is not None:
+        near &= ~exclude.astype(bool)
     inside = mask.astype(bool)
     digit = np.where(near, ink, 0.0).astype(np.float32)
     floor = 0.5 * _quantile(smooth[inside], 0.10)
@@ -522,6 +579,12 @@ def normalize(gray: np.ndarray) -> np.ndarray:
     if not digit.any():
         raise NoInkError("no ink found after cleaning")
     return mnist_box(digit)
+
+
+def normalize(gray: np.ndarray) -> np.ndarray:
+    """A page (gray, uint8 or float in [0, 1], paper light or dark) -> the 28x28 digit."""
+    work = work_region(gray)
+    return finish(work.ink, work.smooth, work.mask)
 
 
 def _resample(region: np.ndarray, size: tuple[int, int], scale: float) -> np.ndarray:

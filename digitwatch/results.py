@@ -17,7 +17,10 @@ from pathlib import Path
 
 STATUS_OK = "ok"
 STATUS_LOW = "low_confidence"
-STATUS_ERROR = "error"
+STATUS_ERROR = "error"  # the file could not be read (`error` says why)
+# low_confidence also covers what is not a digit string at all, or does not fit
+# --expect/--length: `reason` says which ("low confidence", "not a digit",
+# "expected 5 digits, read 3").
 
 
 @dataclass(frozen=True)
@@ -37,16 +40,26 @@ class Result:
     ts: str = ""
     moved_to: str = ""
     instance: str = ""
+    text: str = ""  # every digit read, left to right ("" when none)
+    reason: str = ""  # why the status is low_confidence ("" otherwise)
+    digits: tuple[tuple[int, float], ...] = ()  # (digit, probability) per digit read
 
     def as_dict(self, columns: tuple[str, ...] | None = None) -> dict[str, object]:
-        """The fields named (all by default). Every field is a scalar, so no
-        dataclasses.asdict: its recursive deep copy cost ~40 us per record."""
+        """The fields named (all by default). Every field is a scalar or an
+        immutable tuple, so no dataclasses.asdict: its recursive deep copy
+        cost ~40 us per record."""
         return {c: getattr(self, c) for c in columns or RESULT_FIELDS}
 
 
 RESULT_FIELDS = tuple(f.name for f in fields(Result))
-CLASSIFY_COLUMNS = tuple(f for f in RESULT_FIELDS if f not in ("ts", "moved_to", "instance"))
-DAEMON_COLUMNS = ("ts", *CLASSIFY_COLUMNS, "moved_to", "instance")
+# Columns only ever grow at the end, so existing CSV consumers keep working.
+_READING = ("text", "reason")
+_BASE = tuple(f for f in RESULT_FIELDS if f not in ("ts", "moved_to", "instance", *_READING, "digits"))
+CLASSIFY_COLUMNS = (*_BASE, *_READING)
+DAEMON_COLUMNS = ("ts", *_BASE, "moved_to", "instance", *_READING)
+# JSON lines also carry the per-digit confidences (a list: CSV stays scalar).
+CLASSIFY_JSON = (*CLASSIFY_COLUMNS, "digits")
+DAEMON_JSON = (*DAEMON_COLUMNS, "digits")
 
 # Spreadsheets run cells that start with these as formulas (CSV injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -84,14 +97,16 @@ def json_line(result: Result, columns: tuple[str, ...]) -> str:
     """One JSON object per line; json escapes newlines, so a record is always one line."""
     d = result.as_dict(columns)
     for key in ("confidence", "latency_ms"):
-        if isinstance(d[key], float):
+        if isinstance(d.get(key), float):
             d[key] = round(d[key], 4 if key == "confidence" else 2)
+    if "digits" in d:
+        d["digits"] = [{"digit": int(g), "confidence": round(float(c), 4)} for g, c in result.digits]
     return json.dumps(d, ensure_ascii=False) + "\n"
 
 
 def table(results: list[Result]) -> str:
     """Aligned columns for people; names and errors are shown with escapes."""
-    rows = [("file", "digit", "conf", "status", "ms", "error")]
+    rows = [("file", "digit", "conf", "status", "text", "ms", "error")]
     for r in results:
         rows.append(
             (
@@ -99,12 +114,13 @@ def table(results: list[Result]) -> str:
                 "" if r.digit is None else str(r.digit),
                 "" if r.confidence is None else f"{r.confidence:.3f}",
                 r.status,
+                r.text,
                 f"{r.latency_ms:.1f}",
-                r.error,
+                r.error or r.reason,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:6])) + "  " + row[6] for row in rows]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
@@ -114,8 +130,11 @@ def display_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def render(result: Result, fmt: str, columns: tuple[str, ...] = DAEMON_COLUMNS) -> str:
-    return csv_line(result, columns) if fmt == "csv" else json_line(result, columns)
+def render(result: Result, fmt: str, columns: tuple[str, ...] | None = None) -> str:
+    """The daemon's line for a result: DAEMON_COLUMNS, plus `digits` in JSON."""
+    if fmt == "csv":
+        return csv_line(result, columns or DAEMON_COLUMNS)
+    return json_line(result, columns or DAEMON_JSON)
 
 
 class ResultsFile:

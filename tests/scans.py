@@ -285,3 +285,135 @@ def other_scans(count: int, source: str, rng: np.random.Generator) -> Iterator[S
             maker = ink_from_strokes if source == "strokes" else ink_from_font
             ink_for = lambda h, lb=label, mk=maker: mk(lb, h, rng)  # noqa: E731
         yield make_scan(ink_for, label, variation, flavour, rng, source)
+
+
+# ---------------------------------------------------------------- numbers and non-digits
+#
+# Numbers are composed from MNIST *test* digits only (tests and evaluation;
+# never training data). Layout knobs name what real forms do.
+
+
+@dataclass(frozen=True)
+class NumberScan:
+    png: bytes
+    text: str  # the digits on the page, "" for a non-digit
+    variation: str
+    flavour: str
+    layout: str
+
+
+def _ink_box(ink: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(ink > 0.05)
+    return ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def break_digit(ink: np.ndarray, at: float = 0.3, gap: float = 0.07) -> np.ndarray:
+    """Erase a horizontal band `gap` of the height at `at` of the height: the
+    pen lifted, as when a 5's bar floats free of its body."""
+    ink = _ink_box(ink).copy()
+    h = ink.shape[0]
+    y0 = int(h * at)
+    ink[y0 : y0 + max(2, int(round(h * gap)))] = 0
+    return ink
+
+
+def ink_from_number(
+    digits: list[np.ndarray], height: int, rng: np.random.Generator, *,
+    spacing: tuple[float, float] = (0.15, 0.4), drift: float = 0.0, broken: int | None = None,
+) -> np.ndarray:
+    """MNIST digits side by side, `height` px tall each. `spacing` is the gap
+    between neighbours in digit heights (negative: they touch or overlap);
+    `drift` moves each next digit down by that many heights (a baseline that
+    wanders); `broken` breaks that digit in two (see break_digit)."""
+    parts = []
+    for k, d in enumerate(digits):
+        ink = _ink_box(ink_from_mnist(d, height))
+        parts.append(break_digit(ink) if k == broken else ink)
+    gaps = [rng.uniform(*spacing) * height for _ in parts[1:]]
+    offsets = [int(round(abs(drift) * height * k)) for k in range(len(parts))]
+    if drift < 0:
+        offsets = offsets[::-1]
+    width = int(sum(p.shape[1] for p in parts) + sum(gaps)) + 2 * height
+    tall = max(p.shape[0] + o for p, o in zip(parts, offsets, strict=True))
+    canvas = np.zeros((tall + height, max(width, height)), np.float32)
+    x = height // 2
+    for k, (p, o) in enumerate(zip(parts, offsets, strict=True)):
+        y = height // 2 + o + (height - p.shape[0]) // 2
+        region = canvas[y : y + p.shape[0], x : x + p.shape[1]]
+        np.maximum(region, p, out=region)
+        x += p.shape[1] + (int(round(gaps[k])) if k < len(gaps) else 0)
+    return _ink_box(canvas).copy() if canvas.any() else canvas
+
+
+def ink_from_text(text: str, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Any characters (letters, symbols) in one of OpenCV's Hershey stroke
+    fonts, jittered like ink_from_font: the non-digits a form also holds."""
+    font = HERSHEY[rng.integers(len(HERSHEY))]
+    scale, thickness = 4.0, int(rng.integers(4, 9))
+    (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
+    canvas = np.zeros((th + base + 40, tw + 40), np.uint8)
+    cv2.putText(canvas, text, (20, th + 20), font, scale, 255, thickness, cv2.LINE_AA)
+    return _jitter(canvas.astype(np.float32) / 255.0, height, rng)
+
+
+MARKS = ["tick", "cross", "scribble", "box"]
+
+
+def ink_from_mark(kind: str, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Pen marks that are not digits: a tick, a cross, a scribble, an empty box."""
+    s = 200
+    canvas = np.zeros((s + 60, int(s * 1.6) + 60), np.uint8)
+    t = int(rng.integers(10, 20))
+    j = lambda v: int(v + rng.normal(0, 6))  # noqa: E731
+    if kind == "tick":
+        pts = [(j(30), j(130)), (j(90), j(220)), (j(230), j(30))]
+        cv2.polylines(canvas, [np.array(pts, np.int32)], False, 255, t, cv2.LINE_AA)
+    elif kind == "cross":
+        cv2.line(canvas, (j(40), j(40)), (j(220), j(220)), 255, t, cv2.LINE_AA)
+        cv2.line(canvas, (j(220), j(40)), (j(40), j(220)), 255, t, cv2.LINE_AA)
+    elif kind == "scribble":
+        xs = np.linspace(30, s * 1.6 + 20, 14)
+        ys = 30 + rng.uniform(0, s, 14)
+        cv2.polylines(canvas, [np.column_stack([xs, ys]).astype(np.int32)], False, 255, t, cv2.LINE_AA)
+    else:  # an empty form box
+        cv2.rectangle(canvas, (j(30), j(30)), (j(int(s * 1.4)), j(s + 20)), 255, t // 2 + 2, cv2.LINE_AA)
+    return _jitter(canvas.astype(np.float32) / 255.0, height, rng)
+
+
+def number_scan(
+    ink: np.ndarray, text: str, variation: str, flavour: str, rng: np.random.Generator, layout: str
+) -> NumberScan:
+    """Any ink (a number, a letter, a mark) on a page made to look like `variation`."""
+    rgb, alpha = render_page(ink, variation, rng)
+    if alpha is not None and not flavour.startswith(("gray_alpha", "rgba", "palette_alpha")):
+        flavour = "rgba8"
+    return NumberScan(pngwrite.encode_flavour(rgb, alpha, flavour), text, variation, flavour, layout)
+
+
+LAYOUTS = {
+    "spaced": {"spacing": (0.15, 0.45)},
+    "uneven": {"spacing": (0.05, 1.0)},
+    "touching": {"spacing": (-0.06, 0.0)},
+    "drift": {"spacing": (0.1, 0.3), "drift": 0.12},
+}
+
+
+def mnist_number_scans(
+    images: np.ndarray, labels: np.ndarray, count: int, length: int | tuple[int, int],
+    rng: np.random.Generator, *, layout: str = "spaced", variation: str = "clean",
+    broken: bool = False,
+) -> Iterator[NumberScan]:
+    """`count` scans of numbers made of MNIST (test) digits, `length` digits each
+    (or a random length in [lo, hi])."""
+    lo, hi = (length, length) if isinstance(length, int) else length
+    for i in range(count):
+        n = int(rng.integers(lo, hi + 1))
+        idx = rng.choice(len(images), n, replace=False)
+        height = int(rng.integers(28, 90))
+        ink = ink_from_number(
+            [images[k] for k in idx], height, rng, **LAYOUTS[layout],
+            broken=int(rng.integers(n)) if broken else None,
+        )
+        text = "".join(str(int(labels[k])) for k in idx)
+        flavour = pngwrite.FLAVOURS[i % len(pngwrite.FLAVOURS)]
+        yield number_scan(ink, text, variation, flavour, rng, layout + ("+broken" if broken else ""))

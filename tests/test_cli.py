@@ -24,7 +24,7 @@ class TestClassify:
         assert len(rows) == len(list(SCAN_FIXTURES.glob("*.png")))
         for row in rows:
             assert set(row) == {"file", "digit", "confidence", "status", "error", "sha256",
-                                "width", "height", "model", "latency_ms"}
+                                "width", "height", "model", "latency_ms", "text", "reason", "digits"}
             assert row["status"] in ("ok", "low_confidence")
 
     def test_csv_single_file(self):

@@ -1,0 +1,443 @@
+"""Reading a scan as a string of digits: cut the cleaned ink into candidate
+digits, let the classifier score every candidate at once, pick the best cut.
+
+The page is cleaned exactly as for a single digit (imaging.work_region:
+polarity, paper, ruled lines, specks). Its ink is then split into *atoms*,
+left to right: connected pieces, with pieces stacked above one another (a
+broken 8, a 5 whose bar floats free) joined first, and pieces too wide for one
+digit (touching digits) sliced at the columns where the ink is thinnest.
+
+A candidate digit is a run of consecutive atoms at most MAX_WIDTH heights wide
+(or one whole piece, however wide); each is
+normalized to 28x28 exactly like a single digit. One classifier call scores
+them all, and a dynamic programme over atom boundaries picks the reading
+whose digits are most probable (shape priors penalize candidates too wide or
+too short to be a digit; a model with a reject class penalizes fragments and
+non-digits by itself). How much better that reading is than every other way
+of cutting the same ink is the *segmentation certainty*; the answer's
+confidence is the product of its digits' probabilities times that certainty.
+
+A scan whose ink is one blob of digit-like proportions is the fast path:
+one candidate, normalized exactly as before numbers were read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from digitwatch import imaging
+from digitwatch.errors import NoInkError
+
+STATUS_OK = "ok"
+STATUS_LOW = "low_confidence"
+
+# Reasons a reading is not ok (the `reason` field).
+REASON_LOW = "low confidence"
+REASON_NOT_DIGIT = "not a digit"
+
+REJECT = 10  # the class index of "not a digit" in an 11-class model
+MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
+WIDTH_COST = 8.0  # log-odds per digit height against a digit wider than 0.9 heights
+SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
+PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
+PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
+CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
+CUT_COST = 2.0  # log-odds against ending a digit at a cut rather than a gap in the ink
+MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
+CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+MAX_DIGITS = 64  # the longest reading considered when no length is given
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """How many digits the answer may have (from --expect / --length)."""
+
+    min_len: int = 1
+    max_len: int = MAX_DIGITS
+
+    def describe(self) -> str:
+        if self.min_len == self.max_len:
+            return f"{self.min_len} digit" + ("s" if self.min_len != 1 else "")
+        return f"{self.min_len}-{self.max_len} digits"
+
+
+def constraints_for(expect: str | None = None, length: str | None = None) -> Constraints:
+    """`expect` is "digit" (exactly one) or "number"/None (any); `length` is
+    "5" or "4-6". Raises ValueError with a one-line message on anything else."""
+    lo, hi = 1, MAX_DIGITS
+    if length not in (None, ""):
+        text = str(length).strip()
+        parts = text.split("-")
+        try:
+            if len(parts) == 1:
+                lo = hi = int(parts[0])
+            elif len(parts) == 2:
+                lo, hi = int(parts[0]), int(parts[1])
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"length must be N or MIN-MAX (digits), not {text!r}") from None
+        if not 1 <= lo <= hi <= MAX_DIGITS:
+            raise ValueError(f"length must be between 1 and {MAX_DIGITS} with MIN <= MAX, not {text!r}")
+    if expect not in (None, "", "number", "digit"):
+        raise ValueError(f"expect must be 'digit' or 'number', not {expect!r}")
+    if expect == "digit":
+        if (lo, hi) != (1, MAX_DIGITS) and not lo <= 1 <= hi:
+            raise ValueError("--expect digit contradicts the length given")
+        lo = hi = 1
+    return Constraints(lo, hi)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A scan cut into atoms, and every candidate digit made of them."""
+
+    crops: np.ndarray  # (K, 28, 28) float32, MNIST-normalized, one per candidate
+    spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
+    prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
+    atoms: int  # how many atoms the ink was cut into
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a scan says: the digits, how sure, and whether that is good enough."""
+
+    text: str
+    digits: tuple[tuple[int, float], ...]  # (digit, probability) left to right
+    confidence: float  # probability the whole text is right
+    status: str
+    reason: str  # why the status is not ok ("" when ok)
+
+    @property
+    def digit(self) -> int | None:
+        """The digit when exactly one was read."""
+        return self.digits[0][0] if len(self.digits) == 1 else None
+
+
+# ---------------------------------------------------------------- cutting
+
+
+@dataclass
+class _Piece:
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    labels: list[int]
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+
+def read_scan(gray: np.ndarray) -> Candidates:
+    """A page (gray, uint8 or float in [0, 1]) -> the candidate digits on it.
+    Raises NoInkError when there is nothing to read."""
+    work = imaging.work_region(gray)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(work.mask, connectivity=8)
+    pieces = [
+        _Piece(int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]), [i])
+        for i, s in enumerate(stats[1:], start=1)
+    ]
+    if not pieces:
+        raise NoInkError("no ink found: the image is blank or only noise")
+    boxes = [p for p in pieces if _is_box(labels, p)]
+    if boxes:
+        # A form's box is not ink to read; the digits inside it are.
+        pieces = [p for p in pieces if p not in boxes]
+        if not pieces:
+            raise NoInkError("no ink found: only an empty box")
+        mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
+        work = imaging.Work(work.ink, work.smooth, mask)
+    height = _digit_height(pieces)
+    pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
+    if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height and not _pinched(work.mask, pieces[0]):
+        # The fast path: one digit-like blob, read exactly as a single digit.
+        crop = imaging.finish(work.ink, work.smooth, work.mask)
+        return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
+    atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
+    return _candidates(work, atoms, cut_after, whole, height)
+
+
+def _is_box(labels: np.ndarray, p: _Piece) -> bool:
+    """A drawn rectangle (a form's box): nearly all its ink lies along its
+    bounding box's sides, and every side is mostly inked. MNIST's roundest
+    zeros keep under 60% of their ink there; boxes over 80%."""
+    if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
+        return False
+    own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
+    b = max(2, int(0.15 * min(p.width, p.height)))
+    inner = int(own[b:-b, b:-b].sum())
+    total = int(own.sum())
+    sides = min(own[:b].any(0).mean(), own[-b:].any(0).mean(), own[:, :b].any(1).mean(), own[:, -b:].any(1).mean())
+    return 1.0 - inner / max(total, 1) >= 0.8 and sides >= 0.55
+
+
+def _pinched(mask: np.ndarray, p: _Piece) -> bool:
+    """Whether a digit-wide blob narrows to a thread somewhere inside (two
+    digits touching, a 1 leaning on its neighbour): then it is cut like a
+    wide one, though it could be one digit."""
+    if p.width < PINCH_ASPECT * p.height:
+        return False
+    profile = mask[p.y0 : p.y1, p.x0 : p.x1].sum(0).astype(np.float32)
+    inner = profile[int(MIN_PART * p.height) : p.width - int(MIN_PART * p.height)]
+    return inner.size > 0 and float(inner.min()) <= PINCH * float(np.median(profile[profile > 0]))
+
+
+def _digit_height(pieces: list[_Piece]) -> float:
+    """A digit's height: the median height of the tall pieces (each digit of a
+    drifting line is still about as tall as the others)."""
+    heights = sorted(p.height for p in pieces)
+    tall = [h for h in heights if h >= 0.5 * heights[-1]]
+    return float(tall[len(tall) // 2])
+
+
+def _drop_strays(pieces: list[_Piece], height: float, shape: tuple[int, int]) -> list[_Piece]:
+    """Drop what cannot be (part of) a digit: flat strokes longer than any digit
+    (an underline the line remover missed), small pieces cut by the edge of the
+    region (the page's edge, a neighbouring field) and small specks far from the rest."""
+    h, w = shape
+    kept = [
+        p for p in pieces
+        if not (p.height < 0.25 * height and p.width > 1.5 * height)
+        and not (min(p.x0, p.y0) == 0 or p.x1 == w or p.y1 == h) or max(p.width, p.height) >= 0.5 * height
+    ]
+    big = [p for p in kept if max(p.width, p.height) >= 0.35 * height]
+    out = []
+    for p in kept:
+        if p in big:
+            out.append(p)
+            continue
+        near = any(
+            max(q.x0 - p.x1, p.x0 - q.x1) < 0.2 * height and max(q.y0 - p.y1, p.y0 - q.y1) < 0.2 * height
+            for q in big
+        )
+        if near:
+            out.append(p)
+    return out or pieces
+
+
+def _stack(pieces: list[_Piece], height: float) -> list[_Piece]:
+    """Join pieces that share most of their columns, or lie one above the other:
+    in one row of digits they are one digit (or touching digits, cut again
+    later), never two."""
+    pieces = sorted(pieces, key=lambda p: p.x0)
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(pieces)):
+            for b in range(a + 1, len(pieces)):
+                p, q = pieces[a], pieces[b]
+                overlap = min(p.x1, q.x1) - max(p.x0, q.x0)
+                above = min(p.y1, q.y1) <= max(p.y0, q.y0)  # no row in common
+                if overlap >= 0.6 * min(p.width, q.width) or (above and overlap > -0.15 * height):
+                    pieces[a] = _Piece(min(p.x0, q.x0), min(p.y0, q.y0), max(p.x1, q.x1),
+                                       max(p.y1, q.y1), p.labels + q.labels)
+                    del pieces[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(pieces, key=lambda p: (p.x0 + p.x1) / 2)
+
+
+def _atoms(
+    pieces: list[_Piece], labels: np.ndarray, mask: np.ndarray, height: float
+) -> tuple[list[np.ndarray], list[bool], list[tuple[int, int]]]:
+    """Each piece's pixel mask, wide pieces sliced at candidate cut columns;
+    for each atom whether a cut (not a gap) ends it on the right; and the
+    atoms [i, j) of each whole piece."""
+    atoms, cut_after, whole = [], [], []
+    for p in pieces:
+        first = len(atoms)
+        window = labels[p.y0 : p.y1, p.x0 : p.x1]
+        own = np.isin(window, p.labels).astype(np.uint8)
+        wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
+        cuts = _cuts(own, height) if wide else []
+        edges = [0, *cuts, p.width]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            full = np.zeros_like(mask)
+            full[p.y0 : p.y1, p.x0 + a : p.x0 + b] = own[:, a:b]
+            if full.any():
+                atoms.append(full)
+                cut_after.append(b != p.width)
+        whole.append((first, len(atoms)))
+    return atoms, cut_after, whole
+
+
+def _cuts(own: np.ndarray, height: float) -> list[int]:
+    """Columns where touching digits may meet: minima of the ink's column
+    profile, at least MIN_PART heights from either end, CUT_SPACING apart."""
+    width = own.shape[1]
+    profile = own.sum(0).astype(np.float32)
+    k = max(3, int(height * 0.06) | 1)
+    smooth = np.convolve(profile, np.ones(k, np.float32) / k, mode="same")
+    lo, hi = int(MIN_PART * height), width - int(MIN_PART * height)
+    if hi <= lo:
+        return []
+    inner = smooth[lo:hi]
+    left = np.concatenate([[np.inf], inner[:-1]])
+    right = np.concatenate([inner[1:], [np.inf]])
+    minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
+    # A cut crosses less ink than most columns do: not the middle of a 0.
+    thin = smooth[minima] <= 0.75 * float(np.median(profile[profile > 0]))
+    minima = minima[thin]
+    order = minima[np.argsort(smooth[minima], kind="stable")]
+    chosen: list[int] = []
+    most = max(1, round(width / (0.5 * height)) - 1)
+    for x in order.tolist():
+        if all(abs(x - c) >= CUT_SPACING * height for c in chosen):
+            chosen.append(x)
+        if len(chosen) >= most:
+            break
+    return sorted(chosen)
+
+
+def _candidates(
+    work: imaging.Work, atoms: list[np.ndarray], cut_after: list[bool],
+    whole: list[tuple[int, int]], height: float,
+) -> Candidates:
+    """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
+    normalized to 28x28."""
+    boxes = [imaging._bbox(a) for a in atoms]
+    crops, spans, prior = [], [], []
+    for i in range(len(atoms)):
+        for j in range(i + 1, len(atoms) + 1):
+            x0 = min(b[0] for b in boxes[i:j])
+            y0 = min(b[1] for b in boxes[i:j])
+            x1 = max(b[2] for b in boxes[i:j])
+            y1 = max(b[3] for b in boxes[i:j])
+            width, tall = (x1 - x0) / height, (y1 - y0) / height
+            if j > i + 1 and width > MAX_WIDTH and (i, j) not in whole:
+                if x1 - x0 > 3 * MAX_WIDTH * height:
+                    break
+                continue
+            crop = _crop(work, atoms, i, j, (x0, y0, x1, y1))
+            if crop is None:
+                continue
+            crops.append(crop)
+            spans.append((i, j))
+            # Log shape prior: digits are at most about as wide as tall, and
+            # about as tall as their neighbours.
+            # A digit that ends at a cut pays for it once, so cuts are used
+            # only where the classifier much prefers the pieces.
+            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall)
+                         - (CUT_COST if cut_after[j - 1] else 0.0))
+    if not crops:
+        raise NoInkError("no ink found after cleaning")
+    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms))
+
+
+def _crop(
+    work: imaging.Work, atoms: list[np.ndarray], i: int, j: int, box: tuple[int, int, int, int]
+) -> np.ndarray | None:
+    """The candidate made of atoms [i, j), cleaned and normalized like one digit."""
+    h, w = work.mask.shape
+    x0, y0 = max(0, box[0] - 4), max(0, box[1] - 4)
+    x1, y1 = min(w, box[2] + 4), min(h, box[3] + 4)
+    window = (slice(y0, y1), slice(x0, x1))
+    own = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    for a in atoms[i:j]:
+        own |= a[window]
+    exclude = work.mask[window] & ~own
+    try:
+        return imaging.finish(work.ink[window], work.smooth[window], own, exclude)
+    except NoInkError:
+        return None
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def decide(
+    cands: Candidates, probs: np.ndarray, *, constraints: Constraints = Constraints(),
+    threshold: float = 0.5,
+) -> Reading:
+    """The best reading of a scan given the classifier's probabilities for its
+    candidates (rows of `probs`, 10 or 11 classes)."""
+    probs = np.asarray(probs, np.float64)
+    digit_probs = probs[:, :10]
+    best = np.argmax(digit_probs, axis=1)
+    p_best = digit_probs[np.arange(len(best)), best]
+    rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
+    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior
+
+    n = cands.atoms
+    # top[j, m]: the best score covering atoms [0, j) with m digits (back: its
+    # last candidate); total[j, m] sums (log-sum-exp) over every such path,
+    # for the segmentation certainty. Spans end in increasing j, so ordering
+    # candidates by their end makes one pass enough.
+    neg = -np.inf
+    top = np.full((n + 1, n + 1), neg)
+    total = np.full((n + 1, n + 1), neg)
+    back = np.full((n + 1, n + 1), -1, np.int64)
+    top[0, 0] = total[0, 0] = 0.0
+    for k in sorted(range(len(cands.spans)), key=lambda k: cands.spans[k][1]):
+        i, j = cands.spans[k]
+        cand = top[i, :-1] + score[k]
+        better = cand > top[j, 1:]
+        top[j, 1:] = np.where(better, cand, top[j, 1:])
+        back[j, 1:] = np.where(better, k, back[j, 1:])
+        total[j, 1:] = np.logaddexp(total[j, 1:], total[i, :-1] + score[k])
+    z = np.logaddexp.reduce(total[n])
+    free = int(np.argmax(top[n]))  # the length of the best reading of any length
+    lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]
+    if not lengths:
+        path = _path(cands, back, n, free)
+        return _reading(path, best, digit_probs, 0.0, STATUS_LOW, _length_reason(constraints, path))
+    m = max(lengths, key=lambda length: top[n, length])
+    path = _path(cands, back, n, m)
+    certainty = math.exp(top[n, m] - z)
+    product = float(np.prod([digit_probs[k, best[k]] for k in path]))
+    confidence = product * certainty
+    if any(rejected[k] for k in path) or any(cands.prior[k] < -CUT_COST - 4.0 for k in path):
+        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
+    if confidence < threshold:
+        reason = REASON_LOW
+        if free != m and top[n, free] > top[n, m] + math.log(2.0):
+            reason = _length_reason(constraints, _path(cands, back, n, free))
+        return _reading(path, best, digit_probs, confidence, STATUS_LOW, reason)
+    return _reading(path, best, digit_probs, confidence, STATUS_OK, "")
+
+
+def _length_reason(constraints: Constraints, path: list[int]) -> str:
+    return f"expected {constraints.describe()}, read {len(path)}"
+
+
+def _path(cands: Candidates, back: np.ndarray, n: int, m: int) -> list[int]:
+    """The candidates of the best path covering all n atoms with m digits."""
+    path, j = [], n
+    while j > 0:
+        k = int(back[j, m])
+        path.append(k)
+        j, m = cands.spans[k][0], m - 1
+    return path[::-1]
+
+
+def _reading(
+    path: list[int], best: np.ndarray, probs: np.ndarray, confidence: float, status: str, reason: str
+) -> Reading:
+    digits = tuple((int(best[k]), float(probs[k, best[k]])) for k in path)
+    return Reading(
+        text="".join(str(d) for d, _ in digits), digits=digits, confidence=float(confidence),
+        status=status, reason=reason,
+    )
+
+
+def read_number(
+    data: bytes, classifier, *, expect: str | None = None, length: str | None = None,
+    threshold: float = 0.5, max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+) -> Reading:
+    """PNG bytes -> Reading, with one classifier call. Raises an ImageError
+    subclass (NoInkError for a blank page) with a one-line message."""
+    cands = read_scan(imaging.decode_gray(data, max_pixels=max_pixels))
+    probs = classifier.predict(cands.crops)
+    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold)
