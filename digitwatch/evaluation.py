@@ -180,23 +180,29 @@ def single_digit_reader(classifier, threshold: float) -> Reader:
     return read
 
 
+def number_reader(classifier, threshold: float) -> Reader:
+    """The product's path: `reading.read_number` (cuts, one model call, whole-answer
+    confidence). A reading refused as "not a digit" is an empty answer."""
+    from digitwatch.errors import ImageError
+    from digitwatch.reading import REASON_NOT_DIGIT, STATUS_OK, read_number
+
+    def read(png: bytes) -> Answer:
+        try:
+            r = read_number(png, classifier, threshold=threshold)
+        except ImageError:
+            return Answer("", 0.0, False)
+        text = "" if r.reason == REASON_NOT_DIGIT else r.text
+        return Answer(text, float(r.confidence), r.status == STATUS_OK)
+
+    return read
+
+
 def default_reader(classifier, threshold: float) -> tuple[str, Reader]:
     """The number reader when this checkout has one, else the single-digit path."""
     try:
-        from digitwatch.reading import read_number  # type: ignore[import-not-found]
+        return "number", number_reader(classifier, threshold)
     except ImportError:
         return "single-digit", single_digit_reader(classifier, threshold)
-
-    def read(png: bytes) -> Answer:
-        from digitwatch.errors import ImageError
-
-        try:
-            r = read_number(png, classifier)
-        except ImageError:
-            return Answer("", 0.0, False)
-        return Answer(r.text, float(r.confidence), bool(r.text) and float(r.confidence) >= threshold)
-
-    return "number", read
 
 
 def _scan_renderer():

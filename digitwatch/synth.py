@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from digitwatch.imaging import _normalize_stroke, mnist_box
+from digitwatch.errors import NoInkError
+from digitwatch.imaging import finish, mnist_box
 
 REJECT = 10  # class index of "not a digit"
 CLASSES = 11
@@ -66,8 +67,11 @@ def to_mnist(ink: np.ndarray) -> np.ndarray:
     ink = np.where(ink > 0.04, ink, 0.0).astype(np.float32)  # anti-aliasing dust is not ink
     mask = (ink > 0.35).astype(np.uint8)
     if mask.any():
-        ink = _normalize_stroke(ink, mask)
-    return mnist_box(ink)
+        try:
+            return finish(ink, ink, mask)  # what serving does with one digit's ink
+        except NoInkError:
+            pass
+    return mnist_box(ink)  # faint drawings (no ink above the mask level) still become an input
 
 
 def _trim(ink: np.ndarray, pad: int = 4) -> np.ndarray:
