@@ -250,9 +250,9 @@ def number_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray,
 NON_DIGIT_KINDS = ("letter", "letter_pair", "tick", "cross", "scribble", "shape", "smudge", "specks")
 
 
-def non_digit_scans(count: int, seed: int) -> list[tuple[bytes, str]]:
-    """(png, kind): letters and pairs in the face training never drew letters in,
-    pen marks, shapes (a blank form box among them), smudges, specks."""
+def non_digit_scans(count: int, seed: int, faces: list[int] | None = None) -> list[tuple[bytes, str]]:
+    """(png, kind): letters and pairs (by default in the face training never drew
+    letters in), pen marks, shapes (a blank form box among them), smudges, specks."""
     from digitwatch import synth
 
     rng = np.random.default_rng(seed)
@@ -261,7 +261,7 @@ def non_digit_scans(count: int, seed: int) -> list[tuple[bytes, str]]:
     for i in range(count):
         name = NON_DIGIT_KINDS[i % len(NON_DIGIT_KINDS)]
         if name.startswith("letter"):
-            ink = kinds[name].make(rng, [synth.HELD_OUT_FACE])
+            ink = kinds[name].make(rng, faces or [synth.HELD_OUT_FACE])
         else:
             ink = synth.reject_ink(kinds[name], rng)
         out.append((page_png(ink, rng, i, name), name))

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch import calibration, synth
+from digitwatch import calibration, evaluation, synth
 from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.imaging import load_digit
-from digitwatch.model import REJECT, load_classifier
+from digitwatch.model import REJECT, LiteRTClassifier, OutputSpec, load_classifier
 from tests import scans
 from tests.conftest import MNIST_DIR
 
@@ -82,7 +82,37 @@ def answers(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return answered, confidence, digit == labels
 
 
-def run(model: Path, digits: int, precision: float) -> dict:
+def whole_answers(classifier, count: int, precision: float, seed: int = 5151) -> dict:
+    """Numbers of 1-12 validation digits and non-digits (training faces, other
+    seeds) through the number reader: the whole-answer ECE and the threshold."""
+    mnist = load_mnist(MNIST_DIR)
+    _, val_idx = split_indices(len(mnist.x_train), seed=0, limit=None)
+    numbers = evaluation.number_scans(count, seed, mnist.x_train[val_idx], mnist.y_train[val_idx])
+    non_digits = evaluation.non_digit_scans(count // 2, seed + 1, faces=synth.TRAIN_FACES)
+    read = evaluation.number_reader(classifier, 0.0)
+    conf, right, number = [], [], []
+    for png, truth in numbers + non_digits:
+        a = read(png)
+        if a.text:
+            conf.append(a.confidence)
+            right.append(a.text == truth)  # a non-digit's truth is its kind: never equal
+            number.append(truth.isdigit())
+    conf_a, right_a = np.array(conf), np.array(right, bool)
+    threshold = calibration.threshold_for_precision(conf_a, right_a, precision)
+    ok = conf_a >= threshold
+    return {
+        "number_scans": len(numbers),
+        "non_digit_scans": len(non_digits),
+        "answers": len(conf),
+        "ece": calibration.expected_calibration_error(conf_a, right_a),
+        "low_confidence": threshold,
+        "ok_right": float(right_a[ok].mean()) if ok.any() else 1.0,
+        "numbers_marked_ok": float(ok[np.array(number, bool)].sum() / max(len(numbers), 1)),
+        "non_digits_marked_ok": float(ok[~np.array(number, bool)].sum() / max(len(non_digits), 1)),
+    }
+
+
+def run(model: Path, digits: int, precision: float, numbers: int = 0) -> dict:
     card_path = model.with_suffix(".json")
     card = json.loads(card_path.read_text())
     classifier = load_classifier(model)
@@ -99,7 +129,13 @@ def run(model: Path, digits: int, precision: float) -> dict:
     threshold = calibration.threshold_for_precision(conf[answered], right[answered], precision)
     ok = answered & (conf >= threshold)
     is_digit = labels != REJECT
+    whole = {}
+    if numbers:
+        spec = OutputSpec.for_model(model)
+        tuned = LiteRTClassifier(model, spec=OutputSpec(logits=spec.logits, temperature=t_card * t_rel))
+        whole = whole_answers(tuned, numbers, precision)
     return {
+        "whole_answers": whole,
         "model": classifier.model_id,
         "scans": int(len(pngs)),
         "normalized": int(keep.sum()),
@@ -123,18 +159,22 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("models/digits.tflite"))
     ap.add_argument("--digits", type=int, default=3000)
     ap.add_argument("--precision", type=float, default=0.997)
+    ap.add_argument("--numbers", type=int, default=600, help="Number scans for the whole-answer threshold.")
     ap.add_argument("--write", action="store_true", help="Store temperature and threshold in the card.")
     args = ap.parse_args()
-    report = run(args.model, args.digits, args.precision)
+    report = run(args.model, args.digits, args.precision, args.numbers)
     print(json.dumps(report, indent=2))
     if args.write:
         card_path = args.model.with_suffix(".json")
         card = json.loads(card_path.read_text())
         card["temperature"] = report["temperature"]
-        card["recommended_low_confidence"] = report["low_confidence"]
+        card["recommended_low_confidence"] = (report["whole_answers"] or report)["low_confidence"]
         card["calibration"] = {k: v for k, v in report.items() if k != "model"}
         card["calibration"]["command"] = "python -m tests.bench.calibrate " + " ".join(
-            f"--{k} {v}" for k, v in (("model", args.model), ("digits", args.digits), ("precision", args.precision))
+            f"--{k} {v}" for k, v in (
+                ("model", args.model), ("digits", args.digits), ("precision", args.precision),
+                ("numbers", args.numbers),
+            )
         ) + " --write"
         card_path.write_text(json.dumps(card, indent=2) + "\n")
 
