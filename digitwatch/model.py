@@ -41,6 +41,7 @@ class Classifier(Protocol):
 
     model_id: str
     classes: int
+    spec: OutputSpec  # outputs, temperature and recommended threshold from the card
 
     def predict(self, digits: np.ndarray) -> np.ndarray: ...
 
@@ -57,6 +58,9 @@ class OutputSpec:
 
     logits: bool = False
     temperature: float = 1.0
+    # The whole-answer confidence below which answers are not ok, chosen with
+    # this calibration (tests/bench/calibrate.py); None when the card has none.
+    low_confidence: float | None = None
 
     @classmethod
     def for_model(cls, path: Path) -> OutputSpec:
@@ -68,13 +72,17 @@ class OutputSpec:
             card = json.loads(card_path.read_text())
             outputs = card.get("outputs", "probabilities")
             temperature = float(card.get("temperature", 1.0))
+            low = card.get("recommended_low_confidence")
+            low = None if low is None else float(low)
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
         if outputs not in ("probabilities", "logits"):
             raise ModelError(f"{card_path}: outputs must be 'probabilities' or 'logits', not {outputs!r}")
         if not (math.isfinite(temperature) and 0.05 <= temperature <= 20):
             raise ModelError(f"{card_path}: temperature {temperature} outside 0.05-20")
-        return cls(logits=outputs == "logits", temperature=temperature)
+        if low is not None and not 0.0 <= low <= 1.0:
+            raise ModelError(f"{card_path}: recommended_low_confidence {low} outside 0-1")
+        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         if not self.logits and self.temperature == 1.0:
@@ -134,7 +142,7 @@ class LiteRTClassifier:
         if len(outputs) != 1:
             raise ModelError(f"{path}: expected one (N, 10) or (N, 11) output, got {len(outputs)}")
         self.classes = _check_classes(path, int(outputs[0]["shape"][-1]))
-        self._spec = spec if spec is not None else OutputSpec.for_model(path)
+        self.spec = spec if spec is not None else OutputSpec.for_model(path)
         self._input = inputs[0]["index"]
         self._output = outputs[0]["index"]
         self._batch = int(inputs[0]["shape"][0])
@@ -155,7 +163,7 @@ class LiteRTClassifier:
             self._interpreter.set_tensor(self._input, x)
             self._interpreter.invoke()
             raw = np.array(self._interpreter.get_tensor(self._output))
-        return self._spec.apply(raw)
+        return self.spec.apply(raw)
 
 
 class KerasClassifier:
@@ -164,12 +172,12 @@ class KerasClassifier:
     def __init__(self, path: Path) -> None:
         self._model = load_keras_model(path)
         self.classes = _check_classes(path, int(self._model.output_shape[-1]))
-        self._spec = OutputSpec.for_model(path)
+        self.spec = OutputSpec.for_model(path)
         self.model_id = model_id_for(path)
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
         x = np.asarray(digits, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
-        return self._spec.apply(np.asarray(self._model(x, training=False)))
+        return self.spec.apply(np.asarray(self._model(x, training=False)))
 
 
 def load_keras_model(path: Path):

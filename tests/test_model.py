@@ -60,7 +60,9 @@ class TestCard:
         copied_model.with_suffix(".json").write_text(
             json.dumps({"outputs": "logits" if spec.logits else "probabilities", "temperature": 2.0})
         )
-        softened = load_classifier(copied_model).predict(x)
+        loaded = load_classifier(copied_model)
+        assert loaded.spec.low_confidence is None
+        softened = loaded.predict(x)
         expected = to_probabilities(np.log(np.clip(raw, 1e-7, 1)), logits=True, temperature=2.0)
         assert np.allclose(softened, expected, atol=1e-5)
         assert (softened.argmax(1) == raw.argmax(1)).all()
@@ -71,6 +73,7 @@ class TestCard:
         ('{"outputs": "scores"}', "outputs must be"),
         ('{"temperature": 0}', "temperature 0.0 outside"),
         ('{"temperature": "warm"}', "unreadable model card"),
+        ('{"recommended_low_confidence": 2}', "outside 0-1"),
     ])
     def test_bad_card_refused(self, copied_model, card, message):
         copied_model.with_suffix(".json").write_text(card)
