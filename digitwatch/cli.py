@@ -164,7 +164,7 @@ def evaluate(
     data: DataOption = None,
     model: ModelOption = None,
     report: Annotated[
-        Path | None, typer.Option(help="Folder for confusion.png and worst_errors.png.")
+        Path | None, typer.Option(help="Folder for confusion.png, worst_errors.png and reliability.png.")
     ] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
     numbers: Annotated[
@@ -175,8 +175,9 @@ def evaluate(
     ] = 400,
     seed: Annotated[int, typer.Option(help="Seed of the scan sets.")] = 2026,
     low_confidence: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Answers below this are not ok.")
-    ] = DEFAULT_LOW_CONFIDENCE,
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Answers below this are not ok; default: the model card's."),
+    ] = None,
 ) -> None:
     """Score a model on the 10,000 MNIST test digits (never used in training), then
     on scans of numbers and non-digits (reliability.png with --report)."""
@@ -197,7 +198,9 @@ def evaluate(
     if numbers or non_digits:
         scan_report = evaluation.evaluate_scans(
             classifier, mnist, numbers=numbers, non_digits=non_digits, seed=seed,
-            threshold=low_confidence, report=report,
+            threshold=low_confidence if low_confidence is not None
+            else (classifier.spec.low_confidence or DEFAULT_LOW_CONFIDENCE),
+            report=report,
         )
     if format is ReportFormat.json:
         doc = json.loads(ev.to_json())
