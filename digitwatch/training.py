@@ -94,13 +94,13 @@ def split_train_validation(
 # ---------------------------------------------------------------- models
 
 
-def build_mlp(classes: int = DIGITS) -> keras.Model:
+def build_mlp(classes: int = DIGITS, logits: bool = False) -> keras.Model:
     """The original student network: 128-128-10 dense."""
     inputs = keras.Input((SIDE, SIDE, 1), name="digit")
     x = layers.Flatten()(inputs)
     x = layers.Dense(128, activation="relu")(x)
     x = layers.Dense(128, activation="relu")(x)
-    outputs = layers.Dense(classes, activation="softmax")(x)
+    outputs = layers.Dense(classes, activation=None if logits else "softmax")(x)
     return keras.Model(inputs, outputs, name="mlp")
 
 
@@ -294,9 +294,11 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
     x_train, y_train, x_val, y_val = with_synthetic(mnist, settings)
     if settings.arch == "mlp":
         keras.utils.set_random_seed(settings.seed)
-        model = build_mlp(settings.classes)
+        model = build_mlp(settings.classes, logits=settings.reject)
         model.compile(
-            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=settings.reject),
+            metrics=["accuracy"],
         )
         model.fit(
             x_train, y_train, epochs=settings.epochs, validation_data=(x_val, y_val),
