@@ -353,6 +353,14 @@ def segment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Smoothed ink and the uint8 mask of the ink to read: the digit, or the row
     of digits it stands in (specks and lines removed)."""
+    smooth, digit, _, _, _ = _segment(ink, line_span=line_span, slenderness=slenderness)
+    return smooth, digit
+
+
+def _segment(
+    ink: np.ndarray, *, line_span: float, slenderness: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`segment`, plus the component labels, their stats and the chosen labels."""
     h, w = ink.shape
     sigma = max(0.8, min(h, w) / 160)
     smooth = cv2.GaussianBlur(ink, (0, 0), sigma)
@@ -377,7 +385,7 @@ def segment(
         raise NoInkError("no ink found: only straight lines, no digit")
     chosen = _choose_row(stats[1:], (h, w)) + 1
     digit = _select(labels, count, chosen)
-    return smooth, digit
+    return smooth, digit, labels, stats, chosen
 
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -441,12 +449,23 @@ def _choose_row(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     and within ROW_GAP heights of it sideways, repeatedly, so a whole number
     joins even with uneven spacing and a drifting baseline. A lone digit with
     nothing of its size beside it gets exactly what `_choose_components` gives."""
-    chosen = set(_choose_components(stats, shape).tolist())
-    x, y, bw, bh = (stats[:, i].astype(np.float64) for i in range(4))
-    ref = max(bh[i] for i in chosen)
+    picked = _choose_components(stats, shape)
+    bh = stats[:, cv2.CC_STAT_HEIGHT]
+    ref = int(bh[picked].max())
+    # Most pages hold one digit and specks: nothing tall enough beside it.
+    tall = np.flatnonzero(bh >= ROW_MATE * ref).tolist()
+    chosen = set(picked.tolist())
+    if chosen.issuperset(tall):
+        return picked
+    x, y, bw = (stats[:, i].astype(np.float64) for i in range(3))
     h, w = shape
-    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & ((bw > 0.9 * w) | (bh > 0.9 * h))
-    pool = [int(i) for i in np.flatnonzero(~frame & (bh >= ROW_MATE * ref) & (bw < 4 * ref)) if i not in chosen]
+    pool = [
+        i for i in tall
+        if i not in chosen and bw[i] < 4 * ref
+        # Page frames and scanner shadows hug an edge and span it.
+        and not ((x[i] == 0 or y[i] == 0 or x[i] + bw[i] == w or y[i] + bh[i] == h)
+                 and (bw[i] > 0.9 * w or bh[i] > 0.9 * h))
+    ]
     grew = True
     while grew and pool:
         grew = False
@@ -508,6 +527,11 @@ class Work:
     ink: np.ndarray  # float32 ink map of the crop: 0 paper, 1 black
     smooth: np.ndarray  # the same, smoothed
     mask: np.ndarray  # uint8: the ink to read (specks and ruled lines removed)
+    # The mask's connected components (segmentation reuses them): labels of
+    # every component found, cv2 stats per label, and the labels in `mask`.
+    labels: np.ndarray | None = None
+    stats: np.ndarray | None = None
+    chosen: np.ndarray | None = None
 
 
 def work_region(gray: np.ndarray) -> Work:
@@ -554,8 +578,8 @@ def work_region(gray: np.ndarray) -> Work:
         crop = 1.0 - crop
     box = (cx0 / w, cy0 / h, cx1 / w, cy1 / h)
     ink = ink_map(crop, paper.over(crop.shape, box))
-    smooth, mask = segment(ink, line_span=0.8, slenderness=12)
-    return Work(ink=ink, smooth=smooth, mask=mask)
+    smooth, mask, labels, stats, chosen = _segment(ink, line_span=0.8, slenderness=12)
+    return Work(ink=ink, smooth=smooth, mask=mask, labels=labels, stats=stats, chosen=chosen)
 
 
 def finish(

@@ -8,8 +8,8 @@ broken 8, a 5 whose bar floats free) joined first, and pieces too wide for one
 digit (touching digits) sliced at the columns where the ink is thinnest.
 
 A candidate digit is a run of consecutive atoms at most MAX_WIDTH heights wide
-(or one whole piece, however wide); each is
-normalized to 28x28 exactly like a single digit. One classifier call scores
+(or one whole piece, however wide); each is normalized to 28x28 exactly like
+a single digit. One classifier call scores
 them all, and a dynamic programme over atom boundaries picks the reading
 whose digits are most probable (shape priors penalize candidates too wide or
 too short to be a digit; a model with a reject class penalizes fragments and
@@ -31,9 +31,7 @@ import numpy as np
 
 from digitwatch import imaging
 from digitwatch.errors import NoInkError
-
-STATUS_OK = "ok"
-STATUS_LOW = "low_confidence"
+from digitwatch.results import STATUS_LOW, STATUS_OK
 
 # Reasons a reading is not ok (the `reason` field).
 REASON_LOW = "low confidence"
@@ -46,9 +44,14 @@ SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one dig
 PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
 PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
 CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
-CUT_COST = 2.0  # log-odds against ending a digit at a cut rather than a gap in the ink
+# Log-odds against ending a digit at a cut rather than at a gap in the ink
+# (paid once per cut, so cuts are used only where the classifier much prefers
+# the pieces). A model with a reject class scores fragments and touching pairs
+# low by itself; one without needs the prior to keep single digits whole.
+CUT_COST = {10: 3.0, 11: 1.0}
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
 
 
@@ -100,6 +103,7 @@ class Candidates:
     spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
+    cut: np.ndarray | None = None  # (K,) bool: the candidate ends at a cut, not a gap
 
 
 @dataclass(frozen=True)
@@ -142,13 +146,17 @@ def read_scan(gray: np.ndarray) -> Candidates:
     """A page (gray, uint8 or float in [0, 1]) -> the candidate digits on it.
     Raises NoInkError when there is nothing to read."""
     work = imaging.work_region(gray)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(work.mask, connectivity=8)
+    labels, stats = work.labels, work.stats
+    assert labels is not None and stats is not None and work.chosen is not None
     pieces = [
-        _Piece(int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]), [i])
-        for i, s in enumerate(stats[1:], start=1)
+        _Piece(int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]), [int(i)])
+        for i, s in zip(work.chosen, stats[work.chosen], strict=True)
     ]
     if not pieces:
         raise NoInkError("no ink found: the image is blank or only noise")
+    if _trim_tails(labels, pieces, work.mask.shape):
+        work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask, labels, stats,
+                            work.chosen)
     boxes = [p for p in pieces if _is_box(labels, p)]
     if boxes:
         # A form's box is not ink to read; the digits inside it are.
@@ -156,9 +164,10 @@ def read_scan(gray: np.ndarray) -> Candidates:
         if not pieces:
             raise NoInkError("no ink found: only an empty box")
         mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
-        work = imaging.Work(work.ink, work.smooth, mask)
+        work = imaging.Work(work.ink, work.smooth, mask, labels, stats, work.chosen)
     height = _digit_height(pieces)
     pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
+    height = max(height, _digit_height(pieces))  # a broken digit is as tall as its pieces stacked
     if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height and not _pinched(work.mask, pieces[0]):
         # The fast path: one digit-like blob, read exactly as a single digit.
         crop = imaging.finish(work.ink, work.smooth, work.mask)
@@ -167,18 +176,53 @@ def read_scan(gray: np.ndarray) -> Candidates:
     return _candidates(work, atoms, cut_after, whole, height)
 
 
+def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]) -> bool:
+    """Cut off hair-thin tails that run from a piece to the region's left or
+    right edge: the rest of a ruled line the line remover did not take, still
+    attached to the digit it crossed. Returns whether anything was cut."""
+    w = shape[1]
+    cut = False
+    for p in pieces:
+        if p.x0 > 0 and p.x1 < w or p.width <= p.height:
+            continue
+        own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
+        thin = own.sum(0) <= max(2, int(0.08 * p.height))
+        a, b = 0, p.width
+        if p.x0 == 0:
+            while a < b and thin[a]:
+                a += 1
+        if p.x1 == w:
+            while b > a and thin[b - 1]:
+                b -= 1
+        if (a, b) == (0, p.width) or b - a < 0.3 * p.height:
+            continue
+        labels[p.y0 : p.y1, p.x0 : p.x0 + a][own[:, :a]] = 0
+        labels[p.y0 : p.y1, p.x0 + b : p.x1][own[:, b:]] = 0
+        p.x0, p.x1 = p.x0 + a, p.x0 + b
+        rows = np.flatnonzero(own[:, a:b].any(1))
+        p.y0, p.y1 = p.y0 + int(rows[0]), p.y0 + int(rows[-1]) + 1
+        cut = True
+    return cut
+
+
 def _is_box(labels: np.ndarray, p: _Piece) -> bool:
-    """A drawn rectangle (a form's box): nearly all its ink lies along its
-    bounding box's sides, and every side is mostly inked. MNIST's roundest
-    zeros keep under 60% of their ink there; boxes over 80%."""
+    """A drawn rectangle (a form's box): a hollow outline whose outer edge is
+    a convex quadrilateral, straight to within BOX_STRAIGHT of its size. A 0
+    is hollow too, but its outline bulges far from any four straight sides."""
     if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
         return False
-    own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
-    b = max(2, int(0.15 * min(p.width, p.height)))
-    inner = int(own[b:-b, b:-b].sum())
-    total = int(own.sum())
-    sides = min(own[:b].any(0).mean(), own[-b:].any(0).mean(), own[:, :b].any(1).mean(), own[:, -b:].any(1).mean())
-    return 1.0 - inner / max(total, 1) >= 0.8 and sides >= 0.55
+    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
+    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    enclosed = cv2.contourArea(outline)
+    if own.sum() > 0.5 * enclosed:
+        return False  # not hollow
+    poly = cv2.approxPolyDP(outline, 0.04 * cv2.arcLength(outline, True), True)
+    if len(poly) != 4 or not cv2.isContourConvex(poly):
+        return False
+    size = math.sqrt(max(cv2.contourArea(poly), 1.0))
+    worst = max(abs(cv2.pointPolygonTest(poly, (float(x), float(y)), True)) for x, y in outline[::3, 0])
+    return worst <= BOX_STRAIGHT * size
 
 
 def _pinched(mask: np.ndarray, p: _Piece) -> bool:
@@ -189,7 +233,13 @@ def _pinched(mask: np.ndarray, p: _Piece) -> bool:
         return False
     profile = mask[p.y0 : p.y1, p.x0 : p.x1].sum(0).astype(np.float32)
     inner = profile[int(MIN_PART * p.height) : p.width - int(MIN_PART * p.height)]
-    return inner.size > 0 and float(inner.min()) <= PINCH * float(np.median(profile[profile > 0]))
+    return inner.size > 0 and float(inner.min()) <= PINCH * _median(profile[profile > 0])
+
+
+def _median(values: np.ndarray) -> float:
+    """Median by partial sort (np.median costs several times more on small arrays)."""
+    i = values.size // 2
+    return float(np.partition(values, i)[i])
 
 
 def _digit_height(pieces: list[_Piece]) -> float:
@@ -288,7 +338,7 @@ def _cuts(own: np.ndarray, height: float) -> list[int]:
     right = np.concatenate([inner[1:], [np.inf]])
     minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
     # A cut crosses less ink than most columns do: not the middle of a 0.
-    thin = smooth[minima] <= 0.75 * float(np.median(profile[profile > 0]))
+    thin = smooth[minima] <= 0.75 * _median(profile[profile > 0])
     minima = minima[thin]
     order = minima[np.argsort(smooth[minima], kind="stable")]
     chosen: list[int] = []
@@ -307,8 +357,8 @@ def _candidates(
 ) -> Candidates:
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
     normalized to 28x28."""
-    boxes = [imaging._bbox(a) for a in atoms]
-    crops, spans, prior = [], [], []
+    boxes = [_bbox(a) for a in atoms]
+    crops, spans, prior, cut = [], [], [], []
     for i in range(len(atoms)):
         for j in range(i + 1, len(atoms) + 1):
             x0 = min(b[0] for b in boxes[i:j])
@@ -327,13 +377,17 @@ def _candidates(
             spans.append((i, j))
             # Log shape prior: digits are at most about as wide as tall, and
             # about as tall as their neighbours.
-            # A digit that ends at a cut pays for it once, so cuts are used
-            # only where the classifier much prefers the pieces.
-            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall)
-                         - (CUT_COST if cut_after[j - 1] else 0.0))
+            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - 10.0 * max(0.0, 0.55 - tall))
+            cut.append(cut_after[j - 1])
     if not crops:
         raise NoInkError("no ink found after cleaning")
-    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms))
+    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms),
+                      np.array(cut, bool))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    x, y, w, h = cv2.boundingRect(mask)
+    return x, y, x + w, y + h
 
 
 def _crop(
@@ -364,11 +418,15 @@ def decide(
     """The best reading of a scan given the classifier's probabilities for its
     candidates (rows of `probs`, 10 or 11 classes)."""
     probs = np.asarray(probs, np.float64)
+    if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
+        return _single(probs[0], threshold)
     digit_probs = probs[:, :10]
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
     rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
-    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior
+    cut_cost = CUT_COST[11 if probs.shape[1] > REJECT else 10]
+    cut = cands.cut if cands.cut is not None else np.zeros(len(best), bool)
+    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior - cut_cost * cut
 
     n = cands.atoms
     # top[j, m]: the best score covering atoms [0, j) with m digits (back: its
@@ -390,22 +448,39 @@ def decide(
     z = np.logaddexp.reduce(total[n])
     free = int(np.argmax(top[n]))  # the length of the best reading of any length
     lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]
-    if not lengths:
+    m = max(lengths, key=lambda length: top[n, length]) if lengths else free
+    if m != free and top[n, free] > top[n, m] + math.log(2.0) or not lengths:
+        # What is written does not fit the constraints: report what is written.
         path = _path(cands, back, n, free)
-        return _reading(path, best, digit_probs, 0.0, STATUS_LOW, _length_reason(constraints, path))
-    m = max(lengths, key=lambda length: top[n, length])
+        return _reading(path, best, digit_probs, _confidence(path, digit_probs, best, top[n, free] - z),
+                        STATUS_LOW, _length_reason(constraints, path))
     path = _path(cands, back, n, m)
-    certainty = math.exp(top[n, m] - z)
-    product = float(np.prod([digit_probs[k, best[k]] for k in path]))
-    confidence = product * certainty
-    if any(rejected[k] for k in path) or any(cands.prior[k] < -CUT_COST - 4.0 for k in path):
+    confidence = _confidence(path, digit_probs, best, top[n, m] - z)
+    if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - 0.9) for k in path):
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
-        reason = REASON_LOW
-        if free != m and top[n, free] > top[n, m] + math.log(2.0):
-            reason = _length_reason(constraints, _path(cands, back, n, free))
-        return _reading(path, best, digit_probs, confidence, STATUS_LOW, reason)
+        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)
     return _reading(path, best, digit_probs, confidence, STATUS_OK, "")
+
+
+def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float) -> float:
+    """The product of the digits' probabilities times the segmentation certainty
+    (this cut's share of the weight of every way of cutting the same ink)."""
+    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
+
+
+def _single(p: np.ndarray, threshold: float) -> Reading:
+    """The fast path's reading: one candidate, no other way to cut the ink."""
+    digit = int(np.argmax(p[:10]))
+    confidence = float(p[digit])
+    if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
+        status, reason = STATUS_LOW, REASON_NOT_DIGIT
+    elif confidence < threshold:
+        status, reason = STATUS_LOW, REASON_LOW
+    else:
+        status, reason = STATUS_OK, ""
+    return Reading(text=str(digit), digits=((digit, confidence),), confidence=confidence,
+                   status=status, reason=reason)
 
 
 def _length_reason(constraints: Constraints, path: list[int]) -> str:
