@@ -74,7 +74,10 @@ def train(
         bool, typer.Option(help="Add an 11th class, 'not a digit', trained on drawn non-digits.")
     ] = False,
     synthetic: Annotated[
-        int, typer.Option(min=0, help="With --reject: drawn non-digits (font digits: a quarter).")
+        int,
+        typer.Option(
+            min=0, help="With --reject: drawn non-digits (font digits: a quarter; renormalized MNIST: a half)."
+        ),
     ] = 40_000,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
@@ -96,6 +99,7 @@ def train(
         reject=reject,
         synthetic_rejects=synthetic,
         font_digits=synthetic // 4,
+        renormalized=synthetic // 2,
         command="digitwatch " + shlex.join(sys.argv[1:]),
     )
     card = run_training(request)

@@ -358,6 +358,14 @@ def font_digits(count: int, rng: np.random.Generator, faces: list[int] = FACES) 
     return out, labels
 
 
+def renormalized(images: np.ndarray) -> np.ndarray:
+    """MNIST digits passed through the same crop normalization as everything
+    drawn here. Without these, every drawn non-digit carries the pipeline's
+    look and MNIST's own digits do not, and a model can learn "pipeline look
+    = not a digit": real scans (which all have that look) then get refused."""
+    return np.stack([to_mnist(_mnist_ink(img)) for img in images]).astype(np.float32)
+
+
 # ---------------------------------------------------------------- numbers (evaluation)
 
 

@@ -58,6 +58,7 @@ class TrainSettings:
     reject: bool = False  # an 11th class, "not a digit", trained on synthetic non-digits
     synthetic_rejects: int = 40_000  # with reject: drawn non-digits added to training
     font_digits: int = 10_000  # with reject: Hershey-font digits added as "other hands"
+    renormalized: int = 0  # with reject: training digits again, through synth's crop normalization
 
     @property
     def classes(self) -> int:
@@ -277,6 +278,10 @@ def with_synthetic(
     rng = np.random.default_rng(settings.seed + 101)
     rejects, _ = synth.rejects(settings.synthetic_rejects, rng, images, labels)
     fonts, font_labels = synth.font_digits(settings.font_digits, rng)
+    if settings.renormalized:
+        pick = rng.choice(len(images), min(settings.renormalized, len(images)), replace=False)
+        fonts = np.concatenate([fonts, synth.renormalized(images[pick])])
+        font_labels = np.concatenate([font_labels, labels[pick]])
     val_rejects, _ = synth.rejects(max(1, len(x_val) // 2), np.random.default_rng(settings.seed + 202),
                                    images, labels)
     x_train = np.concatenate([x_train, rejects[..., None], fonts[..., None]])
@@ -448,6 +453,7 @@ class TrainRequest:
     reject: bool = False
     synthetic_rejects: int = 40_000
     font_digits: int = 10_000
+    renormalized: int = 0
 
 
 def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
@@ -476,7 +482,7 @@ def run_training(request: TrainRequest) -> dict:
         arch=request.arch, epochs=request.epochs, members=request.members,
         width=request.width, seed=request.seed, limit=request.limit, augment=request.augment,
         reject=request.reject, synthetic_rejects=request.synthetic_rejects,
-        font_digits=request.font_digits,
+        font_digits=request.font_digits, renormalized=request.renormalized,
     )
     outcome = train(mnist, settings)
     out = request.out
@@ -544,7 +550,8 @@ def run_training(request: TrainRequest) -> dict:
         "outputs": "logits" if logits else "probabilities",
         "temperature": temperature,
         "synthetic": (
-            {"non_digits": settings.synthetic_rejects, "font_digits": settings.font_digits}
+            {"non_digits": settings.synthetic_rejects, "font_digits": settings.font_digits,
+             "renormalized_digits": settings.renormalized}
             if settings.reject else None
         ),
         "command": request.command,
