@@ -83,3 +83,13 @@ class TestNumbers:
         # Ink reaches from the left margin to the right one.
         cols = np.flatnonzero(long.max(0) > 0.3)
         assert cols[0] < 20 and cols[-1] > long.shape[1] - 20
+
+
+class TestRenormalized:
+    """MNIST digits through the drawn data's normalization keep their shape."""
+
+    def test_normalized_and_still_the_digit(self, mnist, classifier):
+        x = synth.renormalized(mnist.x_train[:200])
+        for img in x[:10]:
+            _is_normalized(img)
+        assert np.mean(classifier.predict(x)[:, :10].argmax(1) == mnist.y_train[:200]) >= 0.97
