@@ -84,6 +84,15 @@ def train(
     quantize: Annotated[
         bool, typer.Option(help="int8 .tflite (about 4x faster on CPU); --no-quantize keeps float32.")
     ] = True,
+    reject: Annotated[
+        bool, typer.Option(help="Add an 11th class, 'not a digit', trained on drawn non-digits.")
+    ] = False,
+    synthetic: Annotated[
+        int,
+        typer.Option(
+            min=0, help="With --reject: drawn non-digits (font digits: a quarter; renormalized MNIST: a half)."
+        ),
+    ] = 40_000,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
     from digitwatch.training import TrainRequest, run_training
@@ -101,6 +110,10 @@ def train(
         limit=limit,
         augment=augment and arch is Arch.cnn,
         quantize=quantize,
+        reject=reject,
+        synthetic_rejects=synthetic,
+        font_digits=synthetic // 4,
+        renormalized=synthetic // 2,
         command="digitwatch " + shlex.join(sys.argv[1:]),
     )
     card = run_training(request)
@@ -169,12 +182,24 @@ def evaluate(
     data: DataOption = None,
     model: ModelOption = None,
     report: Annotated[
-        Path | None, typer.Option(help="Folder for confusion.png and worst_errors.png.")
+        Path | None, typer.Option(help="Folder for confusion.png, worst_errors.png and reliability.png.")
     ] = None,
     format: Annotated[ReportFormat, typer.Option("--format", "-f", help="For people or for programs.")] = (
         ReportFormat.table),
+    numbers: Annotated[
+        int, typer.Option(min=0, help="Scans of 1-12 digit numbers made of MNIST test digits.")
+    ] = 600,
+    non_digits: Annotated[
+        int, typer.Option(min=0, help="Scans of letters, symbols, pen marks, shapes, smudges.")
+    ] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of the scan sets.")] = 2026,
+    low_confidence: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Answers below this are not ok; default: the model card's."),
+    ] = None,
 ) -> None:
-    """Score a model on the 10,000 MNIST test digits (never used in training)."""
+    """Score a model on the 10,000 MNIST test digits (never used in training), then
+    on scans of numbers and non-digits (reliability.png with --report)."""
     from digitwatch import evaluation
     from digitwatch.data import load_mnist, to_input
     from digitwatch.model import load_classifier
@@ -188,9 +213,22 @@ def evaluate(
         report.mkdir(parents=True, exist_ok=True)
         evaluation.confusion_png(ev, report / "confusion.png")
         evaluation.worst_errors_png(mnist.x_test, probs, mnist.y_test, report / "worst_errors.png")
-    typer.echo(ev.to_json() if format is ReportFormat.json else evaluation.format_table(ev), nl=False)
+    scan_report = None
+    if numbers or non_digits:
+        scan_report = evaluation.evaluate_scans(
+            classifier, mnist, numbers=numbers, non_digits=non_digits, seed=seed,
+            threshold=low_confidence if low_confidence is not None
+            else (classifier.spec.low_confidence or DEFAULT_LOW_CONFIDENCE),
+            report=report,
+        )
     if format is ReportFormat.json:
-        typer.echo()
+        doc = json.loads(ev.to_json())
+        doc["scans"] = scan_report.to_dict() if scan_report else None
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(evaluation.format_table(ev), nl=False)
+        if scan_report:
+            typer.echo("\n" + evaluation.format_scan_report(scan_report), nl=False)
 
 
 def _settings_from(config: Path | None, flags: dict) -> Settings:

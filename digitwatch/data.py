@@ -23,6 +23,7 @@ IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
 TRAIN_COUNT = 60_000
 TEST_COUNT = 10_000
+VALIDATION_SIZE = 5_000  # training digits held out for validation and calibration
 SIDE = 28
 
 IDX_FILES = {
@@ -153,3 +154,14 @@ def _validated(
 def to_input(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) MNIST digits -> float32 (N, 28, 28, 1) in [0, 1], ink high."""
     return (images.astype(np.float32) / 255.0)[..., None]
+
+
+def split_indices(count: int, *, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices into MNIST's training split. Calibration uses
+    the same validation indices (same seed), so it never sees a trained digit."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(count)
+    if limit is not None:
+        order = order[:limit]
+    n_val = min(VALIDATION_SIZE, max(1, len(order) // 10))
+    return order[n_val:], order[:n_val]

@@ -1,16 +1,28 @@
-"""Metrics on MNIST's test set and the report images. Pure numpy and OpenCV, so
-`evaluate` works with LiteRT alone."""
+"""Metrics on MNIST's test set, on synthetic numbers and non-digits rendered as
+realistic scans, and the report images. Pure numpy and OpenCV, so `evaluate`
+works with LiteRT alone.
+
+The scan sets are built from MNIST *test* digits (numbers of 1-12 digits) and
+drawn non-digits (letters in the Hershey face training never drew letters in,
+other seeds), put on pages by the test suite's scan renderer (tests/scans.py,
+so `evaluate --numbers/--non-digits` runs from a source checkout).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-NUM_CLASSES = 10
+from digitwatch.calibration import Reliability, reliability
+
+NUM_CLASSES = 10  # rows of the confusion matrix: the true digits
+REJECT = 10
 
 
 @dataclass(frozen=True)
@@ -35,15 +47,16 @@ class Evaluation:
         return json.dumps(asdict(self), indent=2)
 
 
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+    """Rows: true digit; columns: predicted class (an 11th column for "not a digit")."""
+    cm = np.zeros((NUM_CLASSES, classes), np.int64)
     np.add.at(cm, (truth.astype(np.int64), predicted.astype(np.int64)), 1)
     return cm
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, *, model: str) -> Evaluation:
     predicted = np.argmax(probabilities, axis=1)
-    cm = confusion_matrix(labels, predicted)
+    cm = confusion_matrix(labels, predicted, probabilities.shape[1])
     per_class = []
     for d in range(NUM_CLASSES):
         tp = int(cm[d, d])
@@ -75,20 +88,28 @@ def format_table(ev: Evaluation) -> str:
     ]
     lines += [f"{c.digit:>5}  {c.precision:>9.4f}  {c.recall:>6.4f}  {c.support:>7}" for c in ev.per_class]
     lines += ["", "confusion (rows: true digit, columns: predicted)"]
-    lines.append("     " + "".join(f"{d:>6}" for d in range(NUM_CLASSES)))
+    lines.append("     " + "".join(f"{_class_name(d):>6}" for d in range(len(ev.confusion[0]))))
     lines += [f"{d:>5}" + "".join(f"{v:>6}" for v in row) for d, row in enumerate(ev.confusion)]
     return "\n".join(lines) + "\n"
+
+
+def _class_name(c: int) -> str:
+    return "not" if c == REJECT else str(c)
 
 
 def confusion_png(ev: Evaluation, path: Path) -> None:
     """A heat map of the confusion matrix with counts, log-scaled so errors show."""
     cell, margin = 56, 40
     cm = np.array(ev.confusion, np.float64)
+    columns = cm.shape[1]
     size = margin + cell * NUM_CLASSES
-    img = np.full((size + 30, size, 3), 255, np.uint8)
+    width = margin + cell * columns
+    img = np.full((size + 30, max(width, 420), 3), 255, np.uint8)
     scale = np.log1p(cm) / max(np.log1p(cm.max()), 1e-9)
+    for p in range(NUM_CLASSES, columns):
+        cv2.putText(img, _class_name(p), (margin + p * cell + 10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
     for t in range(NUM_CLASSES):
-        for p in range(NUM_CLASSES):
+        for p in range(columns):
             shade = int(255 - 200 * scale[t, p])
             colour = (255, shade, shade) if t == p else (shade, shade, 255)
             x, y = margin + p * cell, margin + t * cell
@@ -121,3 +142,250 @@ def worst_errors_png(
         cv2.putText(grid, label, (x + 4, y + tile + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1, cv2.LINE_AA)
     cv2.imwrite(str(path), grid)
     return len(wrong)
+
+
+# ---------------------------------------------------------------- numbers and non-digits on scans
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a reader made of one scan: the text ("" = refused or nothing read),
+    the confidence that this whole answer is right, and whether it is marked ok."""
+
+    text: str
+    confidence: float
+    ok: bool
+
+
+Reader = Callable[[bytes], Answer]
+
+
+def single_digit_reader(classifier, threshold: float) -> Reader:
+    """Today's path: one digit per scan (load_digit), argmax over the classes; a
+    win for "not a digit" is a refusal."""
+    from digitwatch.errors import ImageError
+    from digitwatch.imaging import load_digit
+
+    def read(png: bytes) -> Answer:
+        try:
+            pixels = load_digit(png).pixels
+        except ImageError:
+            return Answer("", 0.0, False)
+        p = classifier.predict(pixels[None])[0]
+        best = int(np.argmax(p))
+        if best == REJECT:
+            return Answer("", float(p[:REJECT].max()), False)
+        return Answer(str(best), float(p[best]), float(p[best]) >= threshold)
+
+    return read
+
+
+def number_reader(classifier, threshold: float) -> Reader:
+    """The product's path: `reading.read_number` (cuts, one model call, whole-answer
+    confidence). A reading refused as "not a digit" is an empty answer."""
+    from digitwatch.errors import ImageError
+    from digitwatch.reading import REASON_NOT_DIGIT, STATUS_OK, read_number
+
+    def read(png: bytes) -> Answer:
+        try:
+            r = read_number(png, classifier, threshold=threshold)
+        except ImageError:
+            return Answer("", 0.0, False)
+        text = "" if r.reason == REASON_NOT_DIGIT else r.text
+        return Answer(text, float(r.confidence), r.status == STATUS_OK)
+
+    return read
+
+
+def default_reader(classifier, threshold: float) -> tuple[str, Reader]:
+    """The number reader when this checkout has one, else the single-digit path."""
+    try:
+        return "number", number_reader(classifier, threshold)
+    except ImportError:
+        return "single-digit", single_digit_reader(classifier, threshold)
+
+
+def _scan_renderer():
+    try:
+        from tests import scans
+    except ImportError as exc:
+        from digitwatch.errors import DataError
+
+        raise DataError(
+            "the scan sets need the test suite's renderer (tests/scans.py): run evaluate "
+            "from a source checkout"
+        ) from exc
+    return scans
+
+
+def page_png(ink: np.ndarray, rng: np.random.Generator, index: int, source: str) -> bytes:
+    """Put ink (float, high = ink, drawn at any scale) on a realistic page."""
+    scans = _scan_renderer()
+    from tests import pngwrite
+
+    variation = scans.VARIATIONS[index % len(scans.VARIATIONS)]
+    flavour = pngwrite.FLAVOURS[(index * 7) % len(pngwrite.FLAVOURS)]
+    tall = max(ink.shape[0], 1)
+
+    def ink_for(height: int) -> np.ndarray:
+        s = height / tall
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+        return np.clip(cv2.resize(ink, None, fx=s, fy=s, interpolation=interp), 0, 1)
+
+    return scans.make_scan(ink_for, 0, variation, flavour, rng, source).png
+
+
+def number_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray,
+                 lengths: tuple[int, int] = (1, 12)) -> list[tuple[bytes, str]]:
+    """(png, digits) for numbers made of the given digits (MNIST test for reporting)."""
+    from digitwatch import synth
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, text in enumerate(synth.number_strings(count, rng, lengths)):
+        out.append((page_png(synth.number_ink(text, images, labels, rng), rng, i, "number"), text))
+    return out
+
+
+NON_DIGIT_KINDS = ("letter", "letter_pair", "tick", "cross", "scribble", "shape", "smudge", "specks")
+
+
+def non_digit_scans(count: int, seed: int, faces: list[int] | None = None) -> list[tuple[bytes, str]]:
+    """(png, kind): letters and pairs (by default in the face training never drew
+    letters in), pen marks, shapes (a blank form box among them), smudges, specks."""
+    from digitwatch import synth
+
+    rng = np.random.default_rng(seed)
+    kinds = {k.name: k for k in synth.REJECT_KINDS}
+    out = []
+    for i in range(count):
+        name = NON_DIGIT_KINDS[i % len(NON_DIGIT_KINDS)]
+        if name.startswith("letter"):
+            ink = kinds[name].make(rng, faces or [synth.HELD_OUT_FACE])
+        else:
+            ink = synth.reject_ink(kinds[name], rng)
+        out.append((page_png(ink, rng, i, name), name))
+    return out
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """What `evaluate` reports on the scan sets (fractions in [0, 1])."""
+
+    model: str
+    reader: str
+    threshold: float
+    numbers: int
+    exact: float
+    exact_by_length: dict[int, float]
+    numbers_marked_ok: float  # coverage
+    ok_accuracy: float  # of number answers marked ok
+    wrong_marked_ok: float  # share of all number scans
+    non_digits: int
+    non_digits_marked_ok: float
+    non_digits_marked_ok_by_kind: dict[str, float]
+    ece: float
+    reliability: Reliability = field(repr=False)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, str]],
+                read: Reader, *, model: str, reader: str, threshold: float) -> ScanReport:
+    """Read every scan and score: exact strings, ok answers, refusals, calibration.
+    Calibration is over every answer given (non-empty text): a stated answer's
+    confidence against whether it is right (any answer to a non-digit is wrong)."""
+    started = time.monotonic()
+    num = [(read(png), truth) for png, truth in numbers]
+    non = [(read(png), kind) for png, kind in non_digits]
+    right = np.array([a.text == t for a, t in num], bool)
+    ok = np.array([a.ok for a, _ in num], bool)
+    by_length: dict[int, list[bool]] = {}
+    for (_, t), r in zip(num, right, strict=True):
+        by_length.setdefault(len(t), []).append(bool(r))
+    non_ok = np.array([a.ok for a, _ in non], bool)
+    by_kind: dict[str, list[bool]] = {}
+    for (a, k) in non:
+        by_kind.setdefault(k, []).append(a.ok)
+    answered = [(a.confidence, a.text == t) for a, t in num if a.text]
+    answered += [(a.confidence, False) for a, _ in non if a.text]
+    conf = np.array([c for c, _ in answered], np.float64)
+    good = np.array([g for _, g in answered], bool)
+    rel = reliability(conf, good)
+    n = max(len(num), 1)
+    return ScanReport(
+        model=model, reader=reader, threshold=threshold,
+        numbers=len(num), exact=float(right.mean()) if len(num) else 0.0,
+        exact_by_length={k: float(np.mean(v)) for k, v in sorted(by_length.items())},
+        numbers_marked_ok=float(ok.sum() / n),
+        ok_accuracy=float(right[ok].mean()) if ok.any() else 1.0,
+        wrong_marked_ok=float((ok & ~right).sum() / n),
+        non_digits=len(non), non_digits_marked_ok=float(non_ok.mean()) if len(non) else 0.0,
+        non_digits_marked_ok_by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        ece=rel.ece, reliability=rel, seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def format_scan_report(r: ScanReport) -> str:
+    lines = [
+        f"scan sets  reader {r.reader}, ok when confidence >= {r.threshold:.3f}",
+        f"numbers    {r.numbers} scans of MNIST test digits, 1-12 digits",
+        f"exact      {r.exact:.4f}",
+        "by length  " + "  ".join(f"{k}:{v:.3f}" for k, v in r.exact_by_length.items()),
+        f"marked ok  {r.numbers_marked_ok:.4f} of numbers (coverage), right {r.ok_accuracy:.4f} of those",
+        f"wrong+ok   {r.wrong_marked_ok:.4f} of all number scans",
+        f"non-digits {r.non_digits} scans, marked ok {r.non_digits_marked_ok:.4f}",
+        "by kind    " + "  ".join(f"{k}:{v:.3f}" for k, v in r.non_digits_marked_ok_by_kind.items()),
+        f"ECE        {r.ece:.4f} over {sum(r.reliability.count)} answers ({len(r.reliability.count)} bins)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def reliability_png(rel: Reliability, path: Path, *, title: str = "") -> None:
+    """Reliability diagram: per confidence bin, accuracy (bar) against the diagonal,
+    with each bin's share of answers underneath."""
+    size, margin = 420, 50
+    img = np.full((size + 2 * margin + 40, size + 2 * margin, 3), 255, np.uint8)
+    x0, y0 = margin, margin + size  # origin at the bottom left
+
+    def at(c: float, a: float) -> tuple[int, int]:
+        return int(x0 + c * size), int(y0 - a * size)
+
+    bins = len(rel.count)
+    total = max(sum(rel.count), 1)
+    for b in range(bins):
+        lo, hi = rel.edges[b], rel.edges[b + 1]
+        if rel.count[b]:
+            cv2.rectangle(img, at(lo, 0), at(hi, rel.accuracy[b]), (200, 140, 60), -1)
+            cv2.rectangle(img, at(lo, 0), at(hi, rel.accuracy[b]), (90, 60, 20), 1)
+            cv2.circle(img, at((lo + hi) / 2, rel.confidence[b]), 3, (0, 0, 200), -1)
+        share = rel.count[b] / total
+        bar = (at(hi, 0)[0] - 1, y0 + 8 + int(24 * share**0.5))
+        cv2.rectangle(img, (at(lo, 0)[0], y0 + 8), bar, (120, 120, 120), -1)
+    cv2.line(img, at(0, 0), at(1, 1), (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.rectangle(img, at(0, 0), at(1, 1), (0, 0, 0), 1)
+    for v in (0.0, 0.5, 1.0):
+        cv2.putText(img, f"{v:.1f}", (at(v, 0)[0] - 10, y0 + 50), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1, cv2.LINE_AA)
+        cv2.putText(img, f"{v:.1f}", (8, at(0, v)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1, cv2.LINE_AA)
+    cv2.putText(img, f"{title}  ECE {rel.ece:.4f}  (bars: accuracy, dots: mean confidence)",
+                (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "confidence", (x0 + size // 2 - 40, y0 + 70), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), img)
+
+
+def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: int, threshold: float,
+                   report: Path | None = None) -> ScanReport:
+    """Build the scan sets, read them with the best reader available, score, and
+    write reliability.png into `report`."""
+    name, read = default_reader(classifier, threshold)
+    result = score_scans(
+        number_scans(numbers, seed, mnist.x_test, mnist.y_test),
+        non_digit_scans(non_digits, seed + 1),
+        read, model=classifier.model_id, reader=name, threshold=threshold,
+    )
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        reliability_png(result.reliability, report / "reliability.png", title=f"{name} reader")
+    return result

@@ -1,15 +1,26 @@
 """Classifiers: one protocol, a LiteRT implementation for the product and a Keras
 one for `.keras` files. Only the Keras path imports TensorFlow, and lazily.
+
+A model has 10 outputs (digits 0-9) or 11 (index 10 = "not a digit"). What the
+graph outputs and how it is calibrated is read from the model card beside it
+(`digits.json`: "outputs" is "probabilities" or "logits", "temperature" the
+calibration fitted on held-out data); without a card, the outputs are taken as
+probabilities, uncalibrated. Either way `predict` returns probabilities.
+Logits leave the graph rather than probabilities because an int8 softmax can
+only say 255/256 at the top, too coarse to multiply over a 12-digit number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -18,13 +29,19 @@ import numpy as np
 from digitwatch.errors import ModelError
 
 SIDE = 28
+DIGITS = 10  # classes 0-9
+REJECT = 10  # the class index of "not a digit" in 11-class models
+SUPPORTED_CLASSES = (DIGITS, DIGITS + 1)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits.tflite"
 
 
 class Classifier(Protocol):
-    """Maps a batch of normalized digits (N, 28, 28) float32 to probabilities (N, 10)."""
+    """Maps a batch of normalized digits (N, 28, 28) float32 to probabilities
+    (N, classes): classes is 10, or 11 with index REJECT = "not a digit"."""
 
     model_id: str
+    classes: int
+    spec: OutputSpec  # outputs, temperature and recommended threshold from the card
 
     def predict(self, digits: np.ndarray) -> np.ndarray: ...
 
@@ -33,6 +50,61 @@ def model_id_for(path: Path) -> str:
     """A short, stable identifier: file name plus the start of its sha256."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return f"{path.name}@{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How a graph's raw outputs become calibrated probabilities."""
+
+    logits: bool = False
+    temperature: float = 1.0
+    # The whole-answer confidence below which answers are not ok, chosen with
+    # this calibration (tests/bench/calibrate.py); None when the card has none.
+    low_confidence: float | None = None
+
+    @classmethod
+    def for_model(cls, path: Path) -> OutputSpec:
+        """Read "outputs" and "temperature" from the card beside the model, if any."""
+        card_path = path.with_suffix(".json")
+        if not card_path.is_file():
+            return cls()
+        try:
+            card = json.loads(card_path.read_text())
+            outputs = card.get("outputs", "probabilities")
+            temperature = float(card.get("temperature", 1.0))
+            low = card.get("recommended_low_confidence")
+            low = None if low is None else float(low)
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
+        if outputs not in ("probabilities", "logits"):
+            raise ModelError(f"{card_path}: outputs must be 'probabilities' or 'logits', not {outputs!r}")
+        if not (math.isfinite(temperature) and 0.05 <= temperature <= 20):
+            raise ModelError(f"{card_path}: temperature {temperature} outside 0.05-20")
+        if low is not None and not 0.0 <= low <= 1.0:
+            raise ModelError(f"{card_path}: recommended_low_confidence {low} outside 0-1")
+        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low)
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        if not self.logits and self.temperature == 1.0:
+            return raw
+        return to_probabilities(raw, logits=self.logits, temperature=self.temperature)
+
+
+def to_probabilities(raw: np.ndarray, *, logits: bool, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of logits / T; for probability outputs, the same on their logs."""
+    z = np.asarray(raw, np.float64)
+    if not logits:
+        z = np.log(np.clip(z, 1e-7, 1.0))
+    z = z / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _check_classes(path: Path, count: int) -> int:
+    if count not in SUPPORTED_CLASSES:
+        raise ModelError(f"{path}: expected one (N, 10) or (N, 11) output, got {count} classes")
+    return count
 
 
 @contextlib.contextmanager
@@ -54,7 +126,7 @@ def _quiet_stderr() -> Iterator[None]:
 class LiteRTClassifier:
     """Runs a .tflite model through LiteRT; safe to share between threads."""
 
-    def __init__(self, path: Path, *, threads: int = 2) -> None:
+    def __init__(self, path: Path, *, threads: int = 2, spec: OutputSpec | None = None) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
@@ -67,8 +139,10 @@ class LiteRTClassifier:
         outputs = self._interpreter.get_output_details()
         if len(inputs) != 1 or tuple(inputs[0]["shape"][1:]) != (SIDE, SIDE, 1):
             raise ModelError(f"{path}: expected one (N, 28, 28, 1) input, got {inputs}")
-        if len(outputs) != 1 or int(outputs[0]["shape"][-1]) != 10:
-            raise ModelError(f"{path}: expected one (N, 10) output")
+        if len(outputs) != 1:
+            raise ModelError(f"{path}: expected one (N, 10) or (N, 11) output, got {len(outputs)}")
+        self.classes = _check_classes(path, int(outputs[0]["shape"][-1]))
+        self.spec = spec if spec is not None else OutputSpec.for_model(path)
         self._input = inputs[0]["index"]
         self._output = outputs[0]["index"]
         self._batch = int(inputs[0]["shape"][0])
@@ -88,21 +162,35 @@ class LiteRTClassifier:
                 self._batch = x.shape[0]
             self._interpreter.set_tensor(self._input, x)
             self._interpreter.invoke()
-            return np.array(self._interpreter.get_tensor(self._output))
+            raw = np.array(self._interpreter.get_tensor(self._output))
+        return self.spec.apply(raw)
 
 
 class KerasClassifier:
     """Runs a .keras model (safe mode) through Keras; imports TensorFlow."""
 
     def __init__(self, path: Path) -> None:
-        from digitwatch.training import load_keras_model
-
         self._model = load_keras_model(path)
+        self.classes = _check_classes(path, int(self._model.output_shape[-1]))
+        self.spec = OutputSpec.for_model(path)
         self.model_id = model_id_for(path)
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
         x = np.asarray(digits, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
-        return np.asarray(self._model(x, training=False))
+        return self.spec.apply(np.asarray(self._model(x, training=False)))
+
+
+def load_keras_model(path: Path):
+    """Load a .keras file in safe mode (no arbitrary code from the file); imports Keras."""
+    if path.suffix != ".keras":
+        raise ModelError(f"{path}: only .keras (and .tflite) models are accepted, not {path.suffix}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # Keras raises many types for bad files
+        raise ModelError(f"{path}: cannot load Keras model ({exc})") from exc
 
 
 def load_classifier(path: Path | None = None) -> Classifier:

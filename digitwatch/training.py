@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.data import Mnist, to_input
+from digitwatch.data import Mnist, split_indices, to_input
 from digitwatch.errors import ModelError
+from digitwatch.model import DIGITS, REJECT, load_keras_model, to_probabilities
 
 # TensorFlow logs a wall of CUDA probing on machines without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,8 +33,6 @@ import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
 SIDE = 28
-NUM_CLASSES = 10
-VALIDATION_SIZE = 5_000
 BATCH_SIZE = 128
 PEAK_LR = 2e-3
 LABEL_SMOOTHING = 0.1
@@ -56,6 +55,14 @@ class TrainSettings:
     seed: int = 0
     limit: int | None = None  # use only the first N training digits (tests, smoke runs)
     augment: bool = True
+    reject: bool = False  # an 11th class, "not a digit", trained on synthetic non-digits
+    synthetic_rejects: int = 40_000  # with reject: drawn non-digits added to training
+    font_digits: int = 10_000  # with reject: Hershey-font digits added as "other hands"
+    renormalized: int = 0  # with reject: training digits again, through synth's crop normalization
+
+    @property
+    def classes(self) -> int:
+        return DIGITS + 1 if self.reject else DIGITS
 
 
 @dataclass(frozen=True)
@@ -68,18 +75,15 @@ class TrainOutcome:
     wall_seconds: float
     train_count: int
     val_count: int
+    val_outputs: np.ndarray  # the model's raw outputs on the validation split
+    val_labels: np.ndarray
 
 
 def split_train_validation(
     mnist: Mnist, *, seed: int, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Hold out a validation split of the training digits; the test set is never touched."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(mnist.x_train))
-    if limit is not None:
-        order = order[:limit]
-    n_val = min(VALIDATION_SIZE, max(1, len(order) // 10))
-    val, train = order[:n_val], order[n_val:]
+    train, val = split_indices(len(mnist.x_train), seed=seed, limit=limit)
     return (
         to_input(mnist.x_train[train]),
         mnist.y_train[train],
@@ -91,18 +95,20 @@ def split_train_validation(
 # ---------------------------------------------------------------- models
 
 
-def build_mlp() -> keras.Model:
+def build_mlp(classes: int = DIGITS, logits: bool = False) -> keras.Model:
     """The original student network: 128-128-10 dense."""
     inputs = keras.Input((SIDE, SIDE, 1), name="digit")
     x = layers.Flatten()(inputs)
     x = layers.Dense(128, activation="relu")(x)
     x = layers.Dense(128, activation="relu")(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
+    outputs = layers.Dense(classes, activation=None if logits else "softmax")(x)
     return keras.Model(inputs, outputs, name="mlp")
 
 
-def build_cnn_member(width: int, name: str) -> keras.Model:
-    """A batch-norm CNN: two stride-2 stages, then a 4x4 conv to a 1x1 feature vector."""
+def build_cnn_member(width: int, name: str, classes: int = DIGITS, logits: bool = False) -> keras.Model:
+    """A batch-norm CNN: two stride-2 stages, then a 4x4 conv to a 1x1 feature
+    vector. With `logits` the last layer has no softmax (serving applies it,
+    calibrated)."""
     inputs = keras.Input((SIDE, SIDE, 1), name="digit")
 
     def conv(x, filters: int, kernel: int, strides: int = 1, padding: str = "valid"):
@@ -121,12 +127,13 @@ def build_cnn_member(width: int, name: str) -> keras.Model:
     x = conv(x, 4 * width, 4)
     x = layers.Flatten()(x)
     x = layers.Dropout(0.4)(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
+    outputs = layers.Dense(classes, activation=None if logits else "softmax")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
 def build_ensemble(members: list[keras.Model]) -> keras.Model:
-    """Average member probabilities inside one graph, so one file serves them all."""
+    """Average member outputs (probabilities, or logits) inside one graph, so one
+    file serves them all."""
     if len(members) == 1:
         return members[0]
     inputs = keras.Input((SIDE, SIDE, 1), name="digit")
@@ -211,8 +218,8 @@ def _fit_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _dataset(x, y, *, seed: int, augment: bool, batch: int = BATCH_SIZE) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((x, keras.ops.one_hot(y, NUM_CLASSES)))
+def _dataset(x, y, *, classes: int, seed: int, augment: bool, batch: int = BATCH_SIZE) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((x, keras.ops.one_hot(y, classes)))
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch)
     if augment:
         augmenter = make_augmenter(seed)
@@ -225,7 +232,9 @@ def _train_member(
 ) -> tuple[keras.Model, float]:
     seed = settings.seed * 1000 + index
     keras.utils.set_random_seed(seed)
-    model = build_cnn_member(settings.width, name=f"member_{index}")
+    model = build_cnn_member(
+        settings.width, name=f"member_{index}", classes=settings.classes, logits=settings.reject
+    )
     steps = math.ceil(len(x_train) / BATCH_SIZE) * settings.epochs
     warmup = min(steps // 10, math.ceil(len(x_train) / BATCH_SIZE))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -234,30 +243,67 @@ def _train_member(
     )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=settings.reject, label_smoothing=LABEL_SMOOTHING
+        ),
         metrics=["accuracy"],
     )
     print(f"member {index + 1}/{settings.members}: {model.count_params()} parameters", flush=True)
     model.fit(
-        _dataset(x_train, y_train, seed=seed, augment=settings.augment),
-        validation_data=_dataset(x_val, y_val, seed=seed, augment=False, batch=1000),
+        _dataset(x_train, y_train, classes=settings.classes, seed=seed, augment=settings.augment),
+        validation_data=_dataset(
+            x_val, y_val, classes=settings.classes, seed=seed, augment=False, batch=1000
+        ),
         epochs=settings.epochs,
         verbose=_fit_verbosity(),
     )
     return model, accuracy(predict(model, x_val), y_val)
 
 
-def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
-    """Train the requested architecture on the training split; never sees the test set."""
-    started = time.monotonic()
+def with_synthetic(
+    mnist: Mnist, settings: TrainSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The training split plus, for the 11-class model, drawn non-digits (label
+    REJECT) and Hershey-font digits; the validation split gets its own
+    non-digits from another seed. Compositions use training digits only."""
     x_train, y_train, x_val, y_val = split_train_validation(
         mnist, seed=settings.seed, limit=settings.limit
     )
+    if not settings.reject:
+        return x_train, y_train, x_val, y_val
+    from digitwatch import synth
+
+    train_idx, _ = split_indices(len(mnist.x_train), seed=settings.seed, limit=settings.limit)
+    images, labels = mnist.x_train[train_idx], mnist.y_train[train_idx]
+    rng = np.random.default_rng(settings.seed + 101)
+    rejects, _ = synth.rejects(settings.synthetic_rejects, rng, images, labels)
+    fonts, font_labels = synth.font_digits(settings.font_digits, rng)
+    if settings.renormalized:
+        pick = rng.choice(len(images), min(settings.renormalized, len(images)), replace=False)
+        fonts = np.concatenate([fonts, synth.renormalized(images[pick])])
+        font_labels = np.concatenate([font_labels, labels[pick]])
+    val_rejects, _ = synth.rejects(max(1, len(x_val) // 2), np.random.default_rng(settings.seed + 202),
+                                   images, labels)
+    x_train = np.concatenate([x_train, rejects[..., None], fonts[..., None]])
+    y_train = np.concatenate([y_train, np.full(len(rejects), REJECT, np.uint8), font_labels])
+    x_val = np.concatenate([x_val, val_rejects[..., None]])
+    y_val = np.concatenate([y_val, np.full(len(val_rejects), REJECT, np.uint8)])
+    print(f"training on {len(x_train)} inputs: {len(rejects)} drawn non-digits, "
+          f"{len(fonts)} font digits", flush=True)
+    return x_train, y_train, x_val, y_val
+
+
+def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
+    """Train the requested architecture on the training split; never sees the test set."""
+    started = time.monotonic()
+    x_train, y_train, x_val, y_val = with_synthetic(mnist, settings)
     if settings.arch == "mlp":
         keras.utils.set_random_seed(settings.seed)
-        model = build_mlp()
+        model = build_mlp(settings.classes, logits=settings.reject)
         model.compile(
-            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=settings.reject),
+            metrics=["accuracy"],
         )
         model.fit(
             x_train, y_train, epochs=settings.epochs, validation_data=(x_val, y_val),
@@ -274,7 +320,8 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
         model = build_ensemble(members)
     else:
         raise ValueError(f"unknown architecture {settings.arch!r}")
-    val_acc = accuracy(predict(model, x_val), y_val)
+    val_outputs = predict(model, x_val)
+    val_acc = accuracy(val_outputs, y_val)
     return TrainOutcome(
         model=model,
         val_accuracy=val_acc,
@@ -282,6 +329,8 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
         wall_seconds=time.monotonic() - started,
         train_count=len(x_train),
         val_count=len(x_val),
+        val_outputs=val_outputs,
+        val_labels=y_val,
     )
 
 
@@ -295,16 +344,6 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- save, export, verify
-
-
-def load_keras_model(path: Path) -> keras.Model:
-    """Load a .keras file in safe mode (no arbitrary code from the file)."""
-    if path.suffix != ".keras":
-        raise ModelError(f"{path}: only .keras (and .tflite) models are accepted, not {path.suffix}")
-    try:
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as exc:  # Keras raises many types for bad files
-        raise ModelError(f"{path}: cannot load Keras model ({exc})") from exc
 
 
 def _uncompiled(model: keras.Model) -> keras.Model:
@@ -411,44 +450,110 @@ class TrainRequest:
     augment: bool
     command: str
     quantize: bool = True
+    reject: bool = False
+    synthetic_rejects: int = 40_000
+    font_digits: int = 10_000
+    renormalized: int = 0
+
+
+def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
+    """Non-digits never trained on: another seed, letters in the held-out face
+    only, compositions of MNIST *test* digits. Reported, never selected on."""
+    from digitwatch import synth
+
+    rng = np.random.default_rng(seed + 303)
+    kinds = [
+        synth.RejectKind(k.name, k.weight, lambda r, f=k.make: f(r, [synth.HELD_OUT_FACE]))
+        if k.name.startswith("letter") else k
+        for k in synth.REJECT_KINDS
+    ]
+    x, _ = synth.rejects(count, rng, mnist.x_test, mnist.y_test, kinds)
+    return x[..., None]
 
 
 def run_training(request: TrainRequest) -> dict:
     """Train, save .keras, export .tflite, verify the pair on MNIST test, write the card."""
+    from digitwatch.calibration import expected_calibration_error, fit_temperature
     from digitwatch.data import load_mnist
-    from digitwatch.model import LiteRTClassifier
+    from digitwatch.model import LiteRTClassifier, OutputSpec
 
     mnist = load_mnist(request.data)
     settings = TrainSettings(
         arch=request.arch, epochs=request.epochs, members=request.members,
         width=request.width, seed=request.seed, limit=request.limit, augment=request.augment,
+        reject=request.reject, synthetic_rejects=request.synthetic_rejects,
+        font_digits=request.font_digits, renormalized=request.renormalized,
     )
     outcome = train(mnist, settings)
     out = request.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tflite_path, card_path = out.with_suffix(".tflite"), out.with_suffix(".json")
     save_without_optimizer(outcome.model, out)
-    calibration = to_input(mnist.x_train[:CALIBRATION_SIZE]) if request.quantize else None
+    calibration = None
+    if request.quantize:
+        # The int8 ranges must cover what serving sees: digits, and (11 classes)
+        # non-digits, whose activations differ.
+        calibration = to_input(mnist.x_train[:CALIBRATION_SIZE])
+        if settings.reject:
+            n = CALIBRATION_SIZE // 4
+            from digitwatch import synth
+
+            drawn, _ = synth.rejects(n, np.random.default_rng(request.seed + 404), mnist.x_train, mnist.y_train)
+            calibration = np.concatenate([calibration[: CALIBRATION_SIZE - n], drawn[..., None]])
     export_tflite(outcome.model, tflite_path, calibration)
+
+    # A first temperature from the validation split (28x28 digits and drawn
+    # non-digits); `tests/bench/calibrate.py` refits it on realistic scans.
+    logits = settings.reject
+    val_z = outcome.val_outputs if logits else np.log(np.clip(outcome.val_outputs, 1e-12, 1))
+    temperature = fit_temperature(val_z, outcome.val_labels) if settings.reject else 1.0
+    spec = OutputSpec(logits=logits, temperature=1.0)
 
     # The test set is only measured here, after training is over: it reports,
     # it never selects. The reloaded .keras is what users will load.
     x_test = to_input(mnist.x_test)
-    keras_probs = predict(load_keras_model(out), x_test)
-    tflite_probs = LiteRTClassifier(tflite_path).predict(x_test)
+    keras_probs = spec.apply(predict(load_keras_model(out), x_test))
+    tflite = LiteRTClassifier(tflite_path, spec=spec)
+    tflite_probs = tflite.predict(x_test)
     max_diff = verify_export(keras_probs, tflite_probs, mnist.y_test if request.quantize else None)
+    extra = {}
+    if settings.reject:
+        rej = tflite.predict(_held_out_rejects(mnist, settings.seed))
+        val_p = to_probabilities(outcome.val_outputs, logits=True)
+        val_t = to_probabilities(outcome.val_outputs, logits=True, temperature=temperature)
+        right = val_p.argmax(1) == outcome.val_labels
+        extra = {
+            "test_rejected_as_not_digit": float(np.mean(tflite_probs.argmax(1) == REJECT)),
+            "held_out_non_digits_refused": float(np.mean(rej.argmax(1) == REJECT)),
+            "validation_ece": {
+                "uncalibrated": expected_calibration_error(val_p.max(1), right),
+                "temperature": expected_calibration_error(val_t.max(1), right),
+            },
+        }
 
     card = {
         "name": "digitwatch digits",
         "architecture": (
             f"{settings.members} x BN-CNN (width {settings.width}) averaged"
-            if settings.arch == "cnn" else "MLP 128-128-10"
+            if settings.arch == "cnn" else f"MLP 128-128-{settings.classes}"
         ),
         "arch": settings.arch,
         "members": settings.members,
         "parameters": int(outcome.model.count_params()),
         "input": "float32 (N, 28, 28, 1) in [0, 1], ink high, MNIST-normalized",
-        "output": "float32 (N, 10) class probabilities",
+        "output": (
+            f"float32 (N, {settings.classes}) logits (averaged over members); serving applies "
+            f"softmax(logits / temperature); class {REJECT} = not a digit"
+            if logits else "float32 (N, 10) class probabilities"
+        ),
+        "classes": settings.classes,
+        "outputs": "logits" if logits else "probabilities",
+        "temperature": temperature,
+        "synthetic": (
+            {"non_digits": settings.synthetic_rejects, "font_digits": settings.font_digits,
+             "renormalized_digits": settings.renormalized}
+            if settings.reject else None
+        ),
         "command": request.command,
         "epochs": settings.epochs,
         "seed": settings.seed,
@@ -467,6 +572,7 @@ def run_training(request: TrainRequest) -> dict:
             f"{CALIBRATION_SIZE} training digits" if request.quantize else "none (float32)"
         ),
         "export_max_probability_difference": max_diff,
+        **extra,
         "training_wall_seconds": round(outcome.wall_seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "versions": library_versions(),

@@ -104,7 +104,7 @@ class TestEvaluate:
 
     def test_json_report(self, mnist_dir, tmp_path):
         r = run_cli("evaluate", "--data", str(mnist_dir), "--format", "json",
-                    "--report", str(tmp_path / "rep"))
+                    "--report", str(tmp_path / "rep"), "--numbers", "0", "--non-digits", "0")
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         assert report["count"] == 10000

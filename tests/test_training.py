@@ -17,10 +17,14 @@ pytestmark = pytest.mark.slow
 def small_run(mnist_dir, tmp_path_factory):
     from digitwatch.training import TrainRequest, run_training
 
+    # The 11-class recipe end to end, small: drawn non-digits, font digits,
+    # logits out, a temperature fitted on the validation split.
     out = tmp_path_factory.mktemp("train") / "small.keras"
+    # An MLP: a CNN this small and short leaves batch-norm statistics unsettled.
     card = run_training(TrainRequest(
-        data=mnist_dir, arch="cnn", epochs=1, members=2, width=8, out=out, seed=3,
-        limit=600, augment=True, command="digitwatch train (test)", quantize=False,
+        data=mnist_dir, arch="mlp", epochs=3, members=1, width=8, out=out, seed=3,
+        limit=5000, augment=False, command="digitwatch train (test)", quantize=False,
+        reject=True, synthetic_rejects=2000, font_digits=500,
     ))
     return out, card
 
@@ -40,21 +44,35 @@ def quantized_run(mnist_dir, tmp_path_factory):
 
 
 class TestTraining:
-    """A few hundred digits, one epoch: a loadable model and an agreeing export."""
+    """A few thousand digits, three epochs: a loadable 11-class model whose card tells the truth."""
 
-    def test_files_and_card(self, small_run):
+    def test_split_counts_the_synthetic_inputs(self, small_run):
+        _, card = small_run
+        # 4500 MNIST + 2000 drawn non-digits + 500 font digits; 500 + 250 to validate.
+        assert card["split"] == {"train": 7000, "validation": 750, "test": 10000}
+        assert card["classes"] == 11 and card["outputs"] == "logits"
+
+    def test_card_figures_are_what_the_loaded_model_measures(self, small_run, mnist):
+        from digitwatch.data import to_input
+        from digitwatch.model import load_classifier
+
         out, card = small_run
-        assert out.is_file() and out.with_suffix(".tflite").is_file()
-        written = json.loads(out.with_suffix(".json").read_text())
-        assert written == json.loads(json.dumps(card))
-        assert card["split"] == {"train": 540, "validation": 60, "test": 10000}
-        assert card["members"] == 2 and card["parameters"] > 0
-        from digitwatch.training import sha256_file
+        classifier = load_classifier(out.with_suffix(".tflite"))  # reads the card: logits, temperature
+        assert classifier.classes == 11
+        p = classifier.predict(to_input(mnist.x_test))
+        assert np.allclose(p.sum(1), 1.0, atol=1e-5)
+        assert float(np.mean(p.argmax(1) == mnist.y_test)) == pytest.approx(card["test_accuracy"]["tflite"])
+        assert float(np.mean(p.argmax(1) == 10)) == pytest.approx(card["test_rejected_as_not_digit"])
+        # Three short epochs already tell digits from drawn non-digits, mostly.
+        assert card["test_accuracy"]["tflite"] > 0.8 and card["held_out_non_digits_refused"] > 0.5
 
-        assert card["files"]["small.tflite"] == sha256_file(out.with_suffix(".tflite"))
-        assert card["export_max_probability_difference"] < 1e-4
+    def test_temperature_fitted_and_calibrates_validation(self, small_run):
+        _, card = small_run
+        assert card["temperature"] != 1.0
+        ece = card["validation_ece"]
+        assert ece["temperature"] <= ece["uncalibrated"]
 
-    def test_int8_export_is_smaller_and_verified(self, small_run, quantized_run):
+    def test_int8_export_is_smaller_and_verified(self, quantized_run):
         out, card = quantized_run
         assert card["tflite_quantization"].startswith("int8")
         assert card["test_accuracy"]["tflite"] >= card["test_accuracy"]["keras"] - 0.001
@@ -62,14 +80,16 @@ class TestTraining:
         # int8 weights: about a quarter of the float32 file.
         assert out.with_suffix(".tflite").stat().st_size < 0.4 * out.stat().st_size
 
-    def test_keras_and_litert_agree(self, small_run, mnist):
+    def test_keras_and_litert_loaders_agree(self, small_run, mnist):
+        # Both loaders read the card (logits, temperature) themselves; the
+        # export check in training compared raw outputs only.
         from digitwatch.data import to_input
-        from digitwatch.model import KerasClassifier, LiteRTClassifier
+        from digitwatch.model import load_classifier
 
         out, _ = small_run
         x = to_input(mnist.x_test[:200])
-        a = KerasClassifier(out).predict(x)
-        b = LiteRTClassifier(out.with_suffix(".tflite")).predict(x)
+        a = load_classifier(out).predict(x)
+        b = load_classifier(out.with_suffix(".tflite")).predict(x)
         assert np.abs(a - b).max() < 1e-4
         assert (a.argmax(1) == b.argmax(1)).all()
 
@@ -119,7 +139,7 @@ class TestTraining:
             verify_export(p, q, labels)
 
     def test_unsafe_formats_refused(self, tmp_path):
-        from digitwatch.training import load_keras_model
+        from digitwatch.model import load_keras_model
 
         (tmp_path / "m.h5").write_bytes(b"x")
         with pytest.raises(ModelError, match="only .keras"):
@@ -135,11 +155,15 @@ class TestShippedModel:
         card = json.loads((MODELS / "digits.json").read_text())
         for name, digest in card["files"].items():
             assert sha256_file(MODELS / name) == digest
-        assert card["test_accuracy"]["tflite"] >= 0.996
 
     def test_tflite_accuracy_on_mnist_test(self, mnist, classifier):
+        # Measured here through the loader (card temperature applied), against
+        # the bar and against what the card claims.
         from digitwatch.data import to_input
 
+        card = json.loads((MODELS / "digits.json").read_text())
         x = to_input(mnist.x_test)
         probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, 10000, 1000)])
-        assert float(np.mean(probs.argmax(1) == mnist.y_test)) >= 0.996
+        measured = float(np.mean(probs.argmax(1) == mnist.y_test))
+        assert measured >= 0.995
+        assert measured == pytest.approx(card["test_accuracy"]["tflite"], abs=1e-4)

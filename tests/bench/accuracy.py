@@ -21,13 +21,14 @@ import numpy as np
 from digitwatch.data import load_mnist
 from digitwatch.errors import ImageError
 from digitwatch.imaging import load_digit
-from digitwatch.model import load_classifier
+from digitwatch.model import REJECT, load_classifier
 from tests import scans
 from tests.conftest import MNIST_DIR
 
 
-def score(classifier, batch: list[scans.Scan]) -> tuple[int, int, int]:
-    """(correct, errors, total) for a list of scans."""
+def score(classifier, batch: list[scans.Scan]) -> tuple[int, int, int, int]:
+    """(correct, errors, total, refused) for a list of scans; with an 11-class
+    model a digit answered "not a digit" is refused, and not correct."""
 
     def prep(scan):
         try:
@@ -38,11 +39,12 @@ def score(classifier, batch: list[scans.Scan]) -> tuple[int, int, int]:
     with ThreadPoolExecutor(2) as pool:
         digits = list(pool.map(prep, batch))
     ok = [i for i, d in enumerate(digits) if d is not None]
-    correct = 0
+    correct = refused = 0
     if ok:
         probs = classifier.predict(np.stack([digits[i] for i in ok]))
         correct = int(sum(int(np.argmax(p)) == batch[i].label for p, i in zip(probs, ok, strict=True)))
-    return correct, len(batch) - len(ok), len(batch)
+        refused = int(np.sum(np.argmax(probs, axis=1) == REJECT))
+    return correct, len(batch) - len(ok), len(batch), refused
 
 
 def run(per_variation: int, model: Path | None, seed: int = 7) -> dict:
@@ -54,12 +56,14 @@ def run(per_variation: int, model: Path | None, seed: int = 7) -> dict:
     for variation in scans.VARIATIONS:
         idx = rng.choice(len(mnist.x_test), per_variation, replace=False)
         batch = list(scans.mnist_scans(mnist.x_test[idx], mnist.y_test[idx], variation, rng))
-        c, e, n = score(classifier, batch)
-        rows.append({"source": "mnist", "variation": variation, "correct": c, "errors": e, "total": n})
+        c, e, n, r = score(classifier, batch)
+        rows.append({"source": "mnist", "variation": variation, "correct": c, "errors": e, "total": n,
+                     "refused": r})
     for source in ("strokes", "font", "uci"):
         batch = list(scans.other_scans(per_variation * 2, source, rng))
-        c, e, n = score(classifier, batch)
-        rows.append({"source": source, "variation": "all", "correct": c, "errors": e, "total": n})
+        c, e, n, r = score(classifier, batch)
+        rows.append({"source": source, "variation": "all", "correct": c, "errors": e, "total": n,
+                     "refused": r})
     mn = [r for r in rows if r["source"] == "mnist"]
     other = [r for r in rows if r["source"] in ("strokes", "font")]
     summary = {
@@ -72,10 +76,11 @@ def run(per_variation: int, model: Path | None, seed: int = 7) -> dict:
 
 
 def format_rows(report: dict) -> str:
-    lines = ["| source | variation | accuracy | errors | n |", "|---|---|---|---|---|"]
+    lines = ["| source | variation | accuracy | errors | refused | n |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(
-            f"| {r['source']} | {r['variation']} | {r['correct'] / r['total']:.1%} | {r['errors']} | {r['total']} |"
+            f"| {r['source']} | {r['variation']} | {r['correct'] / r['total']:.1%} | {r['errors']} "
+            f"| {r['refused']} | {r['total']} |"
         )
     s = report["summary"]
     lines.append(f"\nMNIST scans overall: {s['mnist_scans']:.2%}; other writers (strokes+font): "
