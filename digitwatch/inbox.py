@@ -214,12 +214,12 @@ class _Handler(FileSystemEventHandler):
             return
         if isinstance(event, FileMovedEvent):
             if event.dest_path:  # empty when moved out of the inbox
-                self._out.put((Path(os.fsdecode(event.dest_path)), not self._polling))
+                self._report(Path(os.fsdecode(event.dest_path)), not self._polling)
         elif isinstance(event, FileClosedEvent):
-            self._out.put((Path(os.fsdecode(event.src_path)), True))
+            self._report(Path(os.fsdecode(event.src_path)), True)
         elif self._polling and isinstance(event, FileCreatedEvent | FileModifiedEvent):
             # Polling sees no close events: the file must settle first.
-            self._out.put((Path(os.fsdecode(event.src_path)), False))
+            self._report(Path(os.fsdecode(event.src_path)), False)
         elif isinstance(event, FileCreatedEvent):
             # Links, FIFOs and devices are never written and closed: refuse them
             # now rather than at the next rescan. Regular files wait for close.
@@ -229,7 +229,13 @@ class _Handler(FileSystemEventHandler):
             except OSError:
                 return
             if not regular:
-                self._out.put((path, True))
+                self._report(path, True)
+
+    def _report(self, path: Path, settled: bool) -> None:
+        """Queue a candidate, unless it lies in a hidden folder (our own claims
+        among them: every claim is a rename into .digitwatch) or outside."""
+        if self._inbox is None or relative_name(path, self._inbox) is not None:
+            self._out.put((path, settled))
 
     def _list_new_folder(self, folder: bytes | str) -> None:
         """Report what is already in a folder that just appeared. Listed files
