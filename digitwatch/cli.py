@@ -17,10 +17,10 @@ import numpy as np
 import typer
 
 from digitwatch import __version__
-from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 
 Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
 
@@ -149,7 +149,7 @@ def classify(
     ] = None,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
-    from digitwatch.batch import classify_paths
+    from digitwatch.classify_cmd import classify_paths
     from digitwatch.reading import constraints_for
 
     try:

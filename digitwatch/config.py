@@ -26,10 +26,10 @@ from typing import Any, get_type_hints
 import tomllib
 
 from digitwatch.claims import check_state_root
-from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
+from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 from digitwatch.reading import constraints_for
 
 ENV_PREFIX = "DIGITWATCH_"

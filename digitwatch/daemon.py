@@ -25,11 +25,11 @@ import cv2
 import structlog
 
 from digitwatch import claims, commit, inbox, logs, recovery, systemd
-from digitwatch.classify import Prepared, classify_batch
 from digitwatch.config import Settings
 from digitwatch.errors import ImageError
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
+from digitwatch.pipeline import Prepared, classify_batch
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile
 from digitwatch.workers import Limits, WorkerPool
 

@@ -13,8 +13,8 @@ from typing import TextIO
 import cv2
 import numpy as np
 
-from digitwatch.classify import Prepared, classify_batch, prepare_file
 from digitwatch.model import load_classifier
+from digitwatch.pipeline import Prepared, classify_batch, prepare_file
 from digitwatch.results import (
     CLASSIFY_COLUMNS,
     CLASSIFY_JSON,

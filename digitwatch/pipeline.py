@@ -1,6 +1,8 @@
-"""From a file on disk to a Result: read, hash, cut into candidate digits (in
-worker threads), then classify a batch at once and read each file's digits.
-Shared by `digitwatch classify` and the daemon.
+"""A file's path from disk to a Result: read, hash, cut into candidate digits
+(`prepare_file` -> Prepared), then classify a batch at once and read each
+file's digits (`classify_batch` -> Result). Shared by the `classify` command
+(classify_cmd.py, preparing in threads) and the daemon (preparing in the worker
+processes of workers.py / decoder.py, classifying in the loop process).
 """
 
 from __future__ import annotations
