@@ -28,6 +28,7 @@ import tomllib
 from digitwatch.claims import check_state_root
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.inbox import DEFAULT_PATTERNS
 from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
 from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 from digitwatch.reading import constraints_for
@@ -46,7 +47,7 @@ class Settings:
     results: Path = Path("var/results.csv")
     format: str = "csv"
     model: Path | None = None
-    patterns: tuple[str, ...] = ("*.png",)
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
     recursive: bool = False
     polling: bool = False
     poll_interval: float = 1.0
