@@ -23,6 +23,7 @@ from digitwatch.results import (
     Result,
     csv_header,
     csv_line,
+    display_name,
     json_line,
     table,
 )
@@ -65,9 +66,10 @@ def classify_paths(
 
     def prepare(item: tuple[Path, str | None]) -> Prepared:
         path, error = item
+        name = display_name(str(path))  # \xNN for bytes that are not UTF-8, as the daemon writes them
         if error is not None:
-            return Prepared(name=str(path), sha256="", started=time.perf_counter(), error=error)
-        return prepare_file(path, str(path), max_pixels=max_pixels)
+            return Prepared(name=name, sha256="", started=time.perf_counter(), error=error)
+        return prepare_file(path, name, max_pixels=max_pixels)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(items), BATCH):
