@@ -9,7 +9,7 @@ import math
 import os
 import shlex
 import sys
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -47,12 +47,12 @@ def _root(
     """Read handwritten digits off scans dropped into an inbox folder."""
 
 
-class Arch(str, Enum):
+class Arch(StrEnum):
     cnn = "cnn"
     mlp = "mlp"
 
 
-class ReportFormat(str, Enum):
+class ReportFormat(StrEnum):
     table = "table"
     json = "json"
 
@@ -111,7 +111,7 @@ def train(
     )
 
 
-class OutFormat(str, Enum):
+class OutFormat(StrEnum):
     table = "table"
     csv = "csv"
     jsonl = "jsonl"

@@ -18,12 +18,11 @@ import os
 import secrets
 import socket
 import stat
+import tomllib
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_type_hints
-
-import tomllib
 
 from digitwatch.claims import check_state_root
 from digitwatch.errors import ConfigError, reason

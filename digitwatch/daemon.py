@@ -57,7 +57,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
