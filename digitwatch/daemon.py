@@ -44,11 +44,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas before any thread starts.
 
     Each thread that allocates may get its own arena (up to 8 per core), and
-    the decoder's megabyte buffers, freed in one arena and needed in another,
-    left RSS creeping up in ~2 MB steps over a 100,000-file soak (163 -> 173
-    MB). With 2 arenas a 100,000-file soak plateaued at 114-119 MB from the
-    6,000th file on. Same as MALLOC_ARENA_MAX=2, but it also holds under
-    `make run` and any other launcher. No-op off glibc."""
+    megabyte buffers freed in one arena and needed in another make RSS creep
+    over a long run (figures in the CHANGELOG). Same as MALLOC_ARENA_MAX=2, but
+    it also holds under `make run` and any other launcher. No-op off glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
@@ -163,7 +161,7 @@ class Daemon:
     def run(self, *, once: bool = False) -> int:
         limit_malloc_arenas()
         # The workers are the parallelism: OpenCV's own thread pool on top of
-        # them only adds contention (measured: 2000 files 7.0 -> 6.0 s).
+        # them only adds contention.
         cv2.setNumThreads(1)
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
