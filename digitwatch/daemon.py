@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import structlog
@@ -132,8 +131,8 @@ class Daemon:
         self.instance = settings.instance_name()
         self.inbox = settings.inbox.resolve()
         self.events = WakeQueue()
-        self.settler = inbox.Settler(settings.settle_seconds)
-        self.ready: dict[Path, None] = {}  # insertion-ordered set
+        self.intake = inbox.Intake(self.inbox, recursive=settings.recursive, patterns=settings.patterns,
+                                   settle_seconds=settings.settle_seconds)
         self.in_flight: dict[bytes, claims.Claim] = {}  # token -> claim, in a worker process
         self.done: list[tuple[claims.Claim, Prepared]] = []
         self.oldest_done = 0.0
@@ -275,7 +274,7 @@ class Daemon:
                 inbox_ok = self._check_inbox(watching=not once)
                 if once and not inbox_ok:
                     return
-                self._check_settling()
+                self.intake.check_settling()
             if now >= next_rescan and inbox_ok:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
@@ -291,26 +290,26 @@ class Daemon:
     def _wait_time(self) -> float:
         """How long the loop may sleep. Workers wake it early through the event
         queue when a file is prepared, so it never spins on futures."""
-        if self.ready and not self._held_up() and self._has_capacity():
+        if self.intake.ready and not self._held_up() and self._has_capacity():
             return 0.0
         if self.done:
             age_ms = (time.monotonic() - self.oldest_done) * 1000
             return max(0.0, (self.s.batch_wait_ms - age_ms) / 1000)
         if self.in_flight:
             return 0.1
-        if self.settler.waiting():
+        if self.intake.settler.waiting():
             return SETTLE_CHECK_SECONDS
         return 0.25
 
     def _queued(self) -> int:
-        return len(self.ready) + len(self.in_flight) + len(self.done)
+        return len(self.intake.ready) + len(self.in_flight) + len(self.done)
 
     def _has_capacity(self) -> bool:
         return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
 
     def _idle(self) -> bool:
-        return not (self.ready or self.in_flight or self.done or self.parked
-                    or self.settler.waiting() or not self.events.empty())
+        return not (self.intake.ready or self.in_flight or self.done or self.parked
+                    or self.intake.settler.waiting() or not self.events.empty())
 
     def _held_up(self) -> bool:
         """Too many files waiting on a broken destination: stop claiming more
@@ -321,63 +320,27 @@ class Daemon:
         c = self.counters
         return systemd.status_text(
             ok=c.ok, low_confidence=c.low_confidence, error=c.error, in_flight=len(self.in_flight),
-            waiting=len(self.ready), blocked=sum(len(p.items) for p in self.parked),
+            waiting=len(self.intake.ready), blocked=sum(len(p.items) for p in self.parked),
             blocked_reason=self.parked[-1].error if self.parked else "")
 
     # ------------------------------------------------------------ intake
-
-    def _accept(self, path: Path) -> bool:
-        rel = inbox.relative_name(path, self.inbox)
-        if rel is None or (not self.s.recursive and "/" in rel):
-            return False
-        return inbox.ignored_reason(path.name, self.s.patterns) is None
 
     def _take_events(self, timeout: float) -> None:
         if timeout > 0:
             logs.flush()  # about to sleep: let the events so far out
         self.events.sleep(timeout)
-        try:
-            path, settled = self.events.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if path is None:  # a worker finished a file: just a wake-up
-                pass
-            elif self._accept(path := Path(os.path.abspath(path))):
-                if settled:
-                    self.settler.forget(path)
-                    self.ready[path] = None
-                elif self.settler.ready(path):
-                    self.ready[path] = None
-            try:
-                path, settled = self.events.get_nowait()
-            except queue.Empty:
-                return
-
-    def _check_settling(self) -> None:
-        for path in self.settler.waiting():
-            verdict = self.settler.ready(path)
-            if verdict:
-                self.ready[path] = None
+        self.intake.take_events(self.events)
 
     def _rescan(self) -> None:
         """Backlog at start and a periodic sweep: inotify drops events on overflow."""
-        backlog = 0
-        for path in inbox.list_inbox(self.inbox, self.s.recursive):
-            if self._accept(path):
-                backlog += 1
-                if path not in self.ready and self.settler.ready(path):
-                    self.ready[path] = None
+        backlog = self.intake.rescan()
         self.metrics.depth(self._queued(), backlog)
 
     def _claim_ready(self) -> None:
-        while self.ready and self._has_capacity():
-            path = next(iter(self.ready))
-            del self.ready[path]
-            rel = inbox.relative_name(path, self.inbox)
-            if rel is None:
-                continue
-            self._submit(self.workspace.reserve(rel))
+        while self.intake.ready and self._has_capacity():
+            rel = self.intake.pop()
+            if rel is not None:
+                self._submit(self.workspace.reserve(rel))
 
     def _submit(self, claim: claims.Claim, take: bool = True) -> None:
         """Take the file (unless already ours) and hand a worker process a
@@ -429,7 +392,7 @@ class Daemon:
         if (time.monotonic() - self.oldest_done) * 1000 >= self.s.batch_wait_ms:
             return True
         # Nothing else is coming soon: do not make the batch in hand wait.
-        return not self.in_flight and not self.ready
+        return not self.in_flight and not self.intake.ready
 
     # ------------------------------------------------------------ commit
 
@@ -450,7 +413,7 @@ class Daemon:
         self.metrics.batch_done(len(items))
         self.metrics.depth(self._queued())
         log.info("batch_classified", size=len(items), ms=round((time.perf_counter() - started) * 1000, 2),
-                 queued=len(self.ready) + len(self.in_flight))
+                 queued=len(self.intake.ready) + len(self.in_flight))
 
     def _destination(self, result: Result) -> str:
         if result.status == STATUS_ERROR:
@@ -545,7 +508,7 @@ class Daemon:
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
         deadline = time.monotonic() + self.s.stop_timeout
-        self.ready.clear()
+        self.intake.ready.clear()
         while (self.in_flight or self.done or self.parked) and time.monotonic() < deadline:
             if self.parked and not (self.in_flight or self.done):
                 self._retry_parked(time.monotonic())
