@@ -1,8 +1,9 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
 process (`workers`), classified in a batch, its result line written and synced,
 and the file put away. Trusted state and claiming live in `claims`, the commit
-protocol in `commit`, finishing dead instances' work in `recovery`; this
-module is the order of events, batching, back-off and signals.
+protocol and its retries with back-off in `commit` (Outbox), what is ready to
+claim in `inbox` (Intake), finishing dead instances' work in `recovery`; this
+module is the order of events, batching and signals.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import datetime as dt
 import gc
 import os
 import queue
@@ -18,7 +18,7 @@ import select
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import structlog
@@ -34,7 +34,6 @@ from digitwatch.workers import Limits, WorkerPool
 
 log = structlog.get_logger("digitwatch")
 
-MAX_BACKOFF = 30.0
 M_ARENA_MAX = -8  # glibc <malloc.h>
 SETTLE_CHECK_SECONDS = 0.2
 
@@ -51,24 +50,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-@dataclass
-class _Pending:
-    """Files whose commit could not finish (a destination or the results file
-    refused): still claimed, journaled unless `journal` is None; retried with back-off."""
-
-    folder: claims.Folder
-    items: list[tuple[claims.Claim, Result, str]]
-    intents: list[commit.Intent] = field(default_factory=list)
-    journal: str | None = None
-    attempts: int = 0
-    retry_at: float = 0.0
-    error: str = ""  # why the last attempt failed, for STATUS=
 
 
 class _Flag:
@@ -136,7 +117,6 @@ class Daemon:
         self.in_flight: dict[bytes, claims.Claim] = {}  # token -> claim, in a worker process
         self.done: list[tuple[claims.Claim, Prepared]] = []
         self.oldest_done = 0.0
-        self.parked: list[_Pending] = []
         self.stopping = _Flag()
         self._hups = self._hups_seen = 0  # a counter: a HUP during a clear is never lost
         self.counters = Counters()
@@ -145,6 +125,7 @@ class Daemon:
         if settings.review is not None:
             roots["review"] = settings.review
         self.committer = commit.Committer(roots, self.results, settings.results, settings.format)
+        self.outbox = commit.Outbox(self.committer, self.instance, on_done=self._count)
         self.workspace: claims.Workspace | None = None
         self._retired: list[claims.Workspace] = []
         self.pool: WorkerPool | None = None
@@ -267,7 +248,7 @@ class Daemon:
                 self._hups_seen = self._hups
                 self.results.reopen()
                 log.info("results_reopened", path=str(self.s.results))
-            self._retry_parked(now)
+            self.outbox.retry_due(now)
             self._take_events(timeout=self._wait_time())
             if now >= next_settle:
                 next_settle = now + SETTLE_CHECK_SECONDS
@@ -308,20 +289,20 @@ class Daemon:
         return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
 
     def _idle(self) -> bool:
-        return not (self.intake.ready or self.in_flight or self.done or self.parked
+        return not (self.intake.ready or self.in_flight or self.done or self.outbox.parked
                     or self.intake.settler.waiting() or not self.events.empty())
 
     def _held_up(self) -> bool:
         """Too many files waiting on a broken destination: stop claiming more
         (they are safer in the inbox). Below the cap, other files go on."""
-        return sum(len(p.items) for p in self.parked) >= 2 * self.s.batch_size
+        return self.outbox.blocked() >= 2 * self.s.batch_size
 
     def _status(self) -> str:
         c = self.counters
         return systemd.status_text(
             ok=c.ok, low_confidence=c.low_confidence, error=c.error, in_flight=len(self.in_flight),
-            waiting=len(self.intake.ready), blocked=sum(len(p.items) for p in self.parked),
-            blocked_reason=self.parked[-1].error if self.parked else "")
+            waiting=len(self.intake.ready), blocked=self.outbox.blocked(),
+            blocked_reason=self.outbox.parked[-1].error if self.outbox.parked else "")
 
     # ------------------------------------------------------------ intake
 
@@ -409,7 +390,7 @@ class Daemon:
         for item in items:
             by_folder.setdefault(item[0].folder, []).append(item)
         for folder, its in by_folder.items():
-            self._commit(_Pending(folder, its))
+            self.outbox.commit(folder, its)
         self.metrics.batch_done(len(items))
         self.metrics.depth(self._queued())
         log.info("batch_classified", size=len(items), ms=round((time.perf_counter() - started) * 1000, 2),
@@ -421,51 +402,6 @@ class Daemon:
         if result.status == STATUS_LOW and self.s.review is not None:
             return "review"
         return "processed"
-
-    def _commit(self, pending: _Pending) -> None:
-        """Journal (once), then place, report and release what can be; the rest
-        is parked with back-off. Never raises for one file's trouble."""
-        if pending.journal is None:
-            try:
-                pending.intents = self.committer.plan(pending.items, utc_now(), self.instance)
-                name = pending.folder.journal_name()
-                self.committer.journal(pending.folder, name, pending.intents)
-                pending.journal = name
-            except OSError as exc:
-                if pending.folder.deleted():
-                    # Deleted under us (the inbox removed with our claims in it):
-                    # nothing left to place or report.
-                    for _claim, result, _ in pending.items:
-                        log.error("claim_vanished", file=result.file)
-                    return
-                self._park(pending, f"journal: {exc}")
-                return
-        out = self.committer.run(pending.folder, pending.journal, pending.intents, dedupe=pending.attempts > 0)
-        for intent in out.done:
-            self._count(intent.result)
-        if pending.attempts == 0:
-            for intent in out.gone:
-                log.error("claim_vanished", file=intent.result.file)
-        if out.parked:
-            pending.intents = out.parked
-            pending.items = [(i.claim, i.result, i.dest) for i in out.parked]
-            self._park(pending, out.error)
-
-    def _park(self, pending: _Pending, error: str) -> None:
-        pending.attempts += 1
-        pending.error = error
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** (pending.attempts - 1))
-        pending.retry_at = time.monotonic() + delay
-        self.parked.append(pending)
-        log.error("commit_failed", error=error, files=len(pending.items), retry_in_s=delay,
-                  attempt=pending.attempts)
-
-    def _retry_parked(self, now: float) -> None:
-        due = [p for p in self.parked if now >= p.retry_at]
-        if due:
-            self.parked = [p for p in self.parked if now < p.retry_at]
-            for pending in due:
-                self._commit(pending)
 
     def _count(self, r: Result) -> None:
         self.metrics.file_done(r.status, r.latency_ms)
@@ -509,9 +445,9 @@ class Daemon:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
         deadline = time.monotonic() + self.s.stop_timeout
         self.intake.ready.clear()
-        while (self.in_flight or self.done or self.parked) and time.monotonic() < deadline:
-            if self.parked and not (self.in_flight or self.done):
-                self._retry_parked(time.monotonic())
+        while (self.in_flight or self.done or self.outbox.parked) and time.monotonic() < deadline:
+            if self.outbox.parked and not (self.in_flight or self.done):
+                self.outbox.retry_due(time.monotonic())
                 time.sleep(0.05)
                 continue
             self._collect()
