@@ -9,7 +9,7 @@ import math
 import os
 import shlex
 import sys
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,10 +17,10 @@ import numpy as np
 import typer
 
 from digitwatch import __version__
-from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 
 Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
 
@@ -47,12 +47,12 @@ def _root(
     """Read handwritten digits off scans dropped into an inbox folder."""
 
 
-class Arch(str, Enum):
+class Arch(StrEnum):
     cnn = "cnn"
     mlp = "mlp"
 
 
-class ReportFormat(str, Enum):
+class ReportFormat(StrEnum):
     table = "table"
     json = "json"
 
@@ -124,7 +124,7 @@ def train(
     )
 
 
-class OutFormat(str, Enum):
+class OutFormat(StrEnum):
     table = "table"
     csv = "csv"
     jsonl = "jsonl"
@@ -162,7 +162,7 @@ def classify(
     ] = None,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
-    from digitwatch.batch import classify_paths
+    from digitwatch.classify_cmd import classify_paths
     from digitwatch.reading import constraints_for
 
     try:

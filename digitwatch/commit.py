@@ -38,6 +38,8 @@ import json
 import os
 import re
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +59,7 @@ TMP = re.compile(rb"\.dw-[0-9a-f]{1,40}-\d{8}\.tmp")
 ERRORS_DIR = b".errors"
 TAIL_BYTES = 16 * 1024 * 1024
 # Linking refused for a reason that copying gets around.
+MAX_BACKOFF = 30.0  # seconds between retries of a parked batch, at most
 COPY_INSTEAD = (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
@@ -471,3 +474,88 @@ class Committer:
             return
         if step:
             checkpoint("released")
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before retrying a commit that failed `attempt` times
+    (1-based): 0.5, 1, 2, 4, ... up to MAX_BACKOFF. The exponent is capped
+    too: a destination broken all night reaches attempt 1026 in about 8.5
+    hours, and 0.5 * 2**1025 does not fit a float (OverflowError)."""
+    return min(MAX_BACKOFF, 0.5 * 2.0 ** min(max(attempt, 1) - 1, 16))
+
+
+@dataclass
+class Pending:
+    """Files whose commit could not finish (a destination or the results file
+    refused): still claimed, journaled unless `journal` is None; retried with back-off."""
+
+    folder: Folder
+    items: list[tuple[Claim, Result, str]]
+    intents: list[Intent] = field(default_factory=list)
+    journal: str | None = None
+    attempts: int = 0
+    retry_at: float = 0.0  # time.monotonic()
+    error: str = ""  # why the last attempt failed, for STATUS=
+
+
+class Outbox:
+    """The loop process's side of committing: each batch is journaled once,
+    then placed, reported and released as far as it can be; what cannot finish
+    is parked and retried with back-off (0.5 s doubling to MAX_BACKOFF). Never
+    raises for one file's trouble. `on_done` gets each result once it is reported."""
+
+    def __init__(self, committer: Committer, instance: str, on_done: Callable[[Result], None]) -> None:
+        self.committer = committer
+        self.instance = instance
+        self.on_done = on_done
+        self.parked: list[Pending] = []
+
+    def blocked(self) -> int:
+        """How many files wait on a parked batch."""
+        return sum(len(p.items) for p in self.parked)
+
+    def commit(self, folder: Folder, items: list[tuple[Claim, Result, str]]) -> None:
+        self._commit(Pending(folder, items))
+
+    def retry_due(self, now: float) -> None:
+        due = [p for p in self.parked if now >= p.retry_at]
+        if due:
+            self.parked = [p for p in self.parked if now < p.retry_at]
+            for pending in due:
+                self._commit(pending)
+
+    def _commit(self, pending: Pending) -> None:
+        if pending.journal is None:
+            try:
+                pending.intents = self.committer.plan(pending.items, dt.datetime.now(dt.UTC), self.instance)
+                name = pending.folder.journal_name()
+                self.committer.journal(pending.folder, name, pending.intents)
+                pending.journal = name
+            except OSError as exc:
+                if pending.folder.deleted():
+                    # Deleted under us (the inbox removed with our claims in it):
+                    # nothing left to place or report.
+                    for _claim, result, _ in pending.items:
+                        log.error("claim_vanished", file=result.file)
+                    return
+                self._park(pending, f"journal: {exc}")
+                return
+        out = self.committer.run(pending.folder, pending.journal, pending.intents, dedupe=pending.attempts > 0)
+        for intent in out.done:
+            self.on_done(intent.result)
+        if pending.attempts == 0:
+            for intent in out.gone:
+                log.error("claim_vanished", file=intent.result.file)
+        if out.parked:
+            pending.intents = out.parked
+            pending.items = [(i.claim, i.result, i.dest) for i in out.parked]
+            self._park(pending, out.error)
+
+    def _park(self, pending: Pending, error: str) -> None:
+        pending.attempts += 1
+        pending.error = error
+        delay = backoff_delay(pending.attempts)
+        pending.retry_at = time.monotonic() + delay
+        self.parked.append(pending)
+        log.error("commit_failed", error=error, files=len(pending.items), retry_in_s=delay,
+                  attempt=pending.attempts)

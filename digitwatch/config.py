@@ -18,18 +18,18 @@ import os
 import secrets
 import socket
 import stat
+import tomllib
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import tomllib
-
 from digitwatch.claims import check_state_root
-from digitwatch.classify import DEFAULT_LOW_CONFIDENCE
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.inbox import DEFAULT_PATTERNS
 from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
+from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 from digitwatch.reading import constraints_for
 
 ENV_PREFIX = "DIGITWATCH_"
@@ -46,7 +46,7 @@ class Settings:
     results: Path = Path("var/results.csv")
     format: str = "csv"
     model: Path | None = None
-    patterns: tuple[str, ...] = ("*.png",)
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
     recursive: bool = False
     polling: bool = False
     poll_interval: float = 1.0

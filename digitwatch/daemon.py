@@ -1,8 +1,9 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
 process (`workers`), classified in a batch, its result line written and synced,
 and the file put away. Trusted state and claiming live in `claims`, the commit
-protocol in `commit`, finishing dead instances' work in `recovery`; this
-module is the order of events, batching, back-off and signals.
+protocol and its retries with back-off in `commit` (Outbox), what is ready to
+claim in `inbox` (Intake), finishing dead instances' work in `recovery`; this
+module is the order of events, batching and signals.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import datetime as dt
 import gc
 import os
 import queue
@@ -18,24 +18,22 @@ import select
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import cv2
 import structlog
 
 from digitwatch import claims, commit, inbox, logs, recovery, systemd
-from digitwatch.classify import Prepared, classify_batch
 from digitwatch.config import Settings
 from digitwatch.errors import ImageError
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
+from digitwatch.pipeline import Prepared, classify_batch
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile
 from digitwatch.workers import Limits, WorkerPool
 
 log = structlog.get_logger("digitwatch")
 
-MAX_BACKOFF = 30.0
 M_ARENA_MAX = -8  # glibc <malloc.h>
 SETTLE_CHECK_SECONDS = 0.2
 
@@ -44,42 +42,14 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas before any thread starts.
 
     Each thread that allocates may get its own arena (up to 8 per core), and
-    the decoder's megabyte buffers, freed in one arena and needed in another,
-    left RSS creeping up in ~2 MB steps over a 100,000-file soak (163 -> 173
-    MB). With 2 arenas a 100,000-file soak plateaued at 114-119 MB from the
-    6,000th file on. Same as MALLOC_ARENA_MAX=2, but it also holds under
-    `make run` and any other launcher. No-op off glibc."""
+    megabyte buffers freed in one arena and needed in another make RSS creep
+    over a long run (figures in the CHANGELOG). Same as MALLOC_ARENA_MAX=2, but
+    it also holds under `make run` and any other launcher. No-op off glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
-
-
-def backoff_delay(attempt: int) -> float:
-    """Seconds to wait before retrying a commit that failed `attempt` times
-    (1-based): 0.5, 1, 2, 4, ... up to MAX_BACKOFF. The exponent is capped
-    too: a destination broken all night reaches attempt 1026 in about 8.5
-    hours, and 0.5 * 2**1025 does not fit a float (OverflowError)."""
-    return min(MAX_BACKOFF, 0.5 * 2.0 ** min(max(attempt, 1) - 1, 16))
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-@dataclass
-class _Pending:
-    """Files whose commit could not finish (a destination or the results file
-    refused): still claimed, journaled unless `journal` is None; retried with back-off."""
-
-    folder: claims.Folder
-    items: list[tuple[claims.Claim, Result, str]]
-    intents: list[commit.Intent] = field(default_factory=list)
-    journal: str | None = None
-    attempts: int = 0
-    retry_at: float = 0.0
-    error: str = ""  # why the last attempt failed, for STATUS=
 
 
 class _Flag:
@@ -142,12 +112,11 @@ class Daemon:
         self.instance = settings.instance_name()
         self.inbox = settings.inbox.resolve()
         self.events = WakeQueue()
-        self.settler = inbox.Settler(settings.settle_seconds)
-        self.ready: dict[Path, None] = {}  # insertion-ordered set
+        self.intake = inbox.Intake(self.inbox, recursive=settings.recursive, patterns=settings.patterns,
+                                   settle_seconds=settings.settle_seconds)
         self.in_flight: dict[bytes, claims.Claim] = {}  # token -> claim, in a worker process
         self.done: list[tuple[claims.Claim, Prepared]] = []
         self.oldest_done = 0.0
-        self.parked: list[_Pending] = []
         self.stopping = _Flag()
         self._hups = self._hups_seen = 0  # a counter: a HUP during a clear is never lost
         self.counters = Counters()
@@ -156,6 +125,7 @@ class Daemon:
         if settings.review is not None:
             roots["review"] = settings.review
         self.committer = commit.Committer(roots, self.results, settings.results, settings.format)
+        self.outbox = commit.Outbox(self.committer, self.instance, on_done=self._count)
         self.workspace: claims.Workspace | None = None
         self._retired: list[claims.Workspace] = []
         self.pool: WorkerPool | None = None
@@ -171,7 +141,7 @@ class Daemon:
     def run(self, *, once: bool = False) -> int:
         limit_malloc_arenas()
         # The workers are the parallelism: OpenCV's own thread pool on top of
-        # them only adds contention (measured: 2000 files 7.0 -> 6.0 s).
+        # them only adds contention.
         cv2.setNumThreads(1)
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
@@ -278,14 +248,14 @@ class Daemon:
                 self._hups_seen = self._hups
                 self.results.reopen()
                 log.info("results_reopened", path=str(self.s.results))
-            self._retry_parked(now)
+            self.outbox.retry_due(now)
             self._take_events(timeout=self._wait_time())
             if now >= next_settle:
                 next_settle = now + SETTLE_CHECK_SECONDS
                 inbox_ok = self._check_inbox(watching=not once)
                 if once and not inbox_ok:
                     return
-                self._check_settling()
+                self.intake.check_settling()
             if now >= next_rescan and inbox_ok:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
@@ -301,96 +271,60 @@ class Daemon:
     def _wait_time(self) -> float:
         """How long the loop may sleep. Workers wake it early through the event
         queue when a file is prepared, so it never spins on futures."""
-        if self.ready and not self._held_up() and self._has_capacity():
+        if self.intake.ready and not self._held_up() and self._has_capacity():
             return 0.0
         if self.done:
             age_ms = (time.monotonic() - self.oldest_done) * 1000
             return max(0.0, (self.s.batch_wait_ms - age_ms) / 1000)
         if self.in_flight:
             return 0.1
-        if self.settler.waiting():
+        if self.intake.settler.waiting():
             return SETTLE_CHECK_SECONDS
         return 0.25
 
     def _queued(self) -> int:
-        return len(self.ready) + len(self.in_flight) + len(self.done)
+        return len(self.intake.ready) + len(self.in_flight) + len(self.done)
 
     def _has_capacity(self) -> bool:
         return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
 
     def _idle(self) -> bool:
-        return not (self.ready or self.in_flight or self.done or self.parked
-                    or self.settler.waiting() or not self.events.empty())
+        return not (self.intake.ready or self.in_flight or self.done or self.outbox.parked
+                    or self.intake.settler.waiting() or not self.events.empty())
 
     def _held_up(self) -> bool:
         """Too many files waiting on a broken destination: stop claiming more
         (they are safer in the inbox). Below the cap, other files go on."""
-        return sum(len(p.items) for p in self.parked) >= 2 * self.s.batch_size
+        return self.outbox.blocked() >= 2 * self.s.batch_size
 
     def _status(self) -> str:
         c = self.counters
         return systemd.status_text(
             ok=c.ok, low_confidence=c.low_confidence, error=c.error, in_flight=len(self.in_flight),
-            waiting=len(self.ready), blocked=sum(len(p.items) for p in self.parked),
-            blocked_reason=self.parked[-1].error if self.parked else "")
+            waiting=len(self.intake.ready), blocked=self.outbox.blocked(),
+            blocked_reason=self.outbox.parked[-1].error if self.outbox.parked else "")
 
     # ------------------------------------------------------------ intake
-
-    def _accept(self, path: Path) -> bool:
-        rel = inbox.relative_name(path, self.inbox)
-        if rel is None or (not self.s.recursive and "/" in rel):
-            return False
-        return inbox.ignored_reason(path.name, self.s.patterns) is None
 
     def _take_events(self, timeout: float) -> None:
         if timeout > 0:
             logs.flush()  # about to sleep: let the events so far out
         self.events.sleep(timeout)
-        try:
-            path, settled = self.events.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if path is None:  # a worker finished a file: just a wake-up
-                pass
-            elif self._accept(path := Path(os.path.abspath(path))):
-                if settled:
-                    self.settler.forget(path)
-                    self.ready[path] = None
-                elif self.settler.ready(path):
-                    self.ready[path] = None
-            try:
-                path, settled = self.events.get_nowait()
-            except queue.Empty:
-                return
-
-    def _check_settling(self) -> None:
-        for path in self.settler.waiting():
-            verdict = self.settler.ready(path)
-            if verdict:
-                self.ready[path] = None
+        self.intake.take_events(self.events)
 
     def _rescan(self) -> None:
         """Backlog at start and a periodic sweep: inotify drops events on overflow."""
-        backlog = 0
-        for path in inbox.list_inbox(self.inbox, self.s.recursive):
-            if self._accept(path):
-                backlog += 1
-                if path not in self.ready and self.settler.ready(path):
-                    self.ready[path] = None
+        backlog = self.intake.rescan()
         self.metrics.depth(self._queued(), backlog)
         # One line per sweep (every rescan_seconds): `found` above 0 in a quiet
         # inbox means events were missed, and tests wait on it instead of sleeping.
         log.info("inbox_rescanned", found=backlog)
 
     def _claim_ready(self) -> None:
-        while self.ready and self._has_capacity():
-            path = next(iter(self.ready))
-            del self.ready[path]
-            rel = inbox.relative_name(path, self.inbox)
-            if rel is None:
-                continue
-            self._submit(self.workspace.reserve(rel))
+        while self.intake.ready and self._has_capacity():
+            rel = self.intake.pop()
+            if rel is not None:
+                self._submit(self.workspace.reserve(rel))
 
     def _submit(self, claim: claims.Claim, take: bool = True) -> None:
         """Take the file (unless already ours) and hand a worker process a
@@ -442,7 +376,7 @@ class Daemon:
         if (time.monotonic() - self.oldest_done) * 1000 >= self.s.batch_wait_ms:
             return True
         # Nothing else is coming soon: do not make the batch in hand wait.
-        return not self.in_flight and not self.ready
+        return not self.in_flight and not self.intake.ready
 
     # ------------------------------------------------------------ commit
 
@@ -459,11 +393,11 @@ class Daemon:
         for item in items:
             by_folder.setdefault(item[0].folder, []).append(item)
         for folder, its in by_folder.items():
-            self._commit(_Pending(folder, its))
+            self.outbox.commit(folder, its)
         self.metrics.batch_done(len(items))
         self.metrics.depth(self._queued())
         log.info("batch_classified", size=len(items), ms=round((time.perf_counter() - started) * 1000, 2),
-                 queued=len(self.ready) + len(self.in_flight))
+                 queued=len(self.intake.ready) + len(self.in_flight))
 
     def _destination(self, result: Result) -> str:
         if result.status == STATUS_ERROR:
@@ -471,51 +405,6 @@ class Daemon:
         if result.status == STATUS_LOW and self.s.review is not None:
             return "review"
         return "processed"
-
-    def _commit(self, pending: _Pending) -> None:
-        """Journal (once), then place, report and release what can be; the rest
-        is parked with back-off. Never raises for one file's trouble."""
-        if pending.journal is None:
-            try:
-                pending.intents = self.committer.plan(pending.items, utc_now(), self.instance)
-                name = pending.folder.journal_name()
-                self.committer.journal(pending.folder, name, pending.intents)
-                pending.journal = name
-            except OSError as exc:
-                if pending.folder.deleted():
-                    # Deleted under us (the inbox removed with our claims in it):
-                    # nothing left to place or report.
-                    for _claim, result, _ in pending.items:
-                        log.error("claim_vanished", file=result.file)
-                    return
-                self._park(pending, f"journal: {exc}")
-                return
-        out = self.committer.run(pending.folder, pending.journal, pending.intents, dedupe=pending.attempts > 0)
-        for intent in out.done:
-            self._count(intent.result)
-        if pending.attempts == 0:
-            for intent in out.gone:
-                log.error("claim_vanished", file=intent.result.file)
-        if out.parked:
-            pending.intents = out.parked
-            pending.items = [(i.claim, i.result, i.dest) for i in out.parked]
-            self._park(pending, out.error)
-
-    def _park(self, pending: _Pending, error: str) -> None:
-        pending.attempts += 1
-        pending.error = error
-        delay = backoff_delay(pending.attempts)
-        pending.retry_at = time.monotonic() + delay
-        self.parked.append(pending)
-        log.error("commit_failed", error=error, files=len(pending.items), retry_in_s=delay,
-                  attempt=pending.attempts)
-
-    def _retry_parked(self, now: float) -> None:
-        due = [p for p in self.parked if now >= p.retry_at]
-        if due:
-            self.parked = [p for p in self.parked if now < p.retry_at]
-            for pending in due:
-                self._commit(pending)
 
     def _count(self, r: Result) -> None:
         self.metrics.file_done(r.status, r.latency_ms)
@@ -558,10 +447,10 @@ class Daemon:
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
         deadline = time.monotonic() + self.s.stop_timeout
-        self.ready.clear()
-        while (self.in_flight or self.done or self.parked) and time.monotonic() < deadline:
-            if self.parked and not (self.in_flight or self.done):
-                self._retry_parked(time.monotonic())
+        self.intake.ready.clear()
+        while (self.in_flight or self.done or self.outbox.parked) and time.monotonic() < deadline:
+            if self.outbox.parked and not (self.in_flight or self.done):
+                self.outbox.retry_due(time.monotonic())
                 time.sleep(0.05)
                 continue
             self._collect()

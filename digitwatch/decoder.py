@@ -25,9 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from digitwatch.classify import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file
 from digitwatch.errors import ImageError, RefusedError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
+from digitwatch.pipeline import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file
 
 DEFAULT_TIME_LIMIT = 10.0  # seconds one file may take in a worker
 # Address space a worker may map beyond what it has when warm. A 40 Mpx RGB16

@@ -50,6 +50,9 @@ DEFAULT_MAX_DECODED_BYTES = 200_000_000
 _PEAK_BYTES_PER_PIXEL = {(1, False): 2.5, (1, True): 6.5, (3, False): 6.5, (3, True): 23.0,
                          (4, False): 37.0, (4, True): 41.0}
 _COLOR_NAMES = {0: "gray", 2: "RGB", 3: "palette", 4: "gray+alpha", 6: "RGBA"}
+# The model's input contract, stated here once: a digit is SIDE x SIDE float32
+# in [0, 1], ink high, MNIST-normalized (its longer side BOX, centre of mass at
+# COM_CENTRE); a batch is (N, SIDE, SIDE).
 SIDE = 28
 BOX = 20  # MNIST: the digit's longer side, before centring in 28x28
 COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)

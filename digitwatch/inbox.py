@@ -42,6 +42,7 @@ from watchdog.observers.polling import PollingObserver
 WORK_DIR = ".digitwatch"  # claims live here, inside the inbox: same filesystem, atomic renames
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", ".directory"})
+DEFAULT_PATTERNS = ("*.png",)  # the `patterns` setting's default; also what `classify` takes from a folder
 
 
 def ignored_reason(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -190,6 +191,65 @@ class Settler:
 
     def waiting(self) -> list[Path]:
         return list(self._seen)
+
+
+class Intake:
+    """The files ready to claim, in the order they became ready, from three
+    sources: the watch's notices (drained from the loop's event queue), the
+    settle check of files still being written, and the rescan that catches
+    what inotify dropped. Claims nothing: the loop pops `ready` when it has room."""
+
+    def __init__(self, inbox: Path, *, recursive: bool, patterns: tuple[str, ...],
+                 settle_seconds: float) -> None:
+        self.inbox = inbox
+        self.recursive = recursive
+        self.patterns = patterns
+        self.settler = Settler(settle_seconds)
+        self.ready: dict[Path, None] = {}  # insertion-ordered set
+
+    def accept(self, path: Path) -> bool:
+        rel = relative_name(path, self.inbox)
+        if rel is None or (not self.recursive and "/" in rel):
+            return False
+        return ignored_reason(path.name, self.patterns) is None
+
+    def take_events(self, events: queue.Queue) -> None:
+        """Everything on the queue now, without waiting. A None path is a bare
+        wake-up (a worker finished a file)."""
+        while True:
+            try:
+                path, settled = events.get_nowait()
+            except queue.Empty:
+                return
+            if path is not None and self.accept(path := Path(os.path.abspath(path))):
+                if settled:
+                    self.settler.forget(path)
+                    self.ready[path] = None
+                elif self.settler.ready(path):
+                    self.ready[path] = None
+
+    def check_settling(self) -> None:
+        for path in self.settler.waiting():
+            if self.settler.ready(path):
+                self.ready[path] = None
+
+    def rescan(self) -> int:
+        """List the inbox (backlog at start, then a periodic sweep); returns how
+        many files it holds that the name rules take."""
+        backlog = 0
+        for path in list_inbox(self.inbox, self.recursive):
+            if self.accept(path):
+                backlog += 1
+                if path not in self.ready and self.settler.ready(path):
+                    self.ready[path] = None
+        return backlog
+
+    def pop(self) -> str | None:
+        """The oldest ready file's name relative to the inbox, taken off `ready`;
+        None when that path is no longer one the inbox offers."""
+        path = next(iter(self.ready))
+        del self.ready[path]
+        return relative_name(path, self.inbox)
 
 
 class _Handler(FileSystemEventHandler):

@@ -37,7 +37,8 @@ from digitwatch.results import STATUS_LOW, STATUS_OK
 REASON_LOW = "low confidence"
 REASON_NOT_DIGIT = "not a digit"
 
-REJECT = 10  # the class index of "not a digit" in an 11-class model
+DIGIT_CLASSES = 10  # classes 0-9 come first in every model's output
+REJECT = DIGIT_CLASSES  # the class index of "not a digit" in an 11-class model
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
 WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than 0.9 heights
 SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than 0.55 heights (a bar, a dash)
@@ -49,7 +50,7 @@ CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 # (paid once per cut, so cuts are used only where the classifier much prefers
 # the pieces). A model with a reject class scores fragments and touching pairs
 # low by itself; one without needs the prior to keep single digits whole.
-CUT_COST = {10: 3.0, 11: 1.0}
+CUT_COST = {False: 3.0, True: 1.0}  # by whether the model has the reject class
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
@@ -100,7 +101,7 @@ def constraints_for(expect: str | None = None, length: str | None = None) -> Con
 class Candidates:
     """A scan cut into atoms, and every candidate digit made of them."""
 
-    crops: np.ndarray  # (K, 28, 28) float32, MNIST-normalized, one per candidate
+    crops: np.ndarray  # (K, SIDE, SIDE) float32, MNIST-normalized, one per candidate (imaging.SIDE)
     spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
@@ -421,11 +422,11 @@ def decide(
     probs = np.asarray(probs, np.float64)
     if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
         return _single(probs[0], threshold)
-    digit_probs = probs[:, :10]
+    digit_probs = probs[:, :DIGIT_CLASSES]
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
     rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
-    cut_cost = CUT_COST[11 if probs.shape[1] > REJECT else 10]
+    cut_cost = CUT_COST[probs.shape[1] > REJECT]
     cut = cands.cut if cands.cut is not None else np.zeros(len(best), bool)
     score = np.log(np.maximum(p_best, 1e-12)) + cands.prior - cut_cost * cut
 
@@ -472,7 +473,7 @@ def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certai
 
 def _single(p: np.ndarray, threshold: float) -> Reading:
     """The fast path's reading: one candidate, no other way to cut the ink."""
-    digit = int(np.argmax(p[:10]))
+    digit = int(np.argmax(p[:DIGIT_CLASSES]))
     confidence = float(p[digit])
     if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
         status, reason = STATUS_LOW, REASON_NOT_DIGIT

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from digitwatch.classify import Prepared
 from digitwatch.decoder import EXIT_NO_MEMORY, OUT_OF_MEMORY, Limits, Task, prepare_claimed
 from digitwatch.errors import DigitwatchError
+from digitwatch.pipeline import Prepared
 from digitwatch.reading import Candidates
 
 log = structlog.get_logger("digitwatch")

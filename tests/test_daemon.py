@@ -475,14 +475,14 @@ class TestBackoff:
     """Failed commits retry after 0.5, 1, 2, ... s, never more than 30 s apart."""
 
     def test_schedule(self):
-        from digitwatch.daemon import MAX_BACKOFF, backoff_delay
+        from digitwatch.commit import MAX_BACKOFF, backoff_delay
 
         assert MAX_BACKOFF == 30.0
         assert [backoff_delay(n) for n in range(1, 10)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
 
     def test_a_night_of_retries_stays_capped(self):
         """Attempt 1026 (8.5 hours at 30 s) used to raise OverflowError in the loop."""
-        from digitwatch.daemon import backoff_delay
+        from digitwatch.commit import backoff_delay
 
         assert [backoff_delay(n) for n in (64, 1025, 1026, 10**6)] == [30.0] * 4
 

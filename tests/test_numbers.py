@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from digitwatch import reading
-from digitwatch.classify import classify_batch, prepare_bytes
 from digitwatch.errors import NoInkError
+from digitwatch.pipeline import classify_batch, prepare_bytes
 from tests import pngwrite, scans
 from tests.conftest import run_cli
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch.classify import prepare_file
+from digitwatch.pipeline import prepare_file
 from digitwatch.workers import OUT_OF_MEMORY, Limits, Outcome, WorkerPool, worker_count
 from tests import worker_tasks
 from tests.conftest import ROOT, SCAN_FIXTURES

@@ -33,7 +33,7 @@ import json, os, sys, time
 from pathlib import Path
 import cv2
 cv2.setNumThreads(1)
-from digitwatch.classify import classify_batch, prepare_bytes
+from digitwatch.pipeline import classify_batch, prepare_bytes
 from digitwatch.model import LiteRTClassifier
 folder = Path(sys.argv[1])
 clf = LiteRTClassifier(Path(sys.argv[2]), threads=1)

@@ -140,7 +140,7 @@ def pool_run(paths: list[Path], workers: int, *, task=None, depth: int | None = 
 
 def threads_run(paths: list[Path], threads: int) -> dict:
     """files/s of today's thread pool running prepare_file, and its CPU per file."""
-    from digitwatch.classify import prepare_file
+    from digitwatch.pipeline import prepare_file
 
     def prep(p: Path):
         return prepare_file(p, p.name, follow_links=False)
@@ -172,7 +172,7 @@ def stage_costs(paths: list[Path]) -> dict:
     nothing (one worker, one file at a time: nothing overlaps), in wall time,
     and the CPU it costs the loop process and the worker."""
     from digitwatch import imaging
-    from digitwatch.classify import DEFAULT_MAX_BYTES, read_file
+    from digitwatch.pipeline import DEFAULT_MAX_BYTES, read_file
     from tests import worker_tasks
 
     cv2.setNumThreads(1)  # as in the daemon

@@ -13,8 +13,9 @@ from typing import TextIO
 import cv2
 import numpy as np
 
-from digitwatch.classify import Prepared, classify_batch, prepare_file
+from digitwatch import inbox
 from digitwatch.model import load_classifier
+from digitwatch.pipeline import Prepared, classify_batch, prepare_file
 from digitwatch.results import (
     CLASSIFY_COLUMNS,
     CLASSIFY_JSON,
@@ -22,6 +23,7 @@ from digitwatch.results import (
     Result,
     csv_header,
     csv_line,
+    display_name,
     json_line,
     table,
 )
@@ -29,18 +31,17 @@ from digitwatch.results import (
 BATCH = 64
 
 
-def is_scan_name(name: str) -> bool:
-    return name.lower().endswith(".png") and not name.startswith(".")
-
-
 def expand(paths: list[Path], *, recursive: bool) -> Iterator[tuple[Path, str | None]]:
-    """Files named directly are taken whatever they are; folders give their PNGs.
+    """Files named directly are taken whatever they are; from folders, what the
+    daemon would take from an inbox (inbox.ignored_reason with the default
+    patterns; hidden folders such as an inbox's .digitwatch are not entered).
     Yields (path, error) where error names a path that cannot be used."""
     for path in paths:
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.iterdir()
             for child in sorted(walker):
-                if child.is_file() and is_scan_name(child.name):
+                if (child.is_file() and inbox.relative_name(child, path) is not None
+                        and inbox.ignored_reason(child.name, inbox.DEFAULT_PATTERNS) is None):
                     yield child, None
         elif path.exists():
             yield path, None
@@ -65,9 +66,10 @@ def classify_paths(
 
     def prepare(item: tuple[Path, str | None]) -> Prepared:
         path, error = item
+        name = display_name(str(path))  # \xNN for bytes that are not UTF-8, as the daemon writes them
         if error is not None:
-            return Prepared(name=str(path), sha256="", started=time.perf_counter(), error=error)
-        return prepare_file(path, str(path), max_pixels=max_pixels)
+            return Prepared(name=name, sha256="", started=time.perf_counter(), error=error)
+        return prepare_file(path, name, max_pixels=max_pixels)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(items), BATCH):

@@ -1,6 +1,8 @@
-"""From a file on disk to a Result: read, hash, cut into candidate digits (in
-worker threads), then classify a batch at once and read each file's digits.
-Shared by `digitwatch classify` and the daemon.
+"""A file's path from disk to a Result: read, hash, cut into candidate digits
+(`prepare_file` -> Prepared), then classify a batch at once and read each
+file's digits (`classify_batch` -> Result). Shared by the `classify` command
+(classify_cmd.py, preparing in threads) and the daemon (preparing in the worker
+processes of workers.py / decoder.py, classifying in the loop process).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Prepared:
     name: str
     sha256: str
     started: float  # time.perf_counter() when work on the file began
-    pixels: np.ndarray | None = None  # the candidates side by side, (28, 28*K): what --debug-dir writes
+    pixels: np.ndarray | None = None  # the candidates side by side, (SIDE, SIDE*K): what --debug-dir writes
     width: int | None = None
     height: int | None = None
     error: str = ""
@@ -122,12 +124,11 @@ def classify_batch(
     constraints: Constraints = constraints_for(expect, length)
     good = [i for i, item in enumerate(items) if item.candidates is not None]
     counts = [len(items[i].candidates.crops) for i in good]  # type: ignore[union-attr]
-    probs = (
-        classifier.predict(np.concatenate([items[i].candidates.crops for i in good]))  # type: ignore[union-attr]
-        if good else np.zeros((0, 10), np.float32)
-    )
-    bounds = np.cumsum([0, *counts])
-    by_index = {i: probs[bounds[k] : bounds[k + 1]] for k, i in enumerate(good)}
+    by_index: dict[int, np.ndarray] = {}
+    if good:  # no model call for a batch of errors
+        probs = classifier.predict(np.concatenate([items[i].candidates.crops for i in good]))  # type: ignore[union-attr]
+        bounds = np.cumsum([0, *counts])
+        by_index = {i: probs[bounds[k] : bounds[k + 1]] for k, i in enumerate(good)}
     done = time.perf_counter()
     results = []
     for i, item in enumerate(items):

@@ -1,0 +1,83 @@
+"""`digitwatch classify` (classify_cmd.py): which files a folder gives, and what
+its output lines hold."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from digitwatch.classify_cmd import expand
+from tests.conftest import ROOT, SCAN_FIXTURES
+
+SCAN = sorted(SCAN_FIXTURES.glob("mnist-*.png"))[0]
+
+
+class TestExpand:
+    """A folder given to `classify` gives what the daemon would take from it as an inbox."""
+
+    def _folder(self, root: Path) -> None:
+        for rel in ("a.png", "B.PNG", "sub/c.png", ".hidden.png", "._a.png", "Thumbs.db", "notes.txt",
+                    "d.png.part", ".digitwatch/claimed/e.png", "sub/.cache/f.png"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(SCAN.read_bytes())
+
+    def test_flat_folder_takes_the_inbox_names(self, tmp_path):
+        self._folder(tmp_path)
+        got = [p.relative_to(tmp_path).as_posix() for p, err in expand([tmp_path], recursive=False)]
+        assert got == ["B.PNG", "a.png"]
+
+    def test_recursive_never_enters_hidden_folders(self, tmp_path):
+        # An inbox's own .digitwatch folder holds claimed files: classifying the
+        # inbox must not read them a second time, as the daemon does not.
+        self._folder(tmp_path)
+        got = [p.relative_to(tmp_path).as_posix() for p, err in expand([tmp_path], recursive=True)]
+        assert got == ["B.PNG", "a.png", "sub/c.png"]
+
+    def test_files_named_directly_are_taken_whatever_their_name(self, tmp_path):
+        self._folder(tmp_path)
+        named = [tmp_path / "notes.txt", tmp_path / ".hidden.png", tmp_path / "gone.png"]
+        assert list(expand(named, recursive=False)) == [
+            (named[0], None), (named[1], None), (named[2], "no such file or directory"),
+        ]
+
+
+class TestNonUtf8Names:
+    """Every output line is valid UTF-8 whatever bytes a file name holds, as in the daemon's results."""
+
+    RAW = b"bytes-\xff\xfe.png"  # not UTF-8
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        # Bytes, not text: decoding is what the test checks.
+        return subprocess.run([sys.executable, "-m", "digitwatch.cli", "classify", *args],
+                              capture_output=True, timeout=120, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+    def test_folder_with_a_non_utf8_name(self, tmp_path, fmt):
+        with open(os.path.join(os.fsencode(tmp_path), self.RAW), "wb") as fh:
+            fh.write(SCAN.read_bytes())
+        (tmp_path / "plain.png").write_bytes(SCAN.read_bytes())
+        r = self._run(str(tmp_path), "--format", fmt)
+        assert r.returncode == 0, r.stderr
+        text = r.stdout.decode("utf-8")  # strict: raises on the raw \xff\xfe
+        if fmt == "jsonl":
+            files = [json.loads(line)["file"] for line in text.splitlines()]
+        else:
+            files = [row["file"] for row in csv.DictReader(io.StringIO(text))]
+        assert files == [f"{tmp_path}/bytes-\\xff\\xfe.png", f"{tmp_path}/plain.png"]
+
+    def test_error_line_for_a_non_utf8_name_is_utf8_too(self, tmp_path):
+        with open(os.path.join(os.fsencode(tmp_path), self.RAW), "wb") as fh:
+            fh.write(b"not a png")
+        r = self._run(str(tmp_path), "--format", "jsonl")
+        assert r.returncode == 1
+        (row,) = [json.loads(line) for line in r.stdout.decode("utf-8").splitlines()]
+        assert row["file"] == f"{tmp_path}/bytes-\\xff\\xfe.png" and row["status"] == "error"
+        assert f"{tmp_path}/bytes-\\xff\\xfe.png: " in r.stderr.decode("utf-8")
