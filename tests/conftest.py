@@ -49,9 +49,10 @@ def shipped_tflite() -> Path:
 
 @pytest.fixture(scope="session")
 def classifier(shipped_tflite):
-    from digitwatch.model import LiteRTClassifier
+    from digitwatch.model import load_classifier
 
-    return LiteRTClassifier(shipped_tflite)
+    # As the product loads it: with the reject companion its card names.
+    return load_classifier(shipped_tflite)
 
 
 def label_of(path: Path) -> int:
