@@ -162,7 +162,7 @@ class TestRejectHead:
         ("3", "file name beside the card"),
     ])
     def test_bad_companion_refused(self, copied_model, entry, message):
-        copied_model.with_suffix(".json").write_text('{"reject_model": %s}' % entry)
+        copied_model.with_suffix(".json").write_text(f'{{"reject_model": {entry}}}')
         with pytest.raises(ModelError, match=message):
             load_classifier(copied_model)
 
