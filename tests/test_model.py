@@ -141,10 +141,11 @@ class TestRejectHead:
         argmax is the shipped digit model's, and r is the companion's class 10."""
         from digitwatch.data import to_input
 
-        card = json.loads((MODELS / "digits.json").read_text())
-        assert card["reject_model"] == "reject.tflite"
-        pair = load_classifier(MODELS / "digits.tflite")
+        card = json.loads((MODELS / "digits-reject.json").read_text())
+        assert (card["digit_model"], card["reject_model"]) == ("digits.tflite", "reject.tflite")
+        pair = load_classifier(MODELS / "digits-reject.json")
         assert isinstance(pair, RejectHeadClassifier) and pair.classes == 11
+        assert pair.spec.low_confidence == card["recommended_low_confidence"]
         assert pair.model_id.startswith("digits.tflite@") and "+reject.tflite@" in pair.model_id
         x = to_input(mnist.x_test[:200])
         alone = LiteRTClassifier(MODELS / "digits.tflite").predict(x)
@@ -165,6 +166,24 @@ class TestRejectHead:
         copied_model.with_suffix(".json").write_text(f'{{"reject_model": {entry}}}')
         with pytest.raises(ModelError, match=message):
             load_classifier(copied_model)
+
+    def test_card_beside_the_digit_model_names_the_companion(self, copied_model, mnist):
+        from digitwatch.data import to_input
+
+        shutil.copy(MODELS / "reject.tflite", copied_model.parent / "r.tflite")
+        shutil.copy(MODELS / "reject.json", copied_model.parent / "r.json")  # its logits and temperature
+        copied_model.with_suffix(".json").write_text('{"reject_model": "r.tflite", "recommended_low_confidence": 0.6}')
+        pair = load_classifier(copied_model)
+        assert isinstance(pair, RejectHeadClassifier) and pair.spec.low_confidence == 0.6
+        x = to_input(mnist.x_test[:16])
+        assert np.allclose(pair.predict(x), load_classifier(MODELS / "digits-reject.json").predict(x), atol=1e-6)
+
+    def test_pair_card_must_name_both(self, tmp_path):
+        card = tmp_path / "pair.json"
+        card.write_text('{"reject_model": "reject.tflite"}')
+        shutil.copy(MODELS / "reject.tflite", tmp_path / "reject.tflite")
+        with pytest.raises(ModelError, match="names digit_model and reject_model"):
+            load_classifier(card)
 
     def test_companion_must_have_the_reject_class(self, copied_model):
         shutil.copy(MODELS / "digits.tflite", copied_model.parent / "r.tflite")

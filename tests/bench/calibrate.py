@@ -131,10 +131,11 @@ def run(model: Path, digits: int, precision: float, numbers: int = 0) -> dict:
     is_digit = labels != REJECT
     whole = {}
     if numbers:
-        spec = OutputSpec.for_model(model)
-        tuned = LiteRTClassifier(model, spec=OutputSpec(logits=spec.logits, temperature=t_card * t_rel))
         if isinstance(classifier, RejectHeadClassifier):
             tuned = classifier  # a pair: each half is calibrated by its own card, as served
+        else:
+            spec = OutputSpec.for_model(model)
+            tuned = LiteRTClassifier(model, spec=OutputSpec(logits=spec.logits, temperature=t_card * t_rel))
         whole = whole_answers(tuned, numbers, precision)
     return {
         "whole_answers": whole,
