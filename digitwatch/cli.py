@@ -133,7 +133,7 @@ class OutFormat(StrEnum):
 ModelOption = Annotated[
     Path | None,
     typer.Option(
-        help="A .tflite (LiteRT, fast) or .keras (imports TensorFlow) model.",
+        help="A .tflite (LiteRT, fast), .keras (imports TensorFlow), or a pair card (models/digits-reject.json).",
         show_default="models/digits.tflite",
     ),
 ]

@@ -6,6 +6,11 @@ graph outputs and how it is calibrated is read from the model card beside it
 (`digits.json`: "outputs" is "probabilities" or "logits", "temperature" the
 calibration fitted on held-out data); without a card, the outputs are taken as
 probabilities, uncalibrated. Either way `predict` returns probabilities.
+A 10-class model's card may name an 11-class companion (`"reject_model":
+"reject.tflite"`, beside the card), or a card of its own may name both
+(`--model models/digits-reject.json`: `"digit_model"` and `"reject_model"`):
+the companion's "not a digit" probability r is put next to the digit model's
+own decisions, `[p_digits * (1 - r), r]` (`RejectHeadClassifier`).
 Logits leave the graph rather than probabilities because an int8 softmax can
 only say 255/256 at the top, too coarse to multiply over a 12-digit number.
 """
@@ -193,13 +198,80 @@ def load_keras_model(path: Path):
         raise ModelError(f"{path}: cannot load Keras model ({exc})") from exc
 
 
+class RejectHeadClassifier:
+    """A 10-class digit model with an 11-class companion's "not a digit" head:
+    (N, 11) = [p_digits * (1 - r), r]. The digit model keeps its own digit
+    decisions (argmax over 0-9 is unchanged); the companion only says how
+    likely the crop is not a digit at all. Calibrated by each model's card."""
+
+    classes = DIGITS + 1
+
+    def __init__(self, digits: Classifier, reject: Classifier, spec: OutputSpec | None = None) -> None:
+        if digits.classes != DIGITS or reject.classes != DIGITS + 1:
+            raise ModelError(
+                f"a reject head pairs a 10-class digit model with an 11-class companion, "
+                f"not {digits.classes} and {reject.classes} classes"
+            )
+        self.digits, self.reject = digits, reject
+        # The pair's threshold: from its own card, else from the digit model's.
+        self.spec = spec if spec is not None else digits.spec
+        self.model_id = f"{digits.model_id}+{reject.model_id}"
+
+    def predict(self, digits: np.ndarray) -> np.ndarray:
+        return combine(self.digits.predict(digits), self.reject.predict(digits))
+
+
+def combine(p_digits: np.ndarray, p_reject: np.ndarray) -> np.ndarray:
+    """[p_digits * (1 - r), r] with r the companion's "not a digit" probability."""
+    p = np.asarray(p_digits, np.float32)[:, :DIGITS]
+    r = np.clip(np.asarray(p_reject, np.float32)[:, REJECT : REJECT + 1], 0.0, 1.0)
+    return np.concatenate([p * (1.0 - r), r], axis=1)
+
+
+def _card_entry(card_path: Path, key: str) -> Path | None:
+    """The .tflite file a card names under `key`, in the card's own folder;
+    None without card or entry."""
+    if not card_path.is_file():
+        return None
+    try:
+        name = json.loads(card_path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
+    if name is None:
+        return None
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ModelError(f"{card_path}: {key} must be a file name beside the card, not {name!r}")
+    named = card_path.parent / name
+    if named.suffix != ".tflite" or not named.is_file():
+        raise ModelError(f"{card_path}: {key} {name!r} is not a .tflite file beside the card")
+    return named
+
+
+def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
+    """A card of its own for a pair: "digit_model" and "reject_model" (each
+    calibrated by its own card) and the pair's "recommended_low_confidence"."""
+    digits, reject = _card_entry(card_path, "digit_model"), _card_entry(card_path, "reject_model")
+    if digits is None or reject is None:
+        raise ModelError(f"{card_path}: a model card given as --model names digit_model and reject_model")
+    spec = OutputSpec.for_model(card_path)
+    return RejectHeadClassifier(LiteRTClassifier(digits), LiteRTClassifier(reject),
+                                OutputSpec(low_confidence=spec.low_confidence))
+
+
 def load_classifier(path: Path | None = None) -> Classifier:
-    """Pick the implementation by file type; .tflite never touches TensorFlow."""
+    """Pick the implementation by file type; .tflite never touches TensorFlow.
+    A .tflite whose card names a reject companion, or a pair's .json card,
+    loads as the pair."""
     path = Path(path) if path is not None else DEFAULT_MODEL
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     if path.suffix == ".tflite":
-        return LiteRTClassifier(path)
+        companion = _card_entry(path.with_suffix(".json"), "reject_model")
+        if companion is None:
+            return LiteRTClassifier(path)
+        return RejectHeadClassifier(LiteRTClassifier(path), LiteRTClassifier(companion))
     if path.suffix == ".keras":
         return KerasClassifier(path)
-    raise ModelError(f"{path}: unsupported model type {path.suffix!r} (use .tflite or .keras)")
+    if path.suffix == ".json":
+        return _load_pair_card(path)
+    raise ModelError(f"{path}: unsupported model type {path.suffix!r} (use .tflite, .keras or a pair's .json card)")

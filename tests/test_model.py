@@ -10,9 +10,12 @@ import pytest
 
 from digitwatch.errors import ModelError
 from digitwatch.model import (
+    REJECT,
     SUPPORTED_CLASSES,
     LiteRTClassifier,
     OutputSpec,
+    RejectHeadClassifier,
+    combine,
     load_classifier,
     to_probabilities,
 )
@@ -34,7 +37,8 @@ class TestShippedModel:
         from digitwatch.data import to_input
 
         card = json.loads((MODELS / "digits.json").read_text())
-        assert classifier.classes == card.get("classes", 10) and classifier.classes in SUPPORTED_CLASSES
+        expected = 11 if card.get("reject_model") else card.get("classes", 10)
+        assert classifier.classes == expected and classifier.classes in SUPPORTED_CLASSES
         p = classifier.predict(to_input(mnist.x_test[:64]))
         assert p.shape == (64, classifier.classes)
         # int8 softmax outputs (the 10-class model) sum to 1 only to about 1/256 per class.
@@ -90,3 +94,99 @@ class TestProbabilities:
         assert np.allclose(p[1], 1 / 3) and np.allclose(p.sum(1), 1)
         sharp = to_probabilities(z, logits=True, temperature=0.5)
         assert np.allclose(to_probabilities(p, logits=False, temperature=0.5), sharp, atol=1e-6)
+
+
+class _Fixed:
+    """A stand-in classifier returning fixed probabilities (for the combination math only)."""
+
+    def __init__(self, probs, model_id="fixed@0"):
+        self.probs = np.asarray(probs, np.float32)
+        self.classes = self.probs.shape[1]
+        self.spec = OutputSpec(low_confidence=0.7)
+        self.model_id = model_id
+        self.calls = 0
+
+    def predict(self, digits):
+        self.calls += 1
+        assert len(digits) == len(self.probs)
+        return self.probs
+
+
+class TestRejectHead:
+    """A 10-class digit model plus an 11-class companion's "not a digit" head."""
+
+    def test_combination_math(self):
+        digits = _Fixed([[0.0, 0.9, 0.1] + [0.0] * 7, [0.5, 0.0, 0.0, 0.0, 0.5] + [0.0] * 5], "d@1")
+        # The companion's own digit guesses (it says 7 for the first) must not leak in.
+        reject = _Fixed([[0.0] * 7 + [0.8, 0, 0, 0.2], [0.0] * 10 + [0.75]], "r@2")
+        pair = RejectHeadClassifier(digits, reject)
+        p = pair.predict(np.zeros((2, 28, 28), np.float32))
+        assert pair.classes == 11 and p.shape == (2, 11)
+        assert np.allclose(p[0], [0.0, 0.72, 0.08] + [0.0] * 7 + [0.2])
+        assert np.allclose(p[1], [0.125, 0, 0, 0, 0.125] + [0.0] * 5 + [0.75])
+        assert np.allclose(p.sum(1), 1.0)
+        assert digits.calls == 1 and reject.calls == 1  # one batch call each
+        assert pair.model_id == "d@1+r@2" and pair.spec.low_confidence == 0.7
+        assert np.allclose(combine(digits.probs, reject.probs), p)
+
+    def test_pair_must_be_10_and_11_classes(self):
+        ten, eleven = _Fixed(np.eye(10)[:1]), _Fixed(np.eye(11)[:1])
+        with pytest.raises(ModelError, match="10-class digit model with an 11-class"):
+            RejectHeadClassifier(eleven, eleven)
+        with pytest.raises(ModelError, match="10-class digit model with an 11-class"):
+            RejectHeadClassifier(ten, ten)
+
+    def test_shipped_pair_keeps_the_digit_decisions(self, mnist):
+        """The real shipped files: the card names the companion, the digit
+        argmax is the shipped digit model's, and r is the companion's class 10."""
+        from digitwatch.data import to_input
+
+        card = json.loads((MODELS / "digits-reject.json").read_text())
+        assert (card["digit_model"], card["reject_model"]) == ("digits.tflite", "reject.tflite")
+        pair = load_classifier(MODELS / "digits-reject.json")
+        assert isinstance(pair, RejectHeadClassifier) and pair.classes == 11
+        assert pair.spec.low_confidence == card["recommended_low_confidence"]
+        assert pair.model_id.startswith("digits.tflite@") and "+reject.tflite@" in pair.model_id
+        x = to_input(mnist.x_test[:200])
+        alone = LiteRTClassifier(MODELS / "digits.tflite").predict(x)
+        companion = LiteRTClassifier(MODELS / "reject.tflite").predict(x)
+        assert companion.shape == (200, 11)
+        p = pair.predict(x)
+        assert (p[:, :10].argmax(1) == alone.argmax(1)).all()
+        assert np.allclose(p[:, REJECT], companion[:, REJECT], atol=1e-6)
+        assert (p[:, :10].argmax(1) == mnist.y_test[:200]).mean() >= 0.99
+        assert np.median(p[:, REJECT]) < 0.01  # real digits are not refused
+
+    @pytest.mark.parametrize("entry, message", [
+        ('"../reject.tflite"', "file name beside the card"),
+        ('"missing.tflite"', "is not a .tflite file beside the card"),
+        ("3", "file name beside the card"),
+    ])
+    def test_bad_companion_refused(self, copied_model, entry, message):
+        copied_model.with_suffix(".json").write_text(f'{{"reject_model": {entry}}}')
+        with pytest.raises(ModelError, match=message):
+            load_classifier(copied_model)
+
+    def test_card_beside_the_digit_model_names_the_companion(self, copied_model, mnist):
+        from digitwatch.data import to_input
+
+        shutil.copy(MODELS / "reject.tflite", copied_model.parent / "r.tflite")
+        shutil.copy(MODELS / "reject.json", copied_model.parent / "r.json")  # its logits and temperature
+        copied_model.with_suffix(".json").write_text('{"reject_model": "r.tflite", "recommended_low_confidence": 0.6}')
+        pair = load_classifier(copied_model)
+        assert isinstance(pair, RejectHeadClassifier) and pair.spec.low_confidence == 0.6
+        x = to_input(mnist.x_test[:16])
+        assert np.allclose(pair.predict(x), load_classifier(MODELS / "digits-reject.json").predict(x), atol=1e-6)
+
+    def test_pair_card_must_name_both(self, tmp_path):
+        card = tmp_path / "pair.json"
+        card.write_text('{"reject_model": "reject.tflite"}')
+        shutil.copy(MODELS / "reject.tflite", tmp_path / "reject.tflite")
+        with pytest.raises(ModelError, match="names digit_model and reject_model"):
+            load_classifier(card)
+
+    def test_companion_must_have_the_reject_class(self, copied_model):
+        shutil.copy(MODELS / "digits.tflite", copied_model.parent / "r.tflite")
+        copied_model.with_suffix(".json").write_text('{"reject_model": "r.tflite"}')
+        with pytest.raises(ModelError, match="11-class companion"):
+            load_classifier(copied_model)

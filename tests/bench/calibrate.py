@@ -27,7 +27,7 @@ from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.imaging import load_digit
-from digitwatch.model import REJECT, LiteRTClassifier, OutputSpec, load_classifier
+from digitwatch.model import REJECT, LiteRTClassifier, OutputSpec, RejectHeadClassifier, load_classifier
 from tests import scans
 from tests.conftest import MNIST_DIR
 
@@ -131,8 +131,11 @@ def run(model: Path, digits: int, precision: float, numbers: int = 0) -> dict:
     is_digit = labels != REJECT
     whole = {}
     if numbers:
-        spec = OutputSpec.for_model(model)
-        tuned = LiteRTClassifier(model, spec=OutputSpec(logits=spec.logits, temperature=t_card * t_rel))
+        if isinstance(classifier, RejectHeadClassifier):
+            tuned = classifier  # a pair: each half is calibrated by its own card, as served
+        else:
+            spec = OutputSpec.for_model(model)
+            tuned = LiteRTClassifier(model, spec=OutputSpec(logits=spec.logits, temperature=t_card * t_rel))
         whole = whole_answers(tuned, numbers, precision)
     return {
         "whole_answers": whole,
