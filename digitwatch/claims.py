@@ -40,6 +40,7 @@ import structlog
 from digitwatch.crashpoints import checkpoint
 from digitwatch.errors import ConfigError, RefusedError
 from digitwatch.inbox import WORK_DIR
+from digitwatch.pipeline import refuse_unless_regular
 from digitwatch.results import display_name
 
 log = structlog.get_logger("digitwatch")
@@ -232,7 +233,7 @@ def open_claim(claim: Claim) -> int:
     """A claimed file opened for reading. Links are refused, never followed; FIFOs
     and devices are refused before opening (opening a device can itself have effects)."""
     with parent_of(claim.folder.fd, claim.local) as (dfd, leaf):
-        _refuse_unless_regular(os.lstat(leaf, dir_fd=dfd).st_mode)
+        refuse_unless_regular(os.lstat(leaf, dir_fd=dfd).st_mode)
         return os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
 
 
@@ -240,7 +241,7 @@ def read_claim(claim: Claim, max_bytes: int) -> bytes:
     """A claimed file's bytes (see `open_claim`)."""
     with os.fdopen(open_claim(claim), "rb") as fh:
         st = os.fstat(fh.fileno())
-        _refuse_unless_regular(st.st_mode)
+        refuse_unless_regular(st.st_mode)
         if st.st_size > max_bytes:
             raise RefusedError(
                 f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB")
@@ -248,17 +249,6 @@ def read_claim(claim: Claim, max_bytes: int) -> bytes:
         if len(data) > st.st_size:
             data += fh.read(max_bytes + 1 - len(data))
         return data
-
-
-def _refuse_unless_regular(mode: int) -> None:
-    if stat.S_ISREG(mode):
-        return
-    if stat.S_ISDIR(mode):
-        raise RefusedError("is a directory, not a file")
-    if stat.S_ISLNK(mode):
-        raise RefusedError("refused: a symbolic link (never followed)")
-    kind = "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
-    raise RefusedError(f"refused: a {kind}, not a regular file")
 
 
 def release(claim: Claim) -> None:

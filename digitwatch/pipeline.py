@@ -42,7 +42,8 @@ class Prepared:
     candidates: Candidates | None = None
 
 
-def _refuse_unless_regular(mode: int) -> None:
+def refuse_unless_regular(mode: int) -> None:
+    """RefusedError naming what a non-regular file is (links are never followed)."""
     if stat.S_ISREG(mode):
         return
     if stat.S_ISDIR(mode):
@@ -60,7 +61,7 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
     flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     if not follow_links:
         # Look before opening: opening a device node can itself have effects.
-        _refuse_unless_regular(os.lstat(path).st_mode)
+        refuse_unless_regular(os.lstat(path).st_mode)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
@@ -69,7 +70,7 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
         raise
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
-        _refuse_unless_regular(st.st_mode)
+        refuse_unless_regular(st.st_mode)
         if st.st_size > max_bytes:
             raise RefusedError(
                 f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB"
