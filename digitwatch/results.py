@@ -181,7 +181,6 @@ class ResultsFile:
     - The file is reopened when it was rotated or deleted under us, or on SIGHUP.
     """
 
-    TAIL_BYTES = 16 * 1024 * 1024  # how far back `contains` looks (crash recovery)
     REPAIR_SCAN = 16 * 1024 * 1024  # how far back torn-tail repair looks for the last newline
     LOCK_TIMEOUT = 10.0  # seconds to wait for another process's flock
 
@@ -291,20 +290,6 @@ class ResultsFile:
         except OSError:
             os.ftruncate(fd, size)
             raise
-
-    def contains(self, line: str) -> bool:
-        """Whether this exact line is, as a whole line, in the file's last
-        TAIL_BYTES (crash recovery: was this record already reported?)."""
-        try:
-            fd = self._ensure_open()
-        except FileNotFoundError:
-            return False
-        size = os.fstat(fd).st_size
-        start = max(0, size - self.TAIL_BYTES)
-        data = _pread_all(fd, size - start, start)
-        needle = line.encode("utf-8", "backslashreplace")
-        # A whole line: at the start of the file or right after a newline.
-        return (start == 0 and data.startswith(needle)) or b"\n" + needle in data
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

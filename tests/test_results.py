@@ -86,25 +86,6 @@ class TestResultsFile:
         f.append([json_line(result("b"), DAEMON_COLUMNS)])
         assert [json.loads(x)["file"] for x in path.read_text().splitlines()] == ["b"]
 
-    def test_contains(self, tmp_path):
-        f = ResultsFile(tmp_path / "r.jsonl", "jsonl")
-        line = json_line(result("a"), DAEMON_COLUMNS)
-        assert not f.contains(line)
-        f.append([line])
-        assert f.contains(line)
-
-    def test_contains_matches_whole_lines_only(self, tmp_path):
-        f = ResultsFile(tmp_path / "r.jsonl", "jsonl")
-        f.append(["xab\n", "cd\n"])
-        assert f.contains("xab\n") and f.contains("cd\n")
-        assert not f.contains("ab\n") and not f.contains("d\n")
-
-    def test_contains_ignores_a_torn_copy(self, tmp_path):
-        path = tmp_path / "r.jsonl"
-        line = json_line(result("a"), DAEMON_COLUMNS)
-        path.write_text(line[:-5])
-        assert not ResultsFile(path, "jsonl").contains(line)
-
 
 def lines_of(n: int) -> bytes:
     return b"".join(json_line(result(f"f{i:05d}.png"), DAEMON_COLUMNS).encode() for i in range(n))
@@ -191,8 +172,6 @@ class TestRegularFileOnly:
         assert not t.is_alive(), "append blocked on a FIFO"
         assert isinstance(outcome[0], NotRegularFileError)
         assert "is a FIFO" in str(outcome[0]) and str(path) in str(outcome[0])
-        with pytest.raises(NotRegularFileError):
-            f.contains("x\n")
         with pytest.raises(NotRegularFileError):
             f.open()
 
