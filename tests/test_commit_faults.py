@@ -83,16 +83,32 @@ def _link_refused(tmp_path: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path, size: str):
+    """A tmpfs of `size` mounted at `mnt` (made here) for the block; needs root, skips otherwise."""
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(path: Path) -> Path:
+    """Write zeros to `path` until its filesystem is full."""
+    with open(path, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    return path
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A separate filesystem for processed/ and failed/ (copies, not links)."""
-    mnt = tmp_path / "otherfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with mounted_tmpfs(tmp_path / "otherfs", "64m") as mnt:
+        yield mnt
 
 
 def _plant(inbox: Path) -> None:
@@ -202,12 +218,7 @@ def test_results_unwritable_during_recovery_then_fixed(tmp_path):
     appended exactly once when the results file is back (9 lines for 6 before).
     The results file sits on a full tmpfs: it passes the start-up checks (it
     can be opened for appending) but every write fails with ENOSPC."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "1m") as mnt:
         args = ("--recursive", "--batch-size", "16", "--batch-wait-ms", "3000")
         results = mnt / "results.jsonl"
         d = DaemonProc(tmp_path, *args, settle=0.05, results=results)
@@ -215,10 +226,7 @@ def test_results_unwritable_during_recovery_then_fixed(tmp_path):
         crash = DaemonProc(tmp_path, *args, settle=0.05, results=results,
                            env={"DIGITWATCH_CRASH_AT": "placed_batch:1"})
         assert crash.run_once() == -signal.SIGKILL
-        filler = mnt / "filler"
-        with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 4096)
+        filler = fill(mnt / "filler")
         d.start()
         d.wait_log("recovery_incomplete", timeout=30)
         assert d.terminate() == 0
@@ -226,26 +234,17 @@ def test_results_unwritable_during_recovery_then_fixed(tmp_path):
         assert d.run_once() == 0, d.log.read_text()[-3000:]
         assert d.run_once() == 0  # and once more: nothing is appended again
         _check_once(d, {name for name, _ in INPUTS.values()})
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_copy_leaves_no_partial_file(tmp_path):
     """processed/ on a full filesystem: copies fail (ENOSPC), the files stay
     claimed and retry; no partial file under any real name (a 0-byte
     `name-2.png` per retry before); once there is room, one copy each."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "2m") as mnt:
         d = DaemonProc(tmp_path, "--processed", str(mnt / "processed"), "--failed", str(mnt / "failed"))
         (mnt / "processed").mkdir()
         (mnt / "failed").mkdir()
-        with open(mnt / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 4096)
+        fill(mnt / "filler")
         d.start()
         big = sorted(GOOD[0].parent.glob("*.png"), key=lambda p: p.stat().st_size)[-3:]
         names = {f"full{i}.png" for i in range(3)}
@@ -261,5 +260,3 @@ def test_disk_full_copy_leaves_no_partial_file(tmp_path):
         _check_once(d, names)
         placed = [p for p in (mnt / "processed").rglob("*") if p.is_file()]
         assert len(placed) == 3 and not [p for p in placed if p.name.endswith(".tmp")]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
