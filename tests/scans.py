@@ -325,10 +325,17 @@ def ink_from_number(
     between neighbours in digit heights (negative: they touch or overlap);
     `drift` moves each next digit down by that many heights (a baseline that
     wanders); `broken` breaks that digit in two (see break_digit)."""
-    parts = []
-    for k, d in enumerate(digits):
-        ink = _ink_box(ink_from_mnist(d, height))
-        parts.append(break_digit(ink) if k == broken else ink)
+    parts = [_ink_box(ink_from_mnist(d, height)) for d in digits]
+    return ink_from_parts(parts, height, rng, spacing=spacing, drift=drift, broken=broken)
+
+
+def ink_from_parts(
+    parts: list[np.ndarray], height: int, rng: np.random.Generator, *,
+    spacing: tuple[float, float] = (0.15, 0.4), drift: float = 0.0, broken: int | None = None,
+) -> np.ndarray:
+    """Digits' ink (any source, about `height` px tall) side by side, laid out
+    as ink_from_number describes."""
+    parts = [break_digit(p) if k == broken else _ink_box(p) for k, p in enumerate(parts)]
     gaps = [rng.uniform(*spacing) * height for _ in parts[1:]]
     offsets = [int(round(abs(drift) * height * k)) for k in range(len(parts))]
     if drift < 0:
@@ -343,6 +350,16 @@ def ink_from_number(
         np.maximum(region, p, out=region)
         x += p.shape[1] + (int(round(gaps[k])) if k < len(gaps) else 0)
     return _ink_box(canvas).copy() if canvas.any() else canvas
+
+
+def ruled_page(ink: np.ndarray, below: int) -> bytes:
+    """Dark ink on white paper with a form's gray line across the whole page
+    `below` px under the ink's lowest row (0: grazing it)."""
+    page = np.ones((ink.shape[0] + 80, ink.shape[1] + 120), np.float32)
+    page[30 : 30 + ink.shape[0], 60 : 60 + ink.shape[1]] -= ink
+    y = 30 + ink.shape[0] + below
+    page[y : y + 3, :] = np.minimum(page[y : y + 3, :], 0.35)
+    return pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
 
 
 def ink_from_text(text: str, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -395,6 +412,7 @@ LAYOUTS = {
     "uneven": {"spacing": (0.05, 1.0)},
     "touching": {"spacing": (-0.06, 0.0)},
     "drift": {"spacing": (0.1, 0.3), "drift": 0.12},
+    "overlap": {"spacing": (-0.15, -0.05)},
 }
 
 
