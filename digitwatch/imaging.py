@@ -533,7 +533,29 @@ def _choose_row(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
                     pool.remove(i)
                     grew = True
                     break
-    return np.array(sorted(chosen))
+    return np.array(sorted(_with_pieces(stats, chosen, shape)))
+
+
+def _with_pieces(stats: np.ndarray, chosen: set[int], shape: tuple[int, int]) -> set[int]:
+    """A row of digits plus the pieces of its digits too short to be row mates:
+    a 7's bar or a 5's cap the pen lifted from, the loop of a 9 drawn apart.
+    Like `_choose_components` around the main blob: sizeable blobs (at least
+    0.06 of the area of the digit they touch) within 0.35 of its size."""
+    x, y, bw, bh, area = (stats[:, i].astype(np.float64) for i in range(5))
+    h, w = shape
+    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & ((bw > 0.9 * w) | (bh > 0.9 * h))
+    members = sorted(chosen)
+    pool = [int(i) for i in np.flatnonzero(~frame) if int(i) not in chosen]
+    out = set(chosen)
+    for i in pool:
+        for j in members:
+            reach = 0.35 * max(bw[j], bh[j])
+            near = (x[i] < x[j] + bw[j] + reach and x[i] + bw[i] > x[j] - reach
+                    and y[i] < y[j] + bh[j] + reach and y[i] + bh[i] > y[j] - reach)
+            if near and area[i] >= 0.06 * area[j]:
+                out.add(i)
+                break
+    return out
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

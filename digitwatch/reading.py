@@ -53,6 +53,7 @@ CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 CUT_COST = {False: 3.0, True: 1.0}  # by whether the model has the reject class
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
 
@@ -304,7 +305,7 @@ def _stack(pieces: list[_Piece], height: float) -> list[_Piece]:
 def _atoms(
     pieces: list[_Piece], labels: np.ndarray, mask: np.ndarray, height: float
 ) -> tuple[list[np.ndarray], list[bool], list[tuple[int, int]]]:
-    """Each piece's pixel mask, wide pieces sliced at candidate cut columns;
+    """Each piece's pixel mask, wide pieces sliced along candidate cut paths;
     for each atom whether a cut (not a gap) ends it on the right; and the
     atoms [i, j) of each whole piece."""
     atoms, cut_after, whole = [], [], []
@@ -313,36 +314,51 @@ def _atoms(
         window = labels[p.y0 : p.y1, p.x0 : p.x1]
         own = np.isin(window, p.labels).astype(np.uint8)
         wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
-        cuts = _cuts(own, height) if wide else []
-        edges = [0, *cuts, p.width]
-        for a, b in zip(edges[:-1], edges[1:], strict=True):
-            full = np.zeros_like(mask)
-            full[p.y0 : p.y1, p.x0 + a : p.x0 + b] = own[:, a:b]
-            if full.any():
+        paths = _cuts(own, height) if wide else []
+        cols = np.arange(p.width)[None, :]
+        left = np.zeros((p.height, 1), np.int64)
+        for k in range(len(paths) + 1):
+            right = paths[k][:, None] if k < len(paths) else np.full((p.height, 1), p.width)
+            right = np.maximum(right, left)  # paths never cross
+            part = own & ((cols >= left) & (cols < right))
+            if part.any():
+                full = np.zeros_like(mask)
+                full[p.y0 : p.y1, p.x0 : p.x1] = part
                 atoms.append(full)
-                cut_after.append(b != p.width)
+                cut_after.append(k < len(paths))
+            left = right
+        if len(atoms) > first:
+            cut_after[-1] = False
         whole.append((first, len(atoms)))
     return atoms, cut_after, whole
 
 
-def _cuts(own: np.ndarray, height: float) -> list[int]:
-    """Columns where touching digits may meet: minima of the ink's column
-    profile, at least MIN_PART heights from either end, CUT_SPACING apart."""
-    width = own.shape[1]
-    profile = own.sum(0).astype(np.float32)
-    k = max(3, int(height * 0.06) | 1)
-    smooth = np.convolve(profile, np.ones(k, np.float32) / k, mode="same")
+def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
+    """Paths from top to bottom where touching digits may meet, as the column
+    each row is cut at. A path may drift sideways one column per row (paying
+    CUT_STEP per step), so it can pass between digits that lean into or
+    overlap each other where no straight column is clear. Chosen at minima of
+    the cheapest path's ink through each column of the middle row, at least
+    MIN_PART heights from either end and CUT_SPACING apart, crossing less
+    ink than most columns hold: not the middle of a 0."""
+    h, width = own.shape
     lo, hi = int(MIN_PART * height), width - int(MIN_PART * height)
     if hi <= lo:
         return []
+    ink = own.astype(np.float32)
+    mid = h // 2
+    down, down_from = _path_costs(ink[: mid + 1])
+    up, up_from = _path_costs(ink[mid:][::-1])
+    through = down[-1] + up[-1] - ink[mid]  # the cheapest path through (mid, x)
+    k = max(3, int(height * 0.06) | 1)
+    smooth = np.convolve(through, np.ones(k, np.float32) / k, mode="same")
     inner = smooth[lo:hi]
     left = np.concatenate([[np.inf], inner[:-1]])
     right = np.concatenate([inner[1:], [np.inf]])
     minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
-    # A cut crosses less ink than most columns do: not the middle of a 0.
-    thin = smooth[minima] <= 0.75 * _median(profile[profile > 0])
-    minima = minima[thin]
-    order = minima[np.argsort(smooth[minima], kind="stable")]
+    profile = own.sum(0).astype(np.float32)
+    minima = minima[through[minima] <= 0.75 * _median(profile[profile > 0])]
+    order = minima[np.argsort(through[minima], kind="stable")]
     chosen: list[int] = []
     most = max(1, round(width / (0.5 * height)) - 1)
     for x in order.tolist():
@@ -350,7 +366,47 @@ def _cuts(own: np.ndarray, height: float) -> list[int]:
             chosen.append(x)
         if len(chosen) >= most:
             break
-    return sorted(chosen)
+    paths = []
+    for x in sorted(chosen):
+        top = _trace(down_from, x)[::-1]  # rows mid .. 0, reversed to 0 .. mid
+        bottom = _trace(up_from, x)  # rows mid .. h-1
+        paths.append(np.concatenate([top, bottom[1:]]))
+    return paths
+
+
+def _path_costs(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cheapest path ink from row 0 down to each pixel (moving at most one
+    column per row, CUT_STEP per sideways step), and the step taken into each
+    pixel (-1, 0, +1: from the column left of it, above it, right of it)."""
+    h, w = ink.shape
+    cost = np.empty_like(ink)
+    came = np.zeros((h, w), np.int8)
+    cost[0] = ink[0]
+    for y in range(1, h):
+        prev = cost[y - 1]
+        best = prev.copy()
+        step = came[y]
+        from_left = np.full(w, np.inf, np.float32)
+        from_left[1:] = prev[:-1] + CUT_STEP
+        better = from_left < best
+        best[better] = from_left[better]
+        step[better] = -1
+        from_right = np.full(w, np.inf, np.float32)
+        from_right[:-1] = prev[1:] + CUT_STEP
+        better = from_right < best
+        best[better] = from_right[better]
+        step[better] = 1
+        cost[y] = best + ink[y]
+    return cost, came
+
+
+def _trace(came: np.ndarray, x: int) -> np.ndarray:
+    """The columns of the path ending at (last row, x), from the last row back to row 0."""
+    xs = np.empty(len(came), np.int64)
+    for y in range(len(came) - 1, -1, -1):
+        xs[len(came) - 1 - y] = x
+        x += int(came[y, x])
+    return xs
 
 
 def _candidates(
