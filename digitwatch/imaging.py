@@ -63,6 +63,7 @@ MNIST_STROKE = 2.4  # median stroke width of MNIST digits at 20 px, measured
 MIN_CONTRAST = 0.08  # weaker than this against the paper is not ink
 ROW_MATE = 0.45  # a blob this fraction of the digit's height beside it is another digit
 ROW_GAP = 1.5  # ... when no further sideways than this many digit heights
+FRAME_TALL = 1.3  # a blob spanning the page is a frame only when this much taller than the digit
 WIDE = 1.25  # ink wider than this many heights is cropped by its height, not its width
 MAX_WORK_PIXELS = 400_000  # the cleaned crop of a long number stays about this small
 
@@ -517,9 +518,11 @@ def _choose_row(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     pool = [
         i for i in tall
         if i not in chosen and bw[i] < 4 * ref
-        # Page frames and scanner shadows hug an edge and span it.
+        # Page frames and scanner shadows hug an edge and span it; digits
+        # cropped tightly (a field cut from a form) do too, but are no taller
+        # than the digit found.
         and not ((x[i] == 0 or y[i] == 0 or x[i] + bw[i] == w or y[i] + bh[i] == h)
-                 and (bw[i] > 0.9 * w or bh[i] > 0.9 * h))
+                 and (bw[i] > 0.9 * w or bh[i] > 0.9 * h) and max(bw[i], bh[i]) > FRAME_TALL * ref)
     ]
     grew = True
     while grew and pool:
@@ -533,17 +536,18 @@ def _choose_row(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
                     pool.remove(i)
                     grew = True
                     break
-    return np.array(sorted(_with_pieces(stats, chosen, shape)))
+    return np.array(sorted(_with_pieces(stats, chosen, shape, ref)))
 
 
-def _with_pieces(stats: np.ndarray, chosen: set[int], shape: tuple[int, int]) -> set[int]:
+def _with_pieces(stats: np.ndarray, chosen: set[int], shape: tuple[int, int], ref: int) -> set[int]:
     """A row of digits plus the pieces of its digits too short to be row mates:
     a 7's bar or a 5's cap the pen lifted from, the loop of a 9 drawn apart.
     Like `_choose_components` around the main blob: sizeable blobs (at least
     0.06 of the area of the digit they touch) within 0.35 of its size."""
     x, y, bw, bh, area = (stats[:, i].astype(np.float64) for i in range(5))
     h, w = shape
-    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & ((bw > 0.9 * w) | (bh > 0.9 * h))
+    frame = (((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & ((bw > 0.9 * w) | (bh > 0.9 * h))
+             & (np.maximum(bw, bh) > FRAME_TALL * ref))
     members = sorted(chosen)
     pool = [int(i) for i in np.flatnonzero(~frame) if int(i) not in chosen]
     out = set(chosen)
