@@ -40,7 +40,8 @@ REASON_NOT_DIGIT = "not a digit"
 DIGIT_CLASSES = 10  # classes 0-9 come first in every model's output
 REJECT = DIGIT_CLASSES  # the class index of "not a digit" in an 11-class model
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
-WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than 0.9 heights
+WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than WIDE_DIGIT heights
+WIDE_DIGIT = 0.9
 SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than 0.55 heights (a bar, a dash)
 SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
 PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
@@ -53,6 +54,7 @@ CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 CUT_COST = {False: 3.0, True: 1.0}  # by whether the model has the reject class
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+TWO_WIDE = 1.2  # a blob wider than this many heights holds two digits: cut it where it is thinnest, however thick
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -107,6 +109,7 @@ class Candidates:
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
     cut: np.ndarray | None = None  # (K,) bool: the candidate ends at a cut, not a gap
+    shape: np.ndarray | None = None  # (K, 2) width and height of each candidate, in digit heights
 
 
 @dataclass(frozen=True)
@@ -355,9 +358,13 @@ def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
     inner = smooth[lo:hi]
     left = np.concatenate([[np.inf], inner[:-1]])
     right = np.concatenate([inner[1:], [np.inf]])
-    minima = np.flatnonzero((inner <= left) & (inner <= right)) + lo
+    minima = np.flatnonzero((inner <= left) & (inner <= right))
+    # Not the ends of the range: there the cost is still falling toward the blob's edge.
+    minima = minima[(minima > 0) & (minima < len(inner) - 1)] + lo
     profile = own.sum(0).astype(np.float32)
-    minima = minima[through[minima] <= 0.75 * _median(profile[profile > 0])]
+    if width <= TWO_WIDE * height:
+        # Maybe one wide digit: cut only where a path crosses little ink.
+        minima = minima[through[minima] <= 0.75 * _median(profile[profile > 0])]
     order = minima[np.argsort(through[minima], kind="stable")]
     chosen: list[int] = []
     most = max(1, round(width / (0.5 * height)) - 1)
@@ -416,7 +423,7 @@ def _candidates(
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
     normalized to 28x28."""
     boxes = [_bbox(a) for a in atoms]
-    crops, spans, prior, cut = [], [], [], []
+    crops, spans, shape, cut = [], [], [], []
     for i in range(len(atoms)):
         for j in range(i + 1, len(atoms) + 1):
             x0 = min(b[0] for b in boxes[i:j])
@@ -433,14 +440,20 @@ def _candidates(
                 continue
             crops.append(crop)
             spans.append((i, j))
-            # Log shape prior: digits are at most about as wide as tall, and
-            # about as tall as their neighbours.
-            prior.append(-WIDTH_COST * max(0.0, width - 0.9) - SHORT_COST * max(0.0, 0.55 - tall))
+            shape.append((width, tall))
             cut.append(cut_after[j - 1])
     if not crops:
         raise NoInkError("no ink found after cleaning")
-    return Candidates(np.stack(crops), tuple(spans), np.array(prior, np.float32), len(atoms),
-                      np.array(cut, bool))
+    sizes = np.array(shape, np.float32)
+    return Candidates(np.stack(crops), tuple(spans), shape_prior(sizes), len(atoms), np.array(cut, bool), sizes)
+
+
+def shape_prior(sizes: np.ndarray) -> np.ndarray:
+    """Log shape prior of candidates (width, height in digit heights): digits
+    are at most about as wide as tall, and about as tall as their neighbours."""
+    width, tall = sizes[:, 0], sizes[:, 1]
+    return (-WIDTH_COST * np.maximum(0.0, width - WIDE_DIGIT)
+            - SHORT_COST * np.maximum(0.0, 0.55 - tall)).astype(np.float32)
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -514,7 +527,7 @@ def decide(
                         STATUS_LOW, _length_reason(constraints, path))
     path = _path(cands, back, n, m)
     confidence = _confidence(path, digit_probs, best, top[n, m] - z)
-    if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - 0.9) for k in path):
+    if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path):
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
         return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)

@@ -161,6 +161,49 @@ def read_cases(classifier, cases: list[Case], threshold: float, batch: int = 32,
     return out
 
 
+def scored(classifier, cases: list[Case], batch: int = 32) -> list[tuple]:
+    """(candidates, probabilities) per scan (None for no ink), for re-deciding
+    under other priors without cutting or classifying again."""
+    out: list[tuple] = []
+    for start in range(0, len(cases), batch):
+        for c in cases[start : start + batch]:
+            try:
+                cands = reading.read_scan(imaging.decode_gray(c.png))
+            except ImageError:
+                out.append((None, None))
+                continue
+            out.append((cands, classifier.predict(cands.crops)))
+    return out
+
+
+def grid(cases: list[Case], pairs: list[tuple], spec: str, threshold: float) -> None:
+    """Exact rate and wrong-marked-ok for each combination of prior constants:
+    `spec` like "CUT_COST=1,2,3 WIDTH_COST=6,10 WIDE_DIGIT=0.8,0.9"."""
+    import dataclasses
+    import itertools
+
+    axes = [(k, [float(v) for v in vals.split(",")]) for k, _, vals in (t.partition("=") for t in spec.split())]
+    saved = {k: getattr(reading, k) for k, _ in axes}
+    try:
+        for combo in itertools.product(*(vals for _, vals in axes)):
+            for (k, _), v in zip(axes, combo, strict=True):
+                setattr(reading, k, {False: v, True: saved[k][True]} if k == "CUT_COST" else v)
+            exact = wrong_ok = 0
+            for c, (cands, probs) in zip(cases, pairs, strict=True):
+                if cands is None:
+                    continue
+                if cands.shape is not None:
+                    cands = dataclasses.replace(cands, prior=reading.shape_prior(cands.shape))
+                r = reading.decide(cands, probs, threshold=threshold)
+                exact += r.text == c.text
+                wrong_ok += r.text != c.text and r.status == "ok"
+            label = " ".join(f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True))
+            print(f"{label}: exact {100 * exact / len(cases):.1f}%  wrong ok {100 * wrong_ok / len(cases):.2f}%")
+    finally:
+        for k, v in saved.items():
+            setattr(reading, k, v)
+
+
 def kind_of(truth: str, read: str | None) -> str:
     if read is None:
         return "no ink"
@@ -310,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failures", type=Path, default=None)
     ap.add_argument("--keep", type=int, default=30)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--grid", default=None, help='re-decide under prior constants, e.g. "CUT_COST=1,3 WIDTH_COST=6,10"')
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
     hand = Hand(args.hand, args.digits, args.faces, args.mnist)
@@ -317,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.process_time()
     cases = make_cases(hand, args.count, _parse_lengths(args.lengths), args.seed, args.layouts.split(","))
     t1 = time.process_time()
+    if args.grid:
+        grid(cases, scored(classifier, cases), args.grid, args.threshold)
+        return 0
     forced: list = []
     results = read_cases(classifier, cases, args.threshold, forced=forced)
     t2 = time.process_time()
