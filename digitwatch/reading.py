@@ -51,7 +51,7 @@ CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 # (paid once per cut, so cuts are used only where the classifier much prefers
 # the pieces). A model with a reject class scores fragments and touching pairs
 # low by itself; one without needs the prior to keep single digits whole.
-CUT_COST = {False: 3.0, True: 1.0}  # by whether the model has the reject class
+CUT_COST = {False: 1.0, True: 1.0}  # by whether the model has the reject class
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 TWO_WIDE = 1.2  # a blob wider than this many heights holds two digits: cut it where it is thinnest, however thick
