@@ -55,6 +55,8 @@ CUT_COST = {False: 1.0, True: 1.0}  # by whether the model has the reject class
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 TWO_WIDE = 1.2  # a blob wider than this many heights holds two digits: cut it where it is thinnest, however thick
+CUTS_PER = 0.35  # a blob is offered at most one cut per this many digit heights of its width
+CUT_ROWS = (0.3, 0.5, 0.7)  # cut paths are sought through these rows (share of the blob's height)
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -341,44 +343,44 @@ def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
     each row is cut at. A path may drift sideways one column per row (paying
     CUT_STEP per step), so it can pass between digits that lean into or
     overlap each other where no straight column is clear. Chosen at minima of
-    the cheapest path's ink through each column of the middle row, at least
-    MIN_PART heights from either end and CUT_SPACING apart, crossing less
-    ink than most columns hold: not the middle of a 0."""
+    the cheapest path's ink through each column of a few rows (digits touch
+    high, low or in the middle), at least MIN_PART heights from either end
+    and CUT_SPACING apart, crossing less ink than most columns hold (unless
+    the blob is too wide for one digit): not the middle of a 0."""
     h, width = own.shape
     lo, hi = int(MIN_PART * height), width - int(MIN_PART * height)
     if hi <= lo:
         return []
     ink = own.astype(np.float32)
-    mid = h // 2
-    down, down_from = _path_costs(ink[: mid + 1])
-    up, up_from = _path_costs(ink[mid:][::-1])
-    through = down[-1] + up[-1] - ink[mid]  # the cheapest path through (mid, x)
+    down, down_from = _path_costs(ink)
+    up, up_from = _path_costs(ink[::-1])
     k = max(3, int(height * 0.06) | 1)
-    smooth = np.convolve(through, np.ones(k, np.float32) / k, mode="same")
-    inner = smooth[lo:hi]
-    left = np.concatenate([[np.inf], inner[:-1]])
-    right = np.concatenate([inner[1:], [np.inf]])
-    minima = np.flatnonzero((inner <= left) & (inner <= right))
-    # Not the ends of the range: there the cost is still falling toward the blob's edge.
-    minima = minima[(minima > 0) & (minima < len(inner) - 1)] + lo
     profile = own.sum(0).astype(np.float32)
-    if width <= TWO_WIDE * height:
-        # Maybe one wide digit: cut only where a path crosses little ink.
-        minima = minima[through[minima] <= 0.75 * _median(profile[profile > 0])]
-    order = minima[np.argsort(through[minima], kind="stable")]
-    chosen: list[int] = []
-    most = max(1, round(width / (0.5 * height)) - 1)
-    for x in order.tolist():
-        if all(abs(x - c) >= CUT_SPACING * height for c in chosen):
-            chosen.append(x)
-        if len(chosen) >= most:
+    thin = 0.75 * _median(profile[profile > 0]) if width <= TWO_WIDE * height else np.inf
+    found = []  # (ink crossed, row, column)
+    for row in CUT_ROWS:
+        r = min(h - 1, int(row * h))
+        through = down[r] + up[h - 1 - r] - ink[r]  # the cheapest path through (r, x)
+        smooth = np.convolve(through, np.ones(k, np.float32) / k, mode="same")
+        inner = smooth[lo:hi]
+        left = np.concatenate([[np.inf], inner[:-1]])
+        right = np.concatenate([inner[1:], [np.inf]])
+        minima = np.flatnonzero((inner <= left) & (inner <= right))
+        # Not the ends of the range: there the cost is still falling toward the blob's edge.
+        minima = minima[(minima > 0) & (minima < len(inner) - 1)] + lo
+        found += [(float(through[x]), r, int(x)) for x in minima if through[x] <= thin]
+    found.sort()
+    most = max(1, round(width / (CUTS_PER * height)) - 1)
+    paths: list[np.ndarray] = []
+    for _, r, x in found:
+        top = _trace(down_from[: r + 1], x)[::-1]  # rows 0 .. r
+        bottom = _trace(up_from[: h - r], x)  # rows r .. h-1
+        path = np.concatenate([top, bottom[1:]])
+        if all(abs(float(path.mean()) - float(q.mean())) >= CUT_SPACING * height for q in paths):
+            paths.append(path)
+        if len(paths) >= most:
             break
-    paths = []
-    for x in sorted(chosen):
-        top = _trace(down_from, x)[::-1]  # rows mid .. 0, reversed to 0 .. mid
-        bottom = _trace(up_from, x)  # rows mid .. h-1
-        paths.append(np.concatenate([top, bottom[1:]]))
-    return paths
+    return sorted(paths, key=lambda q: float(q.mean()))
 
 
 def _path_costs(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
