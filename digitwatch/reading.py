@@ -376,7 +376,7 @@ def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
         top = _trace(down_from[: r + 1], x)[::-1]  # rows 0 .. r
         bottom = _trace(up_from[: h - r], x)  # rows r .. h-1
         path = np.concatenate([top, bottom[1:]])
-        if all(abs(float(path.mean()) - float(q.mean())) >= CUT_SPACING * height for q in paths):
+        if all(abs(float(path.mean()) - float(q.mean())) >= max(2.0, CUT_SPACING * height) for q in paths):
             paths.append(path)
         if len(paths) >= most:
             break
@@ -518,6 +518,9 @@ def decide(
         top[j, 1:] = np.where(better, cand, top[j, 1:])
         back[j, 1:] = np.where(better, k, back[j, 1:])
         total[j, 1:] = np.logaddexp(total[j, 1:], total[i, :-1] + score[k])
+    if not np.isfinite(top[n]).any():
+        # No candidate run covers the ink (every crop of some atom was empty).
+        return _reading([], best, digit_probs, 0.0, STATUS_LOW, REASON_NOT_DIGIT)
     z = np.logaddexp.reduce(total[n])
     free = int(np.argmax(top[n]))  # the length of the best reading of any length
     lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]

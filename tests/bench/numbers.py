@@ -102,10 +102,11 @@ def _at_height(ink: np.ndarray, height: int) -> np.ndarray:
 
 
 def make_cases(hand: Hand, count: int, lengths: tuple[int, int], seed: int,
-               layouts: list[str] = LAYOUTS) -> list[Case]:
+               layouts: list[str] = LAYOUTS, variation: str | None = None) -> list[Case]:
     rng = np.random.default_rng(seed)
     out = []
     lo, hi = lengths
+    variation_for = variation
     for i in range(count):
         layout = layouts[i % len(layouts)]
         n = lo + (i // len(layouts)) % (hi - lo + 1)
@@ -122,7 +123,7 @@ def make_cases(hand: Hand, count: int, lengths: tuple[int, int], seed: int,
             if layout == "ruled":
                 png = scans.ruled_page(ink, int(rng.integers(0, 3)))
             else:
-                variation = scans.VARIATIONS[i % len(scans.VARIATIONS)]
+                variation = variation_for or scans.VARIATIONS[i % len(scans.VARIATIONS)]
                 flavour = pngwrite.FLAVOURS[(i * 7) % len(pngwrite.FLAVOURS)]
                 png = scans.number_scan(ink, text, variation, flavour, rng, layout).png
         out.append(Case(png, text, layout))
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faces", choices=["train", "held-out"], default="train")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variation", default=None, help="every page this tests/scans.py variation (default: all in turn)")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--mnist", type=Path, default=Path("/work/shared/datasets/mnist"))
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     hand = Hand(args.hand, args.digits, args.faces, args.mnist)
     classifier = load_classifier(args.model)
     t0 = time.process_time()
-    cases = make_cases(hand, args.count, _parse_lengths(args.lengths), args.seed, args.layouts.split(","))
+    cases = make_cases(hand, args.count, _parse_lengths(args.lengths), args.seed, args.layouts.split(","),
+                       args.variation)
     t1 = time.process_time()
     if args.grid:
         grid(cases, scored(classifier, cases), args.grid, args.threshold)
