@@ -389,23 +389,20 @@ def _path_costs(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pixel (-1, 0, +1: from the column left of it, above it, right of it)."""
     h, w = ink.shape
     cost = np.empty_like(ink)
-    came = np.zeros((h, w), np.int8)
+    came = np.empty((h, w), np.int8)
+    came[0] = 0
     cost[0] = ink[0]
+    ways = np.full((3, w + 2), np.inf, np.float32)  # from above (preferred on ties), the left, the right
+    steps = np.array([0, -1, 1], np.int8)
+    columns = np.arange(1, w + 1)
     for y in range(1, h):
         prev = cost[y - 1]
-        best = prev.copy()
-        step = came[y]
-        from_left = np.full(w, np.inf, np.float32)
-        from_left[1:] = prev[:-1] + CUT_STEP
-        better = from_left < best
-        best[better] = from_left[better]
-        step[better] = -1
-        from_right = np.full(w, np.inf, np.float32)
-        from_right[:-1] = prev[1:] + CUT_STEP
-        better = from_right < best
-        best[better] = from_right[better]
-        step[better] = 1
-        cost[y] = best + ink[y]
+        ways[0, 1:-1] = prev
+        ways[1, 2:] = prev + CUT_STEP
+        ways[2, :-2] = prev + CUT_STEP
+        way = np.argmin(ways[:, 1:-1], axis=0)
+        came[y] = steps[way]
+        cost[y] = ways[way, columns] + ink[y]
     return cost, came
 
 
