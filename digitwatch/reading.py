@@ -54,6 +54,9 @@ CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 CUT_COST = {False: 1.0, True: 1.0}  # by whether the model has the reject class
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
+# A scan whose ink is one blob is most often one digit (however wide): cutting
+# it costs this many cut costs, as much as cuts cost before they drifted.
+LONE_CUT = 3.0
 TWO_WIDE = 1.2  # a blob wider than this many heights holds two digits: cut it where it is thinnest, however thick
 CUTS_PER = 0.35  # a blob is offered at most one cut per this many digit heights of its width
 CUT_ROWS = (0.3, 0.5, 0.7)  # cut paths are sought through these rows (share of the blob's height)
@@ -110,7 +113,8 @@ class Candidates:
     spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
-    cut: np.ndarray | None = None  # (K,) bool: the candidate ends at a cut, not a gap
+    # (K,) how many cut costs the candidate pays for ending at a cut (0: at a gap)
+    cut: np.ndarray | None = None
     shape: np.ndarray | None = None  # (K, 2) width and height of each candidate, in digit heights
 
 
@@ -309,9 +313,9 @@ def _stack(pieces: list[_Piece], height: float) -> list[_Piece]:
 
 def _atoms(
     pieces: list[_Piece], labels: np.ndarray, mask: np.ndarray, height: float
-) -> tuple[list[np.ndarray], list[bool], list[tuple[int, int]]]:
+) -> tuple[list[np.ndarray], list[float], list[tuple[int, int]]]:
     """Each piece's pixel mask, wide pieces sliced along candidate cut paths;
-    for each atom whether a cut (not a gap) ends it on the right; and the
+    for each atom how many cut costs ending a digit there pays (0: a gap); and the
     atoms [i, j) of each whole piece."""
     atoms, cut_after, whole = [], [], []
     for p in pieces:
@@ -330,10 +334,10 @@ def _atoms(
                 full = np.zeros_like(mask)
                 full[p.y0 : p.y1, p.x0 : p.x1] = part
                 atoms.append(full)
-                cut_after.append(k < len(paths))
+                cut_after.append(0.0 if k == len(paths) else LONE_CUT if len(pieces) == 1 else 1.0)
             left = right
         if len(atoms) > first:
-            cut_after[-1] = False
+            cut_after[-1] = 0.0
         whole.append((first, len(atoms)))
     return atoms, cut_after, whole
 
@@ -416,7 +420,7 @@ def _trace(came: np.ndarray, x: int) -> np.ndarray:
 
 
 def _candidates(
-    work: imaging.Work, atoms: list[np.ndarray], cut_after: list[bool],
+    work: imaging.Work, atoms: list[np.ndarray], cut_after: list[float],
     whole: list[tuple[int, int]], height: float,
 ) -> Candidates:
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
@@ -444,7 +448,7 @@ def _candidates(
     if not crops:
         raise NoInkError("no ink found after cleaning")
     sizes = np.array(shape, np.float32)
-    return Candidates(np.stack(crops), tuple(spans), shape_prior(sizes), len(atoms), np.array(cut, bool), sizes)
+    return Candidates(np.stack(crops), tuple(spans), shape_prior(sizes), len(atoms), np.array(cut, np.float32), sizes)
 
 
 def shape_prior(sizes: np.ndarray) -> np.ndarray:
@@ -495,7 +499,7 @@ def decide(
     p_best = digit_probs[np.arange(len(best)), best]
     rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
     cut_cost = CUT_COST[probs.shape[1] > REJECT]
-    cut = cands.cut if cands.cut is not None else np.zeros(len(best), bool)
+    cut = cands.cut if cands.cut is not None else np.zeros(len(best), np.float32)
     score = np.log(np.maximum(p_best, 1e-12)) + cands.prior - cut_cost * cut
 
     n = cands.atoms

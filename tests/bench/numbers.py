@@ -195,6 +195,9 @@ def grid(cases: list[Case], pairs: list[tuple], spec: str, threshold: float) -> 
                     continue
                 if cands.shape is not None:
                     cands = dataclasses.replace(cands, prior=reading.shape_prior(cands.shape))
+                if cands.cut is not None and "LONE_CUT" in saved:
+                    cut = np.where(cands.cut > 1, reading.LONE_CUT, cands.cut).astype(np.float32)
+                    cands = dataclasses.replace(cands, cut=cut)
                 r = reading.decide(cands, probs, threshold=threshold)
                 exact += r.text == c.text
                 wrong_ok += r.text != c.text and r.status == "ok"
