@@ -31,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
+from digitwatch.confidence import AnswerCalibration
 from digitwatch.errors import ModelError
 
 SIDE = 28
@@ -66,6 +67,9 @@ class OutputSpec:
     # The whole-answer confidence below which answers are not ok, chosen with
     # this calibration (tests/bench/calibrate.py); None when the card has none.
     low_confidence: float | None = None
+    # The map from a reading's evidence to p(whole answer right), fitted with
+    # the same calibration; None: the raw product of the digits' probabilities.
+    answers: AnswerCalibration | None = None
 
     @classmethod
     def for_model(cls, path: Path) -> OutputSpec:
@@ -79,6 +83,8 @@ class OutputSpec:
             temperature = float(card.get("temperature", 1.0))
             low = card.get("recommended_low_confidence")
             low = None if low is None else float(low)
+            answers = card.get("answer_calibration")
+            answers = None if answers is None else AnswerCalibration.from_card(answers)
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
         if outputs not in ("probabilities", "logits"):
@@ -87,7 +93,7 @@ class OutputSpec:
             raise ModelError(f"{card_path}: temperature {temperature} outside 0.05-20")
         if low is not None and not 0.0 <= low <= 1.0:
             raise ModelError(f"{card_path}: recommended_low_confidence {low} outside 0-1")
-        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low)
+        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low, answers=answers)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         if not self.logits and self.temperature == 1.0:
@@ -255,7 +261,7 @@ def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
         raise ModelError(f"{card_path}: a model card given as --model names digit_model and reject_model")
     spec = OutputSpec.for_model(card_path)
     return RejectHeadClassifier(LiteRTClassifier(digits), LiteRTClassifier(reject),
-                                OutputSpec(low_confidence=spec.low_confidence))
+                                OutputSpec(low_confidence=spec.low_confidence, answers=spec.answers))
 
 
 def load_classifier(path: Path | None = None) -> Classifier:

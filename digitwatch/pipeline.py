@@ -136,7 +136,7 @@ def classify_batch(
         latency = (done - item.started) * 1000.0
         if i in by_index:
             r = decide(item.candidates, by_index[i], constraints=constraints,  # type: ignore[arg-type]
-                       threshold=low_confidence)
+                       threshold=low_confidence, calibration=classifier.spec.answers)
             results.append(
                 Result(
                     file=item.name, digit=r.digit, confidence=r.confidence, status=r.status,

@@ -24,12 +24,13 @@ one candidate, normalized exactly as before numbers were read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from digitwatch import imaging
+from digitwatch.confidence import AnswerCalibration, Evidence
 from digitwatch.errors import NoInkError
 from digitwatch.results import STATUS_LOW, STATUS_OK
 
@@ -117,6 +118,8 @@ class Reading:
     confidence: float  # probability the whole text is right
     status: str
     reason: str  # why the status is not ok ("" when ok)
+    # What the confidence was computed from (fitting the calibration uses it).
+    evidence: Evidence | None = field(default=None, compare=False, repr=False)
 
     @property
     def digit(self) -> int | None:
@@ -415,13 +418,15 @@ def _crop(
 
 def decide(
     cands: Candidates, probs: np.ndarray, *, constraints: Constraints = Constraints(),
-    threshold: float = 0.5,
+    threshold: float = 0.5, calibration: AnswerCalibration | None = None,
 ) -> Reading:
     """The best reading of a scan given the classifier's probabilities for its
-    candidates (rows of `probs`, 10 or 11 classes)."""
+    candidates (rows of `probs`, 10 or 11 classes). With a `calibration` (the
+    model card's), the confidence is its probability that the whole answer is
+    right; without, the raw product (see _confidence)."""
     probs = np.asarray(probs, np.float64)
     if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
-        return _single(probs[0], threshold)
+        return _single(probs[0], threshold, calibration)
     digit_probs = probs[:, :DIGIT_CLASSES]
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
@@ -454,35 +459,44 @@ def decide(
     if m != free and top[n, free] > top[n, m] + math.log(2.0) or not lengths:
         # What is written does not fit the constraints: report what is written.
         path = _path(cands, back, n, free)
-        return _reading(path, best, digit_probs, _confidence(path, digit_probs, best, top[n, free] - z),
-                        STATUS_LOW, _length_reason(constraints, path))
+        confidence, evidence = _confidence(cands, path, probs, best, top[n, free] - z, calibration)
+        return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW,
+                        _length_reason(constraints, path))
     path = _path(cands, back, n, m)
-    confidence = _confidence(path, digit_probs, best, top[n, m] - z)
+    confidence, evidence = _confidence(cands, path, probs, best, top[n, m] - z, calibration)
     if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - 0.9) for k in path):
-        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
+        return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
-        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)
-    return _reading(path, best, digit_probs, confidence, STATUS_OK, "")
+        return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_LOW)
+    return _reading(path, best, digit_probs, confidence, evidence, STATUS_OK, "")
 
 
-def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float) -> float:
-    """The product of the digits' probabilities times the segmentation certainty
-    (this cut's share of the weight of every way of cutting the same ink)."""
-    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
+def _confidence(
+    cands: Candidates, path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float,
+    calibration: AnswerCalibration | None,
+) -> tuple[float, Evidence]:
+    """(confidence, its evidence). Calibrated: the card's map of the evidence.
+    Raw: the product of the digits' probabilities times the segmentation
+    certainty (this cut's share of the weight of every way of cutting the ink)."""
+    evidence = Evidence.of(probs, path, log_certainty=log_certainty, prior=float(sum(cands.prior[k] for k in path)))
+    if calibration is not None:
+        return calibration.probability(evidence), evidence
+    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty)), evidence
 
 
-def _single(p: np.ndarray, threshold: float) -> Reading:
+def _single(p: np.ndarray, threshold: float, calibration: AnswerCalibration | None = None) -> Reading:
     """The fast path's reading: one candidate, no other way to cut the ink."""
     digit = int(np.argmax(p[:DIGIT_CLASSES]))
-    confidence = float(p[digit])
+    evidence = Evidence.of(p[None], [0])
+    confidence = float(p[digit]) if calibration is None else calibration.probability(evidence)
     if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
         status, reason = STATUS_LOW, REASON_NOT_DIGIT
     elif confidence < threshold:
         status, reason = STATUS_LOW, REASON_LOW
     else:
         status, reason = STATUS_OK, ""
-    return Reading(text=str(digit), digits=((digit, confidence),), confidence=confidence,
-                   status=status, reason=reason)
+    return Reading(text=str(digit), digits=((digit, float(p[digit])),), confidence=confidence,
+                   status=status, reason=reason, evidence=evidence)
 
 
 def _length_reason(constraints: Constraints, path: list[int]) -> str:
@@ -500,12 +514,13 @@ def _path(cands: Candidates, back: np.ndarray, n: int, m: int) -> list[int]:
 
 
 def _reading(
-    path: list[int], best: np.ndarray, probs: np.ndarray, confidence: float, status: str, reason: str
+    path: list[int], best: np.ndarray, probs: np.ndarray, confidence: float, evidence: Evidence, status: str,
+    reason: str,
 ) -> Reading:
     digits = tuple((int(best[k]), float(probs[k, best[k]])) for k in path)
     return Reading(
         text="".join(str(d) for d, _ in digits), digits=digits, confidence=float(confidence),
-        status=status, reason=reason,
+        status=status, reason=reason, evidence=evidence,
     )
 
 
@@ -517,4 +532,5 @@ def read_number(
     subclass (NoInkError for a blank page) with a one-line message."""
     cands = read_scan(imaging.decode_gray(data, max_pixels=max_pixels))
     probs = classifier.predict(cands.crops)
-    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold)
+    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold,
+                  calibration=classifier.spec.answers)

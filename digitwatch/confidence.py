@@ -1,0 +1,116 @@
+"""The whole answer's confidence: a fitted map from what the reader knows about
+its answer to the probability that the answer is right.
+
+The raw product of the digits' probabilities is not that probability: a
+digit model is sure of itself on a letter, a 12-digit string multiplies twelve
+near-ones into a near-one, and a cut the model barely preferred looks as sure
+as a gap in the ink. So the reader describes its answer with a few numbers
+(`Evidence`) and a logistic map fitted on held-out scans (tests/bench/
+calibrate.py: MNIST-train validation digits as single digits and numbers,
+synthetic non-digits) turns them into a probability. The map lives in the
+model card ("answer_calibration"), beside the temperature that calibrates the
+single-digit probabilities, because it belongs to that model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOOR = -20.0  # log-probabilities below this say nothing more
+LOGIT_CAP = 12.0  # |logit| above this says nothing more
+
+FEATURES = (
+    "sum_log_digit",  # sum over the digits of log p(digit | a digit)
+    "min_log_digit",  # the least sure digit
+    "max_reject_logit",  # the strongest "not a digit" (logit; -LOGIT_CAP without that class)
+    "sum_log_not_reject",  # sum of log(1 - p(not a digit))
+    "log_certainty",  # log share of this cut among all cuts of the same ink
+    "shape_prior",  # sum of the candidates' shape priors (0: digit-like)
+    "log_length",  # log of the number of digits
+)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the reader knows about one answer, as FEATURES in that order."""
+
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, probs: np.ndarray, path: list[int] | tuple[int, ...], *, log_certainty: float = 0.0,
+           prior: float = 0.0) -> Evidence:
+        """Evidence for the answer reading rows `path` of `probs` (10 or 11 classes;
+        class 10 = not a digit), each row's digit being its most probable one."""
+        rows = np.asarray(probs, np.float64)[list(path)]
+        digits = rows[:, :10]
+        mass = np.maximum(digits.sum(axis=1), 1e-12)
+        log_digit = np.maximum(np.log(np.maximum(digits.max(axis=1) / mass, 1e-300)), FLOOR)
+        if rows.shape[1] > 10:
+            r = np.clip(rows[:, 10], 1e-9, 1 - 1e-9)
+            reject_logit = float(np.clip(np.max(np.log(r) - np.log1p(-r)), -LOGIT_CAP, LOGIT_CAP))
+            not_reject = float(max(np.sum(np.log1p(-r)), FLOOR))
+        else:
+            reject_logit, not_reject = -LOGIT_CAP, 0.0
+        return cls((
+            float(max(log_digit.sum(), FLOOR)),
+            float(log_digit.min()),
+            reject_logit,
+            not_reject,
+            float(min(0.0, max(log_certainty, FLOOR))),
+            float(max(prior, FLOOR)),
+            math.log(len(rows)),
+        ))
+
+
+@dataclass(frozen=True)
+class AnswerCalibration:
+    """p(answer right) = sigmoid(bias + weights . evidence)."""
+
+    weights: tuple[float, ...]
+    bias: float
+
+    def probability(self, evidence: Evidence) -> float:
+        z = self.bias + sum(w * v for w, v in zip(self.weights, evidence.values, strict=True))
+        return 1.0 / (1.0 + math.exp(-min(max(z, -50.0), 50.0)))
+
+    def to_card(self) -> dict:
+        return {"features": list(FEATURES), "weights": [round(w, 6) for w in self.weights],
+                "bias": round(self.bias, 6)}
+
+    @classmethod
+    def from_card(cls, entry: object) -> AnswerCalibration:
+        """Raises ValueError unless `entry` is a well-formed card entry for FEATURES."""
+        if not isinstance(entry, dict):
+            raise ValueError("answer_calibration must be an object")
+        if entry.get("features") != list(FEATURES):
+            raise ValueError(f"answer_calibration features must be {list(FEATURES)}")
+        weights, bias = entry.get("weights"), entry.get("bias")
+        if not isinstance(weights, list) or len(weights) != len(FEATURES):
+            raise ValueError(f"answer_calibration needs {len(FEATURES)} weights")
+        values = [*weights, bias]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError("answer_calibration weights and bias must be finite numbers")
+        return cls(tuple(float(w) for w in weights), float(bias))
+
+
+def fit(evidence: list[Evidence], right: np.ndarray, *, ridge: float = 1e-3, rounds: int = 50) -> AnswerCalibration:
+    """Logistic regression by Newton's method (a small ridge keeps separable
+    data finite): the map whose probabilities best explain `right`."""
+    x = np.array([e.values for e in evidence], np.float64)
+    y = np.asarray(right, np.float64)
+    x1 = np.column_stack([np.ones(len(x)), x])
+    w = np.zeros(x1.shape[1])
+    penalty = ridge * len(x) * np.eye(x1.shape[1])
+    penalty[0, 0] = 0.0  # the bias is not shrunk
+    for _ in range(rounds):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x1 @ w, -50, 50)))
+        grad = x1.T @ (p - y) + penalty @ w
+        hess = (x1 * (p * (1 - p))[:, None]).T @ x1 + penalty
+        step = np.linalg.solve(hess + 1e-9 * np.eye(len(w)), grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return AnswerCalibration(tuple(float(v) for v in w[1:]), float(w[0]))
