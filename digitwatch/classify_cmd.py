@@ -51,7 +51,7 @@ def expand(paths: list[Path], *, recursive: bool) -> Iterator[tuple[Path, str | 
 
 def classify_paths(
     paths: list[Path], *, out: TextIO, fmt: str, model: Path | None, debug_dir: Path | None,
-    low_confidence: float, recursive: bool, max_pixels: int,
+    low_confidence: float | None, recursive: bool, max_pixels: int,
     expect: str | None = None, length: str | None = None,
 ) -> int:
     """Classify everything under `paths`; returns how many files failed."""

@@ -20,7 +20,7 @@ from digitwatch import __version__
 from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
-from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
+from digitwatch.pipeline import threshold_for
 
 Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
 
@@ -133,8 +133,8 @@ class OutFormat(StrEnum):
 ModelOption = Annotated[
     Path | None,
     typer.Option(
-        help="A .tflite (LiteRT, fast), .keras (imports TensorFlow), or a pair card (models/digits-reject.json).",
-        show_default="models/digits.tflite",
+        help="A .tflite (LiteRT, fast), .keras (imports TensorFlow), or a pair card (.json).",
+        show_default="models/digits-reject.json",
     ),
 ]
 
@@ -148,8 +148,9 @@ def classify(
         Path | None, typer.Option(help="Write each normalized 28x28 input here as a PNG.")
     ] = None,
     low_confidence: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Below this, status is low_confidence.")
-    ] = DEFAULT_LOW_CONFIDENCE,
+        float | None, typer.Option(min=0.0, max=1.0, show_default="the model card's",
+                                   help="Below this, status is low_confidence.")
+    ] = None,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = False,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
@@ -217,8 +218,7 @@ def evaluate(
     if numbers or non_digits:
         scan_report = evaluation.evaluate_scans(
             classifier, mnist, numbers=numbers, non_digits=non_digits, seed=seed,
-            threshold=low_confidence if low_confidence is not None
-            else (classifier.spec.low_confidence or DEFAULT_LOW_CONFIDENCE),
+            threshold=threshold_for(classifier, low_confidence),
             report=report,
         )
     if format is ReportFormat.json:
@@ -247,7 +247,7 @@ ResultsFormat = Enum("ResultsFormat", [(c, c) for c in CHOICES["format"]], type=
 LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
 
 # How a default reads in --help where the value itself says little.
-_SHOWN = {"review": "off", "model": "models/digits.tflite", "instance": "the host name",
+_SHOWN = {"review": "off", "model": "models/digits-reject.json", "instance": "the host name",
           "recursive": "no-recursive", "polling": "no-polling", "length": "any", "workers": "0 (one per CPU)"}
 
 

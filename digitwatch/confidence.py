@@ -22,15 +22,21 @@ import numpy as np
 FLOOR = -20.0  # log-probabilities below this say nothing more
 LOGIT_CAP = 12.0  # |logit| above this says nothing more
 
+# Log-odds rather than log-probabilities where sureness matters: near 1 a
+# log-probability is ~0 for 0.99 and 0.99999 alike, its log-odds are 4.6 and 11.5.
 FEATURES = (
     "sum_log_digit",  # sum over the digits of log p(digit | a digit)
-    "min_log_digit",  # the least sure digit
-    "max_reject_logit",  # the strongest "not a digit" (logit; -LOGIT_CAP without that class)
-    "sum_log_not_reject",  # sum of log(1 - p(not a digit))
-    "log_certainty",  # log share of this cut among all cuts of the same ink
+    "min_digit_logit",  # log-odds of the least sure digit
+    "max_reject_logit",  # the strongest "not a digit" (-LOGIT_CAP without that class)
+    "certainty_logit",  # log-odds of this cut's share among all cuts of the same ink
     "shape_prior",  # sum of the candidates' shape priors (0: digit-like)
     "log_length",  # log of the number of digits
 )
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return np.clip(np.log(p) - np.log1p(-p), -LOGIT_CAP, LOGIT_CAP)
 
 
 @dataclass(frozen=True)
@@ -46,20 +52,14 @@ class Evidence:
         class 10 = not a digit), each row's digit being its most probable one."""
         rows = np.asarray(probs, np.float64)[list(path)]
         digits = rows[:, :10]
-        mass = np.maximum(digits.sum(axis=1), 1e-12)
-        log_digit = np.maximum(np.log(np.maximum(digits.max(axis=1) / mass, 1e-300)), FLOOR)
-        if rows.shape[1] > 10:
-            r = np.clip(rows[:, 10], 1e-9, 1 - 1e-9)
-            reject_logit = float(np.clip(np.max(np.log(r) - np.log1p(-r)), -LOGIT_CAP, LOGIT_CAP))
-            not_reject = float(max(np.sum(np.log1p(-r)), FLOOR))
-        else:
-            reject_logit, not_reject = -LOGIT_CAP, 0.0
+        q = digits.max(axis=1) / np.maximum(digits.sum(axis=1), 1e-12)  # p(digit | a digit)
+        log_digit = np.maximum(np.log(np.maximum(q, 1e-300)), FLOOR)
+        reject_logit = float(np.max(_logit(rows[:, 10]))) if rows.shape[1] > 10 else -LOGIT_CAP
         return cls((
             float(max(log_digit.sum(), FLOOR)),
-            float(log_digit.min()),
+            float(_logit(q.min())),
             reject_logit,
-            not_reject,
-            float(min(0.0, max(log_certainty, FLOOR))),
+            float(_logit(math.exp(min(0.0, log_certainty)))),
             float(max(prior, FLOOR)),
             math.log(len(rows)),
         ))

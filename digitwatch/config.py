@@ -29,7 +29,6 @@ from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 from digitwatch.inbox import DEFAULT_PATTERNS
 from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
-from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 from digitwatch.reading import constraints_for
 
 ENV_PREFIX = "DIGITWATCH_"
@@ -54,7 +53,8 @@ class Settings:
     rescan_seconds: float = 60.0
     batch_size: int = 32
     batch_wait_ms: float = 20.0
-    review_threshold: float = DEFAULT_LOW_CONFIDENCE
+    # None: the model card's recommended threshold (chosen with its calibration).
+    review_threshold: float | None = None
     expect: str = "number"  # "digit": exactly one digit; "number": 1 or more
     length: str = ""  # digits a reading must have: "5" or "4-6"; "" any
     stop_timeout: float = 20.0
@@ -88,7 +88,7 @@ HELP: dict[str, str] = {
     "review": "Low-confidence files go here instead of processed; empty: off.",
     "results": "The CSV or JSON-lines results file, appended and fsynced.",
     "format": "Results format.",
-    "model": ".tflite (LiteRT) or .keras model; empty: the shipped models/digits.tflite.",
+    "model": ".tflite (LiteRT), .keras, or a pair card (.json); empty: the shipped models/digits-reject.json.",
     "patterns": "Comma-separated file name patterns taken from the inbox.",
     "recursive": "Also watch sub-folders of the inbox.",
     "polling": "Poll instead of inotify (NFS, SMB, some container mounts).",
@@ -97,7 +97,7 @@ HELP: dict[str, str] = {
     "rescan_seconds": "Re-list the inbox this often, for anything an event missed.",
     "batch_size": "At most this many files per model call.",
     "batch_wait_ms": "A ready file waits at most this long for others to join its batch.",
-    "review_threshold": "Confidence below this gives status low_confidence.",
+    "review_threshold": "Confidence below this gives status low_confidence; empty: the model card's threshold.",
     "expect": "number: read 1 or more digits; digit: exactly one (anything else is not ok).",
     "length": "Digits a reading must have, e.g. 5 or 4-6; empty: any.",
     "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",
@@ -184,6 +184,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             return _whole(value)
         if hint is float:
             return _number(value)
+        if text == "float | None":
+            return None if _text(value) == "" else _number(value)
         if "tuple" in text:
             items = value if isinstance(value, list) else _text(value).split(",")
             return tuple(_text(i).strip() for i in items if _text(i).strip())
@@ -288,7 +290,7 @@ def validate(s: Settings) -> None:
     for key in ("settle_seconds", "batch_wait_ms"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must not be negative")
-    if not 0.0 <= s.review_threshold <= 1.0:
+    if s.review_threshold is not None and not 0.0 <= s.review_threshold <= 1.0:
         raise ConfigError("review_threshold must be between 0 and 1")
     try:
         constraints_for(s.expect, s.length)

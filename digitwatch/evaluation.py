@@ -182,17 +182,18 @@ def single_digit_reader(classifier, threshold: float) -> Reader:
 
 def number_reader(classifier, threshold: float) -> Reader:
     """The product's path: `reading.read_number` (cuts, one model call, whole-answer
-    confidence). A reading refused as "not a digit" is an empty answer."""
+    confidence). The answer is the result line's text and confidence, whatever
+    the status: a reading refused as "not a digit" still states its text, with
+    the confidence that it is right (calibrated: low)."""
     from digitwatch.errors import ImageError
-    from digitwatch.reading import REASON_NOT_DIGIT, STATUS_OK, read_number
+    from digitwatch.reading import STATUS_OK, read_number
 
     def read(png: bytes) -> Answer:
         try:
             r = read_number(png, classifier, threshold=threshold)
         except ImageError:
             return Answer("", 0.0, False)
-        text = "" if r.reason == REASON_NOT_DIGIT else r.text
-        return Answer(text, float(r.confidence), r.status == STATUS_OK)
+        return Answer(r.text, float(r.confidence), r.status == STATUS_OK)
 
     return read
 

@@ -38,7 +38,9 @@ SIDE = 28
 DIGITS = 10  # classes 0-9
 REJECT = 10  # the class index of "not a digit" in 11-class models
 SUPPORTED_CLASSES = (DIGITS, DIGITS + 1)
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits.tflite"
+# The shipped default: the 10-class digit ensemble with the "not a digit" head,
+# calibrated as a pair (models/digits-reject.json).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits-reject.json"
 
 
 class Classifier(Protocol):

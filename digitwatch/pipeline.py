@@ -115,14 +115,25 @@ def prepare_file(
     return prepare_bytes(name, data, started, max_pixels=max_pixels)
 
 
+def threshold_for(classifier: Classifier, low_confidence: float | None) -> float:
+    """The threshold given, else the one the model card recommends (chosen with
+    the card's calibration, tests/bench/fit_answers.py), else 0.5."""
+    if low_confidence is not None:
+        return low_confidence
+    card = classifier.spec.low_confidence
+    return DEFAULT_LOW_CONFIDENCE if card is None else card
+
+
 def classify_batch(
-    classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float,
+    classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float | None,
     expect: str | None = None, length: str | None = None,
 ) -> list[Result]:
     """One model call for every candidate digit of every good item in the batch,
     then each file's reading; errors pass straight through. `expect` and
-    `length` are the per-run constraints (see reading.constraints_for)."""
+    `length` are the per-run constraints (see reading.constraints_for);
+    `low_confidence` None is the model card's threshold (see threshold_for)."""
     constraints: Constraints = constraints_for(expect, length)
+    low_confidence = threshold_for(classifier, low_confidence)
     good = [i for i, item in enumerate(items) if item.candidates is not None]
     counts = [len(items[i].candidates.crops) for i in good]  # type: ignore[union-attr]
     by_index: dict[int, np.ndarray] = {}

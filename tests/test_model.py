@@ -36,9 +36,9 @@ class TestShippedModel:
     def test_classes_and_probabilities(self, classifier, mnist):
         from digitwatch.data import to_input
 
-        card = json.loads((MODELS / "digits.json").read_text())
-        expected = 11 if card.get("reject_model") else card.get("classes", 10)
-        assert classifier.classes == expected and classifier.classes in SUPPORTED_CLASSES
+        # The default is the pair card: the 10-class digits with the "not a digit" head.
+        card = json.loads((MODELS / "digits-reject.json").read_text())
+        assert classifier.classes == card["classes"] == 11 and classifier.classes in SUPPORTED_CLASSES
         p = classifier.predict(to_input(mnist.x_test[:64]))
         assert p.shape == (64, classifier.classes)
         # int8 softmax outputs (the 10-class model) sum to 1 only to about 1/256 per class.
