@@ -39,9 +39,10 @@ class Evaluation:
 
     model: str
     count: int
-    accuracy: float
+    accuracy: float  # the digit answered (argmax over 0-9, as the result's `digit`) is right
     per_class: list[ClassScore]
     confusion: list[list[int]]
+    refused: int = 0  # answered "not a digit" (11-class models): still a digit in `digit`, never ok
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -72,9 +73,10 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, *, model: str) -> Ev
     return Evaluation(
         model=model,
         count=len(labels),
-        accuracy=float(np.mean(predicted == labels)),
+        accuracy=float(np.mean(np.argmax(probabilities[:, :NUM_CLASSES], axis=1) == labels)),
         per_class=per_class,
         confusion=cm.tolist(),
+        refused=int(np.sum(predicted == REJECT)) if probabilities.shape[1] > REJECT else 0,
     )
 
 
@@ -82,7 +84,8 @@ def format_table(ev: Evaluation) -> str:
     lines = [
         f"model     {ev.model}",
         f"digits    {ev.count}",
-        f"accuracy  {ev.accuracy:.4f}  ({round(ev.accuracy * ev.count)}/{ev.count})",
+        f"accuracy  {ev.accuracy:.4f}  ({round(ev.accuracy * ev.count)}/{ev.count}, the digit answered)",
+        f"refused   {ev.refused}  (answered 'not a digit': status low_confidence)",
         "",
         "digit  precision  recall  support",
     ]

@@ -65,3 +65,17 @@ class TestEvaluateCommand:
         assert proc.returncode == 0, proc.stderr
         assert "accuracy" in proc.stdout and "scan sets" not in proc.stdout
         assert np.isfinite(float(proc.stdout.split("accuracy")[1].split()[0]))
+
+
+def test_accuracy_is_the_digit_answered_and_refusals_are_counted():
+    """With 11 classes, a digit the model calls "not a digit" still stands in
+    the result's `digit` (argmax over 0-9): accuracy scores that, refused counts them."""
+    from digitwatch.evaluation import evaluate
+
+    probs = np.zeros((3, 11))
+    probs[0, 3] = 1.0  # right
+    probs[1, [4, 10]] = [0.3, 0.7]  # refused, digit right
+    probs[2, [5, 10]] = [0.2, 0.8]  # refused, digit wrong
+    ev = evaluate(probs, np.array([3, 4, 6]), model="m")
+    assert ev.accuracy == pytest.approx(2 / 3) and ev.refused == 2
+    assert ev.confusion[4][10] == 1 and ev.confusion[6][10] == 1
