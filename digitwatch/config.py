@@ -184,8 +184,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             return _whole(value)
         if hint is float:
             return _number(value)
-        if text == "float | None":
-            return None if _text(value) == "" else _number(value)
+        if hint == float | None:
+            return None if isinstance(value, str) and value.strip() == "" else _number(value)
         if "tuple" in text:
             items = value if isinstance(value, list) else _text(value).split(",")
             return tuple(_text(i).strip() for i in items if _text(i).strip())

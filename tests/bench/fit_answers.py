@@ -112,12 +112,15 @@ def _at_most(conf: np.ndarray, share: float, total: int) -> float:
 
 def choose_threshold(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray, groups: np.ndarray,
                      totals: dict[str, int], precision: float, wrong_number_ok: float,
-                     non_digit_ok: float) -> float:
-    """The lowest threshold at which, in each group of single digits, the
-    answers marked ok are right at least `precision` of the time; at most
-    `wrong_number_ok` of the number scans are wrong and ok; at most
-    `non_digit_ok` of the non-digits are ok (the issue's three bars, with margin)."""
-    t = 0.0
+                     non_digit_ok: float, floor: float = 0.995) -> float:
+    """The lowest threshold at which the single digits' answers marked ok are
+    right at least `precision` of the time over all three groups and at least
+    `floor` in each (a few hundred scans per group make a per-group 99.7%
+    mostly noise); at most `wrong_number_ok` of the number scans are wrong
+    and ok; at most `non_digit_ok` of the non-digits are ok (the issue's
+    three bars, with margin)."""
+    singles = np.isin(groups, ("single", "low_res", "font")) & eligible
+    t = calibration.threshold_for_precision(conf[singles], right[singles], precision)
     for g in GROUPS:
         mine = (groups == g) & eligible
         if not mine.any():
@@ -127,7 +130,7 @@ def choose_threshold(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray, 
         elif g == "number":
             t = max(t, _at_most(conf[mine & ~right], wrong_number_ok, totals[g]))
         else:
-            t = max(t, calibration.threshold_for_precision(conf[mine], right[mine], precision))
+            t = max(t, calibration.threshold_for_precision(conf[mine], right[mine], floor))
     return min(t, 1.0)
 
 
