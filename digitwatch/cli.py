@@ -193,6 +193,9 @@ def evaluate(
     non_digits: Annotated[
         int, typer.Option(min=0, help="Scans of letters, symbols, pen marks, shapes, smudges.")
     ] = 400,
+    digits: Annotated[
+        int, typer.Option(min=0, help="Single-digit scans of MNIST test digits, every variation.")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the scan sets.")] = 2026,
     low_confidence: Annotated[
         float | None,
@@ -215,9 +218,9 @@ def evaluate(
         evaluation.confusion_png(ev, report / "confusion.png")
         evaluation.worst_errors_png(mnist.x_test, probs, mnist.y_test, report / "worst_errors.png")
     scan_report = None
-    if numbers or non_digits:
+    if numbers or non_digits or digits:
         scan_report = evaluation.evaluate_scans(
-            classifier, mnist, numbers=numbers, non_digits=non_digits, seed=seed,
+            classifier, mnist, numbers=numbers, non_digits=non_digits, digits=digits, seed=seed,
             threshold=threshold_for(classifier, low_confidence),
             report=report,
         )

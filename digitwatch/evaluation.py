@@ -291,13 +291,20 @@ class ScanReport:
     ece: float
     reliability: Reliability = field(repr=False)
     seconds: float = 0.0
+    # Single-digit scans (MNIST test digits, every variation), when asked for:
+    digits: int = 0
+    digits_right: float = 0.0  # the digit answered is the digit
+    digits_marked_ok: float = 0.0
+    digits_ok_right: float = 1.0  # of those marked ok
+    ece_by_set: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, str]],
-                read: Reader, *, model: str, reader: str, threshold: float) -> ScanReport:
+                read: Reader, *, model: str, reader: str, threshold: float,
+                digits: list[tuple[bytes, str]] = ()) -> ScanReport:
     """Read every scan and score: exact strings, ok answers, refusals, calibration.
     Calibration is over every answer given (non-empty text): a stated answer's
     confidence against whether it is right (any answer to a non-digit is wrong)."""
@@ -313,11 +320,20 @@ def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, 
     by_kind: dict[str, list[bool]] = {}
     for (a, k) in non:
         by_kind.setdefault(k, []).append(a.ok)
-    answered = [(a.confidence, a.text == t) for a, t in num if a.text]
-    answered += [(a.confidence, False) for a, _ in non if a.text]
+    one = [(read(png), truth) for png, truth in digits]
+    one_right = np.array([a.text == t for a, t in one], bool)
+    one_ok = np.array([a.ok for a, _ in one], bool)
+    sets = {
+        "numbers": [(a.confidence, a.text == t) for a, t in num if a.text],
+        "non_digits": [(a.confidence, False) for a, _ in non if a.text],
+        "digits": [(a.confidence, a.text == t) for a, t in one if a.text],
+    }
+    answered = [x for v in sets.values() for x in v]
     conf = np.array([c for c, _ in answered], np.float64)
     good = np.array([g for _, g in answered], bool)
     rel = reliability(conf, good)
+    ece_by_set = {k: reliability(np.array([c for c, _ in v]), np.array([g for _, g in v], bool)).ece
+                  for k, v in sets.items() if v}
     n = max(len(num), 1)
     return ScanReport(
         model=model, reader=reader, threshold=threshold,
@@ -329,6 +345,10 @@ def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, 
         non_digits=len(non), non_digits_marked_ok=float(non_ok.mean()) if len(non) else 0.0,
         non_digits_marked_ok_by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         ece=rel.ece, reliability=rel, seconds=round(time.monotonic() - started, 1),
+        digits=len(one), digits_right=float(one_right.mean()) if len(one) else 0.0,
+        digits_marked_ok=float(one_ok.mean()) if len(one) else 0.0,
+        digits_ok_right=float(one_right[one_ok].mean()) if one_ok.any() else 1.0,
+        ece_by_set=ece_by_set,
     )
 
 
@@ -342,8 +362,15 @@ def format_scan_report(r: ScanReport) -> str:
         f"wrong+ok   {r.wrong_marked_ok:.4f} of all number scans",
         f"non-digits {r.non_digits} scans, marked ok {r.non_digits_marked_ok:.4f}",
         "by kind    " + "  ".join(f"{k}:{v:.3f}" for k, v in r.non_digits_marked_ok_by_kind.items()),
-        f"ECE        {r.ece:.4f} over {sum(r.reliability.count)} answers ({len(r.reliability.count)} bins)",
+        f"ECE        {r.ece:.4f} over {sum(r.reliability.count)} answers ({len(r.reliability.count)} bins); "
+        + "  ".join(f"{k}:{v:.4f}" for k, v in r.ece_by_set.items()),
     ]
+    if r.digits:
+        lines[1:1] = [
+            f"digits     {r.digits} single-digit scans of MNIST test digits, every variation",
+            f"           right {r.digits_right:.4f}, marked ok {r.digits_marked_ok:.4f}, "
+            f"right of those ok {r.digits_ok_right:.4f}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -379,8 +406,21 @@ def reliability_png(rel: Reliability, path: Path, *, title: str = "") -> None:
     cv2.imwrite(str(path), img)
 
 
+def digit_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, str]]:
+    """(png, digit) single-digit scans cycling through every variation."""
+    scans = _scan_renderer()
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(images), count, replace=False)
+    out = []
+    for i, k in enumerate(pick):
+        variation = scans.VARIATIONS[i % len(scans.VARIATIONS)]
+        scan = next(scans.mnist_scans(images[k : k + 1], labels[k : k + 1], variation, rng))
+        out.append((scan.png, str(scan.label)))
+    return out
+
+
 def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: int, threshold: float,
-                   report: Path | None = None) -> ScanReport:
+                   report: Path | None = None, digits: int = 0) -> ScanReport:
     """Build the scan sets, read them with the best reader available, score, and
     write reliability.png into `report`."""
     name, read = default_reader(classifier, threshold)
@@ -388,6 +428,7 @@ def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: in
         number_scans(numbers, seed, mnist.x_test, mnist.y_test),
         non_digit_scans(non_digits, seed + 1),
         read, model=classifier.model_id, reader=name, threshold=threshold,
+        digits=digit_scans(digits, seed + 2, mnist.x_test, mnist.y_test) if digits else [],
     )
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,18 @@ class TestScoring:
         expected = abs(0.40 - 1) * 0.25 + abs((0.95 + 0.97 + 0.99) / 3 - 1 / 3) * 0.75
         assert r.ece == pytest.approx(expected)
 
+    def test_single_digit_set(self):
+        digits = [(b"p", "3"), (b"q", "5"), (b"r", "8"), (b"s", "1")]
+        answers = {
+            b"p": Answer("3", 0.99, True),   # right, ok
+            b"q": Answer("5", 0.60, False),  # right, not ok
+            b"r": Answer("3", 0.97, True),   # wrong, ok
+            b"s": Answer("17", 0.20, False),  # read as two digits: wrong
+        }
+        r = score_scans([], [], answers.__getitem__, model="m", reader="r", threshold=0.9, digits=digits)
+        assert (r.digits, r.digits_right, r.digits_marked_ok, r.digits_ok_right) == (4, 0.5, 0.5, 0.5)
+        assert set(r.ece_by_set) == {"digits"} and r.ece_by_set["digits"] == pytest.approx(r.ece)
+
 
 @pytest.mark.slow
 class TestEvaluateCommand:
