@@ -201,12 +201,13 @@ def evaluate(
     """Score a model on the 10,000 MNIST test digits (never used in training), then
     on scans of numbers and non-digits (reliability.png with --report)."""
     from digitwatch import evaluation
-    from digitwatch.data import load_mnist, to_input
+    from digitwatch.contract import to_model_input
+    from digitwatch.data import load_mnist
     from digitwatch.model import load_classifier
 
     mnist = load_mnist(data)
     classifier = load_classifier(model)
-    x = to_input(mnist.x_test)
+    x = to_model_input(mnist.x_test)
     probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, len(x), 1000)])
     ev = evaluation.evaluate(probs, mnist.y_test, model=classifier.model_id)
     if report is not None:

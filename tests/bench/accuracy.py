@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from digitwatch.contract import REJECT
 from digitwatch.data import load_mnist
 from digitwatch.errors import ImageError
 from digitwatch.imaging import load_digit
-from digitwatch.model import REJECT, load_classifier
+from digitwatch.model import load_classifier
 from tests import scans
 from tests.conftest import MNIST_DIR
 
