@@ -310,6 +310,8 @@ def watch(
     length: Annotated[str | None, _setting("length")] = None,
     stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
     workers: Annotated[int | None, _setting("workers", min=0)] = None,
+    worker_memory_mb: Annotated[int | None, _setting("worker_memory_mb", min=1)] = None,
+    worker_timeout_s: Annotated[float | None, _duration("worker_timeout_s", positive=True)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
     instance: Annotated[str | None, _setting("instance")] = None,
     log_format: Annotated[LogFormat | None, _setting("log_format")] = None,

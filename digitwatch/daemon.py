@@ -147,8 +147,9 @@ class Daemon:
                                model_id=self.classifier.model_id, instance=self.instance)
         self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
         # Worker processes read, hash, decode and normalize; warm before READY.
-        self.pool = WorkerPool(self.s.workers or None, limits=Limits(max_pixels=self.s.max_pixels),
-                               on_done=self._prepared).start()
+        limits = Limits(max_pixels=self.s.max_pixels, time_limit=self.s.worker_timeout_s,
+                        memory_limit=self.s.worker_memory_mb << 20)
+        self.pool = WorkerPool(self.s.workers or None, limits=limits, on_done=self._prepared).start()
         try:
             self._install_signals()
             try:  # created now, CSV header included, so `tail -f` works from the start

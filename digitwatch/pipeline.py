@@ -68,6 +68,15 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
         if exc.errno == errno.ELOOP:
             raise RefusedError("refused: a symbolic link (never followed)") from exc
         raise
+    return read_regular(fd, max_bytes)
+
+
+def read_regular(fd: int, max_bytes: int) -> bytes:
+    """The whole content of the file open at `fd`, which is closed here: what
+    `read_file`, a claim (`claims.read_claim`) and a worker given a descriptor
+    all read with. Refuses anything but a regular file (by fstat: the name may
+    have been swapped since it was looked at) and files over max_bytes before
+    reading them."""
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         refuse_unless_regular(st.st_mode)
@@ -75,6 +84,9 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
             raise RefusedError(
                 f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB"
             )
+        # From the start: a descriptor handed to a worker shares its offset with
+        # the loop's copy, and a worker that died part way left it mid-file.
+        fh.seek(0)
         # Ask for the size fstat gave (+1 to see growth): read(max_bytes) would
         # allocate the whole limit up front, every file.
         data = fh.read(st.st_size + 1)
