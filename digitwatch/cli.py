@@ -160,6 +160,9 @@ def classify(
     length: Annotated[
         str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Worker processes when there are many files; 0: one per CPU.")
+    ] = 0,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.classify_cmd import classify_paths
@@ -172,7 +175,7 @@ def classify(
     failed = classify_paths(
         paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
         low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
-        expect=expect.value, length=length,
+        expect=expect.value, length=length, workers=workers or None,
     )
     raise typer.Exit(1 if failed else 0)
 

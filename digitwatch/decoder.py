@@ -64,6 +64,12 @@ def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
     return prepare_bytes(name, data, started, max_pixels=limits.max_pixels)
 
 
+def prepare_named(source: str | int, name: str, limits: Limits) -> Prepared:
+    """The work for a file named on the command line (`digitwatch classify`):
+    the path as the user gave it, links followed, exactly as in-process."""
+    return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+
+
 Task = Callable[[str | int, str, Limits], Prepared]
 
 

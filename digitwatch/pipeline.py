@@ -103,11 +103,15 @@ def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int) ->
         cands = read_scan(gray)
     except ImageError as exc:
         return Prepared(name=name, sha256=digest, started=started, error=str(exc))
-    pixels = cands.crops[0] if len(cands.crops) == 1 else np.hstack(list(cands.crops))
     return Prepared(
-        name=name, sha256=digest, started=started, pixels=pixels,
+        name=name, sha256=digest, started=started, pixels=side_by_side(cands.crops),
         width=gray.shape[1], height=gray.shape[0], candidates=cands,
     )
+
+
+def side_by_side(crops: np.ndarray) -> np.ndarray:
+    """A scan's candidate digits in one image, (SIDE, SIDE*K): what --debug-dir writes."""
+    return crops[0] if len(crops) == 1 else np.hstack(list(crops))
 
 
 def prepare_file(
