@@ -371,14 +371,6 @@ def state(pid: int) -> str:
         return "gone"
 
 
-def _daemon_uses_workers() -> bool:
-    from digitwatch import daemon
-
-    return hasattr(daemon, "WorkerPool")
-
-
-@pytest.mark.skipif(not _daemon_uses_workers(),
-                    reason="the daemon still prepares files in threads (adopts WorkerPool after issue 10)")
 class TestDaemon:
     """Through the real daemon: a worker that segfaults mid-file costs that file."""
 
