@@ -1,8 +1,9 @@
 """A file's path from disk to a Result: read, hash, cut into candidate digits
 (`prepare_file` -> Prepared), then classify a batch at once and read each
 file's digits (`classify_batch` -> Result). Shared by the `classify` command
-(classify_cmd.py, preparing in threads) and the daemon (preparing in the worker
-processes of workers.py / decoder.py, classifying in the loop process).
+(classify_cmd.py) and the daemon: both prepare in the worker processes of
+workers.py / decoder.py (`classify` in its own process for a few files) and
+classify in the calling process.
 """
 
 from __future__ import annotations

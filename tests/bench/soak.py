@@ -378,7 +378,8 @@ def main() -> None:
             long_run = soak(work, pool, args.soak_files) if args.soak_files else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'fault':<30} {'files in':>9} {'lines out':>10} {'placed':>7} {'lost':>5} {'dup':>4}  note")
+    if faults:
+        print(f"{'fault':<30} {'files in':>9} {'lines out':>10} {'placed':>7} {'lost':>5} {'dup':>4}  note")
     for f in faults:
         if "skipped" in f:
             print(f"{f['fault']:<30} skipped: {f['skipped']}")
