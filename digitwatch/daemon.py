@@ -252,7 +252,7 @@ class Daemon:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
                 self._recover()
-            if not self._held_up() and inbox_ok:
+            if not self.batches.held_up() and inbox_ok:
                 self._claim_ready()
             self.handover.collect()
             if self.batches.due(more_coming=bool(self.in_flight or self.intake.ready)):
@@ -263,7 +263,7 @@ class Daemon:
     def _wait_time(self) -> float:
         """How long the loop may sleep. Workers wake it early through the event
         queue when a file is prepared, so it never spins on futures."""
-        if self.intake.ready and not self._held_up() and self._has_capacity():
+        if self.intake.ready and not self.batches.held_up() and self._has_capacity():
             return 0.0
         if self.batches.done:
             return self.batches.wait_left()
@@ -282,9 +282,6 @@ class Daemon:
     def _idle(self) -> bool:
         return not (self.intake.ready or self.in_flight or self.batches.done or self.outbox.parked
                     or self.intake.settler.waiting() or not self.events.empty())
-
-    def _held_up(self) -> bool:
-        return self.batches.held_up()
 
     def _status(self) -> str:
         c = self.counters
