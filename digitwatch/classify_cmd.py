@@ -113,7 +113,7 @@ def classify_paths(
     if len(items) < MIN_FILES_FOR_WORKERS:
         prepared_all = prepare_here(items, max_pixels=max_pixels)
     else:
-        from digitwatch import logs  # structlog: ~0.15 s to import, so only here
+        from digitwatch import logs
 
         # stdout is records: the pool's few events (a worker gave up) go to
         # stderr; a file a worker lost already has its one error line.
