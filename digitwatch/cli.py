@@ -161,6 +161,9 @@ def classify(
     length: Annotated[
         str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Worker processes when there are many files; 0: one per CPU.")
+    ] = 0,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.classify_cmd import classify_paths
@@ -173,7 +176,7 @@ def classify(
     failed = classify_paths(
         paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
         low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
-        expect=expect.value, length=length,
+        expect=expect.value, length=length, workers=workers or None,
     )
     raise typer.Exit(1 if failed else 0)
 
@@ -205,12 +208,13 @@ def evaluate(
     """Score a model on the 10,000 MNIST test digits (never used in training), then
     on scans of numbers and non-digits (reliability.png with --report)."""
     from digitwatch import evaluation
-    from digitwatch.data import load_mnist, to_input
+    from digitwatch.contract import to_model_input
+    from digitwatch.data import load_mnist
     from digitwatch.model import load_classifier
 
     mnist = load_mnist(data)
     classifier = load_classifier(model)
-    x = to_input(mnist.x_test)
+    x = to_model_input(mnist.x_test)
     probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, len(x), 1000)])
     ev = evaluation.evaluate(probs, mnist.y_test, model=classifier.model_id)
     if report is not None:
@@ -312,6 +316,8 @@ def watch(
     length: Annotated[str | None, _setting("length")] = None,
     stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
     workers: Annotated[int | None, _setting("workers", min=0)] = None,
+    worker_memory_mb: Annotated[int | None, _setting("worker_memory_mb", min=1)] = None,
+    worker_timeout_s: Annotated[float | None, _duration("worker_timeout_s", positive=True)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
     instance: Annotated[str | None, _setting("instance")] = None,
     log_format: Annotated[LogFormat | None, _setting("log_format")] = None,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from digitwatch.contract import DIGITS, REJECT
+
 FLOOR = -20.0  # log-probabilities below this say nothing more
 LOGIT_CAP = 12.0  # |logit| above this says nothing more
 # The reject head gives real digits small "not a digit" probabilities that
@@ -56,10 +58,12 @@ class Evidence:
         """Evidence for the answer reading rows `path` of `probs` (10 or 11 classes;
         class 10 = not a digit), each row's digit being its most probable one."""
         rows = np.asarray(probs, np.float64)[list(path)]
-        digits = rows[:, :10]
+        digits = rows[:, :DIGITS]
         q = digits.max(axis=1) / np.maximum(digits.sum(axis=1), 1e-12)  # p(digit | a digit)
         log_digit = np.maximum(np.log(np.maximum(q, 1e-300)), FLOOR)
-        reject_logit = max(float(np.max(_logit(rows[:, 10]))), REJECT_FLOOR) if rows.shape[1] > 10 else REJECT_FLOOR
+        reject_logit = REJECT_FLOOR
+        if rows.shape[1] > REJECT:
+            reject_logit = max(float(np.max(_logit(rows[:, REJECT]))), REJECT_FLOOR)
         return cls((
             float(max(log_digit.sum(), FLOOR)),
             float(_logit(q.min())),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from digitwatch.claims import check_state_root
+from digitwatch.decoder import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 from digitwatch.inbox import DEFAULT_PATTERNS
@@ -59,6 +60,8 @@ class Settings:
     length: str = ""  # digits a reading must have: "5" or "4-6"; "" any
     stop_timeout: float = 20.0
     workers: int = 0  # worker processes; 0: one per CPU this process may use
+    worker_memory_mb: int = DEFAULT_MEMORY_LIMIT >> 20  # address space a worker may add to its warm size
+    worker_timeout_s: float = DEFAULT_TIME_LIMIT  # one file in a worker; then it is killed
     max_pixels: int = DEFAULT_MAX_PIXELS
     instance: str = ""
     log_format: str = "auto"
@@ -102,6 +105,8 @@ HELP: dict[str, str] = {
     "length": "Digits a reading must have, e.g. 5 or 4-6; empty: any.",
     "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",
     "workers": "Worker processes that read, decode and normalize files; 0: one per CPU.",
+    "worker_memory_mb": "MB of address space a worker may map beyond its warm size; a file needing more fails.",
+    "worker_timeout_s": "Seconds one file may take in a worker; then the worker is killed and the file fails.",
     "max_pixels": "Refuse images with more pixels (from the PNG header).",
     "instance": "Name in each result line's instance field; empty: the host name.",
     "log_format": "Log lines: console on a terminal, JSON lines otherwise (auto).",
@@ -279,12 +284,12 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{key} = {getattr(s, key)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
-    for key in ("batch_size", "max_pixels"):
+    for key in ("batch_size", "max_pixels", "worker_memory_mb"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
     if s.workers < 0:
         raise ConfigError("workers must be 0 (one per CPU) or more")
-    for key in ("poll_interval", "rescan_seconds", "stop_timeout"):
+    for key in ("poll_interval", "rescan_seconds", "stop_timeout", "worker_timeout_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be positive")
     for key in ("settle_seconds", "batch_wait_ms"):

@@ -20,9 +20,7 @@ import cv2
 import numpy as np
 
 from digitwatch.calibration import Reliability, reliability
-
-NUM_CLASSES = 10  # rows of the confusion matrix: the true digits
-REJECT = 10
+from digitwatch.contract import DIGITS, REJECT
 
 
 @dataclass(frozen=True)
@@ -48,9 +46,9 @@ class Evaluation:
         return json.dumps(asdict(self), indent=2)
 
 
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int = DIGITS) -> np.ndarray:
     """Rows: true digit; columns: predicted class (an 11th column for "not a digit")."""
-    cm = np.zeros((NUM_CLASSES, classes), np.int64)
+    cm = np.zeros((DIGITS, classes), np.int64)
     np.add.at(cm, (truth.astype(np.int64), predicted.astype(np.int64)), 1)
     return cm
 
@@ -59,7 +57,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, *, model: str) -> Ev
     predicted = np.argmax(probabilities, axis=1)
     cm = confusion_matrix(labels, predicted, probabilities.shape[1])
     per_class = []
-    for d in range(NUM_CLASSES):
+    for d in range(DIGITS):
         tp = int(cm[d, d])
         predicted_d, actual_d = int(cm[:, d].sum()), int(cm[d].sum())
         per_class.append(
@@ -73,7 +71,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, *, model: str) -> Ev
     return Evaluation(
         model=model,
         count=len(labels),
-        accuracy=float(np.mean(np.argmax(probabilities[:, :NUM_CLASSES], axis=1) == labels)),
+        accuracy=float(np.mean(np.argmax(probabilities[:, :DIGITS], axis=1) == labels)),
         per_class=per_class,
         confusion=cm.tolist(),
         refused=int(np.sum(predicted == REJECT)) if probabilities.shape[1] > REJECT else 0,
@@ -105,13 +103,13 @@ def confusion_png(ev: Evaluation, path: Path) -> None:
     cell, margin = 56, 40
     cm = np.array(ev.confusion, np.float64)
     columns = cm.shape[1]
-    size = margin + cell * NUM_CLASSES
+    size = margin + cell * DIGITS
     width = margin + cell * columns
     img = np.full((size + 30, max(width, 420), 3), 255, np.uint8)
     scale = np.log1p(cm) / max(np.log1p(cm.max()), 1e-9)
-    for p in range(NUM_CLASSES, columns):
+    for p in range(DIGITS, columns):
         cv2.putText(img, _class_name(p), (margin + p * cell + 10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
-    for t in range(NUM_CLASSES):
+    for t in range(DIGITS):
         for p in range(columns):
             shade = int(255 - 200 * scale[t, p])
             colour = (255, shade, shade) if t == p else (shade, shade, 255)

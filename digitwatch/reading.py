@@ -31,6 +31,7 @@ import numpy as np
 
 from digitwatch import imaging
 from digitwatch.confidence import AnswerCalibration, Evidence
+from digitwatch.contract import DIGITS, REJECT
 from digitwatch.errors import NoInkError
 from digitwatch.results import STATUS_LOW, STATUS_OK
 
@@ -38,8 +39,6 @@ from digitwatch.results import STATUS_LOW, STATUS_OK
 REASON_LOW = "low confidence"
 REASON_NOT_DIGIT = "not a digit"
 
-DIGIT_CLASSES = 10  # classes 0-9 come first in every model's output
-REJECT = DIGIT_CLASSES  # the class index of "not a digit" in an 11-class model
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
 WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than 0.9 heights
 SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than 0.55 heights (a bar, a dash)
@@ -102,7 +101,7 @@ def constraints_for(expect: str | None = None, length: str | None = None) -> Con
 class Candidates:
     """A scan cut into atoms, and every candidate digit made of them."""
 
-    crops: np.ndarray  # (K, SIDE, SIDE) float32, MNIST-normalized, one per candidate (imaging.SIDE)
+    crops: np.ndarray  # (K, SIDE, SIDE) float32, MNIST-normalized, one per candidate (contract.SIDE)
     spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
@@ -427,7 +426,7 @@ def decide(
     probs = np.asarray(probs, np.float64)
     if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
         return _single(probs[0], threshold, calibration)
-    digit_probs = probs[:, :DIGIT_CLASSES]
+    digit_probs = probs[:, :DIGITS]
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
     rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
@@ -486,7 +485,7 @@ def _confidence(
 
 def _single(p: np.ndarray, threshold: float, calibration: AnswerCalibration | None = None) -> Reading:
     """The fast path's reading: one candidate, no other way to cut the ink."""
-    digit = int(np.argmax(p[:DIGIT_CLASSES]))
+    digit = int(np.argmax(p[:DIGITS]))
     evidence = Evidence.of(p[None], [0])
     confidence = float(p[digit]) if calibration is None else calibration.probability(evidence)
     if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
