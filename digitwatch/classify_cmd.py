@@ -128,7 +128,8 @@ def classify_paths(
 
 
 def _classify_all(items: list[Item], prepared_all: Iterator[Prepared], classifier: Classifier, *, out: TextIO, fmt: str,
-                  debug_dir: Path | None, low_confidence: float, expect: str | None, length: str | None) -> int:
+                  debug_dir: Path | None, low_confidence: float | None, expect: str | None,
+                  length: str | None) -> int:
     """Batches of prepared files through the model; records out in input order."""
     collected: list[Result] = []
     failed = 0

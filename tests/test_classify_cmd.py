@@ -137,7 +137,7 @@ class TestWorkerProcesses:
         monkeypatch.setattr(classify_cmd, "MIN_FILES_FOR_WORKERS", 10**9)
         out = io.StringIO()
         failed = classify_cmd.classify_paths(items, out=out, fmt="jsonl", model=None, debug_dir=None,
-                                             low_confidence=0.5, recursive=False, max_pixels=40_000_000)
+                                             low_confidence=None, recursive=False, max_pixels=40_000_000)
         assert failed == 2
         assert _records(r.stdout) == _records(out.getvalue())
         assert r.stderr.splitlines() == [f"digitwatch: {tmp_path / 'notes.png'}: not a PNG: a text file",
