@@ -38,9 +38,9 @@ from pathlib import Path
 import structlog
 
 from digitwatch.crashpoints import checkpoint
-from digitwatch.errors import ConfigError, RefusedError
+from digitwatch.errors import ConfigError
 from digitwatch.inbox import WORK_DIR
-from digitwatch.pipeline import refuse_unless_regular
+from digitwatch.pipeline import read_regular, refuse_unless_regular
 from digitwatch.results import display_name
 
 log = structlog.get_logger("digitwatch")
@@ -239,16 +239,7 @@ def open_claim(claim: Claim) -> int:
 
 def read_claim(claim: Claim, max_bytes: int) -> bytes:
     """A claimed file's bytes (see `open_claim`)."""
-    with os.fdopen(open_claim(claim), "rb") as fh:
-        st = os.fstat(fh.fileno())
-        refuse_unless_regular(st.st_mode)
-        if st.st_size > max_bytes:
-            raise RefusedError(
-                f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB")
-        data = fh.read(st.st_size + 1)
-        if len(data) > st.st_size:
-            data += fh.read(max_bytes + 1 - len(data))
-        return data
+    return read_regular(open_claim(claim), max_bytes)
 
 
 def release(claim: Claim) -> None:

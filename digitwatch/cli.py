@@ -20,7 +20,7 @@ from digitwatch import __version__
 from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
-from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
+from digitwatch.pipeline import threshold_for
 
 Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
 
@@ -133,8 +133,8 @@ class OutFormat(StrEnum):
 ModelOption = Annotated[
     Path | None,
     typer.Option(
-        help="A .tflite (LiteRT, fast), .keras (imports TensorFlow), or a pair card (models/digits-reject.json).",
-        show_default="models/digits.tflite",
+        help="A .tflite (LiteRT, fast), .keras (imports TensorFlow), or a pair card (.json).",
+        show_default="models/digits-reject.json",
     ),
 ]
 
@@ -148,8 +148,9 @@ def classify(
         Path | None, typer.Option(help="Write each normalized 28x28 input here as a PNG.")
     ] = None,
     low_confidence: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Below this, status is low_confidence.")
-    ] = DEFAULT_LOW_CONFIDENCE,
+        float | None, typer.Option(min=0.0, max=1.0, show_default="the model card's",
+                                   help="Below this, status is low_confidence.")
+    ] = None,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = False,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels (from the header).")
@@ -160,6 +161,9 @@ def classify(
     length: Annotated[
         str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Worker processes when there are many files; 0: one per CPU.")
+    ] = 0,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
     from digitwatch.classify_cmd import classify_paths
@@ -172,7 +176,7 @@ def classify(
     failed = classify_paths(
         paths, out=sys.stdout, fmt=format.value, model=model, debug_dir=debug_dir,
         low_confidence=low_confidence, recursive=recursive, max_pixels=max_pixels,
-        expect=expect.value, length=length,
+        expect=expect.value, length=length, workers=workers or None,
     )
     raise typer.Exit(1 if failed else 0)
 
@@ -192,6 +196,9 @@ def evaluate(
     non_digits: Annotated[
         int, typer.Option(min=0, help="Scans of letters, symbols, pen marks, shapes, smudges.")
     ] = 400,
+    digits: Annotated[
+        int, typer.Option(min=0, help="Single-digit scans of MNIST test digits, every variation.")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the scan sets.")] = 2026,
     low_confidence: Annotated[
         float | None,
@@ -201,12 +208,13 @@ def evaluate(
     """Score a model on the 10,000 MNIST test digits (never used in training), then
     on scans of numbers and non-digits (reliability.png with --report)."""
     from digitwatch import evaluation
-    from digitwatch.data import load_mnist, to_input
+    from digitwatch.contract import to_model_input
+    from digitwatch.data import load_mnist
     from digitwatch.model import load_classifier
 
     mnist = load_mnist(data)
     classifier = load_classifier(model)
-    x = to_input(mnist.x_test)
+    x = to_model_input(mnist.x_test)
     probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, len(x), 1000)])
     ev = evaluation.evaluate(probs, mnist.y_test, model=classifier.model_id)
     if report is not None:
@@ -214,11 +222,10 @@ def evaluate(
         evaluation.confusion_png(ev, report / "confusion.png")
         evaluation.worst_errors_png(mnist.x_test, probs, mnist.y_test, report / "worst_errors.png")
     scan_report = None
-    if numbers or non_digits:
+    if numbers or non_digits or digits:
         scan_report = evaluation.evaluate_scans(
-            classifier, mnist, numbers=numbers, non_digits=non_digits, seed=seed,
-            threshold=low_confidence if low_confidence is not None
-            else (classifier.spec.low_confidence or DEFAULT_LOW_CONFIDENCE),
+            classifier, mnist, numbers=numbers, non_digits=non_digits, digits=digits, seed=seed,
+            threshold=threshold_for(classifier, low_confidence),
             report=report,
         )
     if format is ReportFormat.json:
@@ -247,7 +254,7 @@ ResultsFormat = Enum("ResultsFormat", [(c, c) for c in CHOICES["format"]], type=
 LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
 
 # How a default reads in --help where the value itself says little.
-_SHOWN = {"review": "off", "model": "models/digits.tflite", "instance": "the host name",
+_SHOWN = {"review": "off", "model": "models/digits-reject.json", "instance": "the host name",
           "recursive": "no-recursive", "polling": "no-polling", "length": "any", "workers": "0 (one per CPU)"}
 
 
@@ -309,6 +316,8 @@ def watch(
     length: Annotated[str | None, _setting("length")] = None,
     stop_timeout: Annotated[float | None, _duration("stop_timeout", positive=True)] = None,
     workers: Annotated[int | None, _setting("workers", min=0)] = None,
+    worker_memory_mb: Annotated[int | None, _setting("worker_memory_mb", min=1)] = None,
+    worker_timeout_s: Annotated[float | None, _duration("worker_timeout_s", positive=True)] = None,
     max_pixels: Annotated[int | None, _setting("max_pixels", min=1)] = None,
     instance: Annotated[str | None, _setting("instance")] = None,
     log_format: Annotated[LogFormat | None, _setting("log_format")] = None,

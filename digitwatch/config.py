@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from digitwatch.claims import check_state_root
+from digitwatch.decoder import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT
 from digitwatch.errors import ConfigError, reason
 from digitwatch.imaging import DEFAULT_MAX_PIXELS
 from digitwatch.inbox import DEFAULT_PATTERNS
 from digitwatch.inbox import WORK_DIR as CLAIMS_DIR
-from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
 from digitwatch.reading import constraints_for
 
 ENV_PREFIX = "DIGITWATCH_"
@@ -54,11 +54,14 @@ class Settings:
     rescan_seconds: float = 60.0
     batch_size: int = 32
     batch_wait_ms: float = 20.0
-    review_threshold: float = DEFAULT_LOW_CONFIDENCE
+    # None: the model card's recommended threshold (chosen with its calibration).
+    review_threshold: float | None = None
     expect: str = "number"  # "digit": exactly one digit; "number": 1 or more
     length: str = ""  # digits a reading must have: "5" or "4-6"; "" any
     stop_timeout: float = 20.0
     workers: int = 0  # worker processes; 0: one per CPU this process may use
+    worker_memory_mb: int = DEFAULT_MEMORY_LIMIT >> 20  # address space a worker may add to its warm size
+    worker_timeout_s: float = DEFAULT_TIME_LIMIT  # one file in a worker; then it is killed
     max_pixels: int = DEFAULT_MAX_PIXELS
     instance: str = ""
     log_format: str = "auto"
@@ -88,7 +91,7 @@ HELP: dict[str, str] = {
     "review": "Low-confidence files go here instead of processed; empty: off.",
     "results": "The CSV or JSON-lines results file, appended and fsynced.",
     "format": "Results format.",
-    "model": ".tflite (LiteRT) or .keras model; empty: the shipped models/digits.tflite.",
+    "model": ".tflite (LiteRT), .keras, or a pair card (.json); empty: the shipped models/digits-reject.json.",
     "patterns": "Comma-separated file name patterns taken from the inbox.",
     "recursive": "Also watch sub-folders of the inbox.",
     "polling": "Poll instead of inotify (NFS, SMB, some container mounts).",
@@ -97,11 +100,13 @@ HELP: dict[str, str] = {
     "rescan_seconds": "Re-list the inbox this often, for anything an event missed.",
     "batch_size": "At most this many files per model call.",
     "batch_wait_ms": "A ready file waits at most this long for others to join its batch.",
-    "review_threshold": "Confidence below this gives status low_confidence.",
+    "review_threshold": "Confidence below this gives status low_confidence; empty: the model card's threshold.",
     "expect": "number: read 1 or more digits; digit: exactly one (anything else is not ok).",
     "length": "Digits a reading must have, e.g. 5 or 4-6; empty: any.",
     "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",
     "workers": "Worker processes that read, decode and normalize files; 0: one per CPU.",
+    "worker_memory_mb": "MB of address space a worker may map beyond its warm size; a file needing more fails.",
+    "worker_timeout_s": "Seconds one file may take in a worker; then the worker is killed and the file fails.",
     "max_pixels": "Refuse images with more pixels (from the PNG header).",
     "instance": "Name in each result line's instance field; empty: the host name.",
     "log_format": "Log lines: console on a terminal, JSON lines otherwise (auto).",
@@ -184,6 +189,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             return _whole(value)
         if hint is float:
             return _number(value)
+        if hint == float | None:
+            return None if isinstance(value, str) and value.strip() == "" else _number(value)
         if "tuple" in text:
             items = value if isinstance(value, list) else _text(value).split(",")
             return tuple(_text(i).strip() for i in items if _text(i).strip())
@@ -277,18 +284,18 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{key} = {getattr(s, key)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
-    for key in ("batch_size", "max_pixels"):
+    for key in ("batch_size", "max_pixels", "worker_memory_mb"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
     if s.workers < 0:
         raise ConfigError("workers must be 0 (one per CPU) or more")
-    for key in ("poll_interval", "rescan_seconds", "stop_timeout"):
+    for key in ("poll_interval", "rescan_seconds", "stop_timeout", "worker_timeout_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"{key} must be positive")
     for key in ("settle_seconds", "batch_wait_ms"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must not be negative")
-    if not 0.0 <= s.review_threshold <= 1.0:
+    if s.review_threshold is not None and not 0.0 <= s.review_threshold <= 1.0:
         raise ConfigError("review_threshold must be between 0 and 1")
     try:
         constraints_for(s.expect, s.length)

@@ -1,9 +1,11 @@
 """The watch loop: a file appears, is claimed, decoded and normalized in a worker
 process (`workers`), classified in a batch, its result line written and synced,
-and the file put away. Trusted state and claiming live in `claims`, the commit
-protocol and its retries with back-off in `commit` (Outbox), what is ready to
-claim in `inbox` (Intake), finishing dead instances' work in `recovery`; this
-module is the order of events, batching and signals.
+and the file put away. Trusted state and claiming live in `claims`, what is
+ready to claim in `inbox` (Intake), handing claims to the worker processes in
+`handover`, the waiting batch, its model call and the reporting of results in
+`batches`, the commit protocol and its retries with back-off in `commit`
+(Outbox), finishing dead instances' work in `recovery`; this module is the
+order of events, start-up and stop, and signals.
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ import select
 import signal
 import threading
 import time
-from dataclasses import dataclass
 
 import cv2
 import structlog
 
 from digitwatch import claims, commit, inbox, logs, recovery, systemd
+from digitwatch.batches import Batches
 from digitwatch.config import Settings
-from digitwatch.errors import ImageError
+from digitwatch.handover import Handover
 from digitwatch.metrics import Metrics
 from digitwatch.model import Classifier
-from digitwatch.pipeline import Prepared, classify_batch
-from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result, ResultsFile
-from digitwatch.workers import Limits, WorkerPool
+from digitwatch.results import ResultsFile
+from digitwatch.workers import Limits
 
 log = structlog.get_logger("digitwatch")
 
@@ -94,15 +95,6 @@ class WakeQueue(queue.Queue):
                 pass
 
 
-@dataclass
-class Counters:
-    ok: int = 0
-    low_confidence: int = 0
-    error: int = 0
-    batches: int = 0
-    recovered: int = 0
-
-
 class Daemon:
     """One instance of `digitwatch watch`."""
 
@@ -114,27 +106,25 @@ class Daemon:
         self.events = WakeQueue()
         self.intake = inbox.Intake(self.inbox, recursive=settings.recursive, patterns=settings.patterns,
                                    settle_seconds=settings.settle_seconds)
-        self.in_flight: dict[bytes, claims.Claim] = {}  # token -> claim, in a worker process
-        self.done: list[tuple[claims.Claim, Prepared]] = []
-        self.oldest_done = 0.0
         self.stopping = _Flag()
         self._hups = self._hups_seen = 0  # a counter: a HUP during a clear is never lost
-        self.counters = Counters()
         self.results = ResultsFile(settings.results, settings.format)
         roots = {"processed": settings.processed, "failed": settings.failed}
         if settings.review is not None:
             roots["review"] = settings.review
         self.committer = commit.Committer(roots, self.results, settings.results, settings.format)
-        self.outbox = commit.Outbox(self.committer, self.instance, on_done=self._count)
+        self.batches = Batches(settings, classifier, self.committer, self.instance)
+        self.outbox = self.batches.outbox
+        self.counters = self.batches.counters
+        self.handover = Handover(self.batches, lambda: self.events.put((None, False)),
+                                 batch_size=settings.batch_size)
+        self.in_flight = self.handover.in_flight  # token -> claim, in a worker process
         self.workspace: claims.Workspace | None = None
         self._retired: list[claims.Workspace] = []
-        self.pool: WorkerPool | None = None
         self.observer = None
         self.inbox_missing = False
         self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
         self.status = systemd.StatusNotifier()
-        self._wake_lock = threading.Lock()
-        self._submitted = self._finished = self._unwoken = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,10 +135,12 @@ class Daemon:
         cv2.setNumThreads(1)
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
+        self.batches.metrics = self.metrics
         self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
         # Worker processes read, hash, decode and normalize; warm before READY.
-        self.pool = WorkerPool(self.s.workers or None, limits=Limits(max_pixels=self.s.max_pixels),
-                               on_done=self._prepared).start()
+        limits = Limits(max_pixels=self.s.max_pixels, time_limit=self.s.worker_timeout_s,
+                        memory_limit=self.s.worker_memory_mb << 20)
+        self.handover.start(self.s.workers or None, limits)
         try:
             self._install_signals()
             try:  # created now, CSV header included, so `tail -f` works from the start
@@ -176,7 +168,7 @@ class Daemon:
             if self.observer is not None:
                 self.observer.stop()
             self._drain_on_stop()
-            self.pool.close()
+            self.handover.close()
             for ws in (*self._retired, self.workspace):
                 ws.close()
             self.results.close()
@@ -260,10 +252,10 @@ class Daemon:
                 next_rescan = now + self.s.rescan_seconds
                 self._rescan()
                 self._recover()
-            if not self._held_up() and inbox_ok:
+            if not self.batches.held_up() and inbox_ok:
                 self._claim_ready()
-            self._collect()
-            if self._batch_due():
+            self.handover.collect()
+            if self.batches.due(more_coming=bool(self.in_flight or self.intake.ready)):
                 self._commit_done()
             if once and self._idle():
                 return
@@ -271,11 +263,10 @@ class Daemon:
     def _wait_time(self) -> float:
         """How long the loop may sleep. Workers wake it early through the event
         queue when a file is prepared, so it never spins on futures."""
-        if self.intake.ready and not self._held_up() and self._has_capacity():
+        if self.intake.ready and not self.batches.held_up() and self._has_capacity():
             return 0.0
-        if self.done:
-            age_ms = (time.monotonic() - self.oldest_done) * 1000
-            return max(0.0, (self.s.batch_wait_ms - age_ms) / 1000)
+        if self.batches.done:
+            return self.batches.wait_left()
         if self.in_flight:
             return 0.1
         if self.intake.settler.waiting():
@@ -283,19 +274,14 @@ class Daemon:
         return 0.25
 
     def _queued(self) -> int:
-        return len(self.intake.ready) + len(self.in_flight) + len(self.done)
+        return len(self.intake.ready) + len(self.in_flight) + len(self.batches.done)
 
     def _has_capacity(self) -> bool:
-        return len(self.in_flight) + len(self.done) < 2 * self.s.batch_size
+        return len(self.in_flight) + len(self.batches.done) < 2 * self.s.batch_size
 
     def _idle(self) -> bool:
-        return not (self.intake.ready or self.in_flight or self.done or self.outbox.parked
+        return not (self.intake.ready or self.in_flight or self.batches.done or self.outbox.parked
                     or self.intake.settler.waiting() or not self.events.empty())
-
-    def _held_up(self) -> bool:
-        """Too many files waiting on a broken destination: stop claiming more
-        (they are safer in the inbox). Below the cap, other files go on."""
-        return self.outbox.blocked() >= 2 * self.s.batch_size
 
     def _status(self) -> str:
         c = self.counters
@@ -324,137 +310,38 @@ class Daemon:
         while self.intake.ready and self._has_capacity():
             rel = self.intake.pop()
             if rel is not None:
-                self._submit(self.workspace.reserve(rel))
-
-    def _submit(self, claim: claims.Claim, take: bool = True) -> None:
-        """Take the file (unless already ours) and hand a worker process a
-        descriptor for it, opened without following links: the inbox is untrusted."""
-        try:
-            if take and not self.workspace.take(claim):
-                return  # gone, or another instance has it
-        except OSError as exc:  # the claim itself failed; the file stays in the inbox
-            log.warning("claim_failed", file=claim.display, error=str(exc))
-            return
-        try:
-            fd = claims.open_claim(claim)
-        except (ImageError, OSError) as exc:  # ours now: an error line
-            error = str(exc) if isinstance(exc, ImageError) else f"cannot read: {exc.strerror or exc}"
-            self._prepared_now(claim, Prepared(claim.display, "", time.perf_counter(), error=error))
-            return
-        with self._wake_lock:
-            self._submitted += 1
-        self.in_flight[claim.token] = claim
-        self.pool.submit(claim.token, fd, claim.display)
-
-    def _prepared(self) -> None:
-        """Runs in the pool's collector thread. Wake the loop when the pool has
-        nothing else in hand (a lone file is never kept waiting) or half a batch
-        is ready; waking it for every file in a burst cost a loop turn and a GIL
-        hand-off each."""
-        with self._wake_lock:
-            self._finished += 1
-            self._unwoken += 1
-            if self._finished < self._submitted and self._unwoken < max(1, self.s.batch_size // 2):
-                return
-            self._unwoken = 0
-        self.events.put((None, False))
-
-    def _collect(self) -> None:
-        for outcome in self.pool.completed():
-            self._prepared_now(self.in_flight.pop(outcome.token), outcome.prepared())
-
-    def _prepared_now(self, claim: claims.Claim, prepared: Prepared) -> None:
-        if not self.done:
-            self.oldest_done = time.monotonic()
-        self.done.append((claim, prepared))
-
-    def _batch_due(self) -> bool:
-        if not self.done or self._held_up():
-            return False
-        if len(self.done) >= self.s.batch_size:
-            return True
-        if (time.monotonic() - self.oldest_done) * 1000 >= self.s.batch_wait_ms:
-            return True
-        # Nothing else is coming soon: do not make the batch in hand wait.
-        return not self.in_flight and not self.intake.ready
+                self.handover.submit(self.workspace, self.workspace.reserve(rel))
 
     # ------------------------------------------------------------ commit
 
     def _commit_done(self) -> None:
-        batch, self.done = self.done[: self.s.batch_size], self.done[self.s.batch_size :]
-        self.oldest_done = time.monotonic()
-        self.counters.batches += 1
         started = time.perf_counter()
-        results = classify_batch(self.classifier, [p for _, p in batch],
-                                 low_confidence=self.s.review_threshold,
-                                 expect=self.s.expect, length=self.s.length)
-        items = [(c, r, self._destination(r)) for (c, _), r in zip(batch, results, strict=True)]
-        by_folder: dict[claims.Folder, list] = {}  # one folder, unless the inbox was recreated
-        for item in items:
-            by_folder.setdefault(item[0].folder, []).append(item)
-        for folder, its in by_folder.items():
-            self.outbox.commit(folder, its)
-        self.metrics.batch_done(len(items))
+        size = self.batches.commit_next()
         self.metrics.depth(self._queued())
-        log.info("batch_classified", size=len(items), ms=round((time.perf_counter() - started) * 1000, 2),
+        log.info("batch_classified", size=size, ms=round((time.perf_counter() - started) * 1000, 2),
                  queued=len(self.intake.ready) + len(self.in_flight))
-
-    def _destination(self, result: Result) -> str:
-        if result.status == STATUS_ERROR:
-            return "failed"
-        if result.status == STATUS_LOW and self.s.review is not None:
-            return "review"
-        return "processed"
-
-    def _count(self, r: Result) -> None:
-        self.metrics.file_done(r.status, r.latency_ms)
-        fields = dict(file=r.file, digit=r.digit, confidence=r.confidence, status=r.status,
-                      sha256=r.sha256, width=r.width, height=r.height,
-                      latency_ms=round(r.latency_ms, 2), moved_to=r.moved_to)
-        if r.status == STATUS_ERROR:
-            self.counters.error += 1
-            log.warning("file_failed", error=r.error, **fields)
-        else:
-            if r.status == STATUS_LOW:
-                self.counters.low_confidence += 1
-            else:
-                self.counters.ok += 1
-            log.info("file_classified", **fields)
 
     # ------------------------------------------------------------ recovery and stop
 
     def _recover(self, *, starting: bool = False) -> None:
         """Finish what dead instances (this one's past included) left half done.
-        Runs at start and on every rescan: another instance may have died.
-        One bad folder, journal or file costs that item only."""
-        try:
-            for folder in self.workspace.others(starting=starting):
-                if self.stopping.is_set():
-                    return
-                try:
-                    rec = recovery.recover_folder(self.workspace, self.committer, folder)
-                except Exception as exc:  # contained: the folder is retried on the next rescan
-                    log.error("recovery_failed", folder=str(folder.path), error=str(exc))
-                    continue
-                for intent in rec.done:
-                    self._count(intent.result)
-                for claim in rec.adopted:
-                    self._submit(claim, take=False)
-                self.counters.recovered += len(rec.done) + len(rec.adopted)
-        except OSError as exc:
-            log.error("recovery_failed", folder=str(self.workspace.root_path), error=str(exc))
+        Runs at start and on every rescan: another instance may have died."""
+        self.counters.recovered += recovery.recover_others(
+            self.workspace, self.committer, starting=starting, stopping=self.stopping.is_set,
+            on_done=lambda intent: self.batches.count(intent.result),
+            adopt=lambda claim: self.handover.submit(self.workspace, claim, take=False))
 
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
         deadline = time.monotonic() + self.s.stop_timeout
         self.intake.ready.clear()
-        while (self.in_flight or self.done or self.outbox.parked) and time.monotonic() < deadline:
-            if self.outbox.parked and not (self.in_flight or self.done):
+        while (self.in_flight or self.batches.done or self.outbox.parked) and time.monotonic() < deadline:
+            if self.outbox.parked and not (self.in_flight or self.batches.done):
                 self.outbox.retry_due(time.monotonic())
                 time.sleep(0.05)
                 continue
-            self._collect()
-            if self.done and not self.in_flight or len(self.done) >= self.s.batch_size:
+            self.handover.collect()
+            if self.batches.done and not self.in_flight or len(self.batches.done) >= self.s.batch_size:
                 self._commit_done()
             else:
                 time.sleep(0.002)

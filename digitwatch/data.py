@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from digitwatch.contract import DIGITS, SIDE
 from digitwatch.errors import DataError
 
 IMAGE_MAGIC = 2051
@@ -24,7 +25,6 @@ LABEL_MAGIC = 2049
 TRAIN_COUNT = 60_000
 TEST_COUNT = 10_000
 VALIDATION_SIZE = 5_000  # training digits held out for validation and calibration
-SIDE = 28
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -141,19 +141,14 @@ def _validated(
         if x.dtype != np.uint8 or y.dtype != np.uint8:
             raise DataError(f"{source}: {split} arrays are {x.dtype}/{y.dtype}, expected uint8")
         if x.ndim != 3 or x.shape[1:] != (SIDE, SIDE):
-            raise DataError(f"{source}: x_{split} has shape {x.shape}, expected (N, 28, 28)")
+            raise DataError(f"{source}: x_{split} has shape {x.shape}, expected (N, {SIDE}, {SIDE})")
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{source}: {len(x)} {split} images but {y.shape} labels")
         if expect_full and len(x) != count:
             raise DataError(f"{source}: {len(x)} {split} images, expected {count}")
-        if len(y) and int(y.max()) > 9:
-            raise DataError(f"{source}: y_{split} has label {int(y.max())}, expected 0-9")
+        if len(y) and int(y.max()) >= DIGITS:
+            raise DataError(f"{source}: y_{split} has label {int(y.max())}, expected 0-{DIGITS - 1}")
     return Mnist(source=source, checksums=checksums, **arrays)
-
-
-def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) MNIST digits -> float32 (N, 28, 28, 1) in [0, 1], ink high."""
-    return (images.astype(np.float32) / 255.0)[..., None]
 
 
 def split_indices(count: int, *, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

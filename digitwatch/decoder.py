@@ -15,7 +15,6 @@ import multiprocessing.reduction as reduction
 import os
 import resource
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from digitwatch.errors import ImageError, RefusedError
+from digitwatch.errors import ImageError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
-from digitwatch.pipeline import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file
+from digitwatch.pipeline import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file, read_regular
 
 DEFAULT_TIME_LIMIT = 10.0  # seconds one file may take in a worker
 # Address space a worker may map beyond what it has when warm. A 40 Mpx RGB16
@@ -48,25 +47,6 @@ class Limits:
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT  # None: no RLIMIT_AS
 
 
-def read_open(fd: int, max_bytes: int) -> bytes:
-    """The bytes of a file the loop process opened (without following links) and
-    handed over; closes it. Only regular files, and none over max_bytes."""
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise RefusedError("refused: not a regular file")
-        if st.st_size > max_bytes:
-            raise RefusedError(
-                f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB")
-        # The offset is shared with the loop's copy: a worker that died part
-        # way through this file left it wherever it stopped.
-        fh.seek(0)
-        data = fh.read(st.st_size + 1)
-        if len(data) > st.st_size:  # still growing; take what is there, up to the limit
-            data += fh.read(max_bytes + 1 - len(data))
-        return data
-
-
 def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
     """The work a worker does for one file: the daemon's own pipeline. `source`
     is a path (read without following links: the inbox is untrusted) or a
@@ -76,12 +56,18 @@ def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
                             follow_links=False)
     started = time.perf_counter()
     try:
-        data = read_open(source, limits.max_bytes)
+        data = read_regular(source, limits.max_bytes)
     except ImageError as exc:
         return Prepared(name=name, sha256="", started=started, error=str(exc))
     except OSError as exc:
         return Prepared(name=name, sha256="", started=started, error=f"cannot read: {exc.strerror or exc}")
     return prepare_bytes(name, data, started, max_pixels=limits.max_pixels)
+
+
+def prepare_named(source: str | int, name: str, limits: Limits) -> Prepared:
+    """The work for a file named on the command line (`digitwatch classify`):
+    the path as the user gave it, links followed, exactly as in-process."""
+    return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
 
 
 Task = Callable[[str | int, str, Limits], Prepared]

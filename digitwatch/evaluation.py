@@ -20,9 +20,7 @@ import cv2
 import numpy as np
 
 from digitwatch.calibration import Reliability, reliability
-
-NUM_CLASSES = 10  # rows of the confusion matrix: the true digits
-REJECT = 10
+from digitwatch.contract import DIGITS, REJECT
 
 
 @dataclass(frozen=True)
@@ -39,17 +37,18 @@ class Evaluation:
 
     model: str
     count: int
-    accuracy: float
+    accuracy: float  # the digit answered (argmax over 0-9, as the result's `digit`) is right
     per_class: list[ClassScore]
     confusion: list[list[int]]
+    refused: int = 0  # answered "not a digit" (11-class models): still a digit in `digit`, never ok
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int = DIGITS) -> np.ndarray:
     """Rows: true digit; columns: predicted class (an 11th column for "not a digit")."""
-    cm = np.zeros((NUM_CLASSES, classes), np.int64)
+    cm = np.zeros((DIGITS, classes), np.int64)
     np.add.at(cm, (truth.astype(np.int64), predicted.astype(np.int64)), 1)
     return cm
 
@@ -58,7 +57,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, *, model: str) -> Ev
     predicted = np.argmax(probabilities, axis=1)
     cm = confusion_matrix(labels, predicted, probabilities.shape[1])
     per_class = []
-    for d in range(NUM_CLASSES):
+    for d in range(DIGITS):
         tp = int(cm[d, d])
         predicted_d, actual_d = int(cm[:, d].sum()), int(cm[d].sum())
         per_class.append(
@@ -72,9 +71,10 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, *, model: str) -> Ev
     return Evaluation(
         model=model,
         count=len(labels),
-        accuracy=float(np.mean(predicted == labels)),
+        accuracy=float(np.mean(np.argmax(probabilities[:, :DIGITS], axis=1) == labels)),
         per_class=per_class,
         confusion=cm.tolist(),
+        refused=int(np.sum(predicted == REJECT)) if probabilities.shape[1] > REJECT else 0,
     )
 
 
@@ -82,7 +82,8 @@ def format_table(ev: Evaluation) -> str:
     lines = [
         f"model     {ev.model}",
         f"digits    {ev.count}",
-        f"accuracy  {ev.accuracy:.4f}  ({round(ev.accuracy * ev.count)}/{ev.count})",
+        f"accuracy  {ev.accuracy:.4f}  ({round(ev.accuracy * ev.count)}/{ev.count}, the digit answered)",
+        f"refused   {ev.refused}  (answered 'not a digit': status low_confidence)",
         "",
         "digit  precision  recall  support",
     ]
@@ -102,13 +103,13 @@ def confusion_png(ev: Evaluation, path: Path) -> None:
     cell, margin = 56, 40
     cm = np.array(ev.confusion, np.float64)
     columns = cm.shape[1]
-    size = margin + cell * NUM_CLASSES
+    size = margin + cell * DIGITS
     width = margin + cell * columns
     img = np.full((size + 30, max(width, 420), 3), 255, np.uint8)
     scale = np.log1p(cm) / max(np.log1p(cm.max()), 1e-9)
-    for p in range(NUM_CLASSES, columns):
+    for p in range(DIGITS, columns):
         cv2.putText(img, _class_name(p), (margin + p * cell + 10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
-    for t in range(NUM_CLASSES):
+    for t in range(DIGITS):
         for p in range(columns):
             shade = int(255 - 200 * scale[t, p])
             colour = (255, shade, shade) if t == p else (shade, shade, 255)
@@ -182,17 +183,18 @@ def single_digit_reader(classifier, threshold: float) -> Reader:
 
 def number_reader(classifier, threshold: float) -> Reader:
     """The product's path: `reading.read_number` (cuts, one model call, whole-answer
-    confidence). A reading refused as "not a digit" is an empty answer."""
+    confidence). The answer is the result line's text and confidence, whatever
+    the status: a reading refused as "not a digit" still states its text, with
+    the confidence that it is right (calibrated: low)."""
     from digitwatch.errors import ImageError
-    from digitwatch.reading import REASON_NOT_DIGIT, STATUS_OK, read_number
+    from digitwatch.reading import STATUS_OK, read_number
 
     def read(png: bytes) -> Answer:
         try:
             r = read_number(png, classifier, threshold=threshold)
         except ImageError:
             return Answer("", 0.0, False)
-        text = "" if r.reason == REASON_NOT_DIGIT else r.text
-        return Answer(text, float(r.confidence), r.status == STATUS_OK)
+        return Answer(r.text, float(r.confidence), r.status == STATUS_OK)
 
     return read
 
@@ -287,13 +289,20 @@ class ScanReport:
     ece: float
     reliability: Reliability = field(repr=False)
     seconds: float = 0.0
+    # Single-digit scans (MNIST test digits, every variation), when asked for:
+    digits: int = 0
+    digits_right: float = 0.0  # the digit answered is the digit
+    digits_marked_ok: float = 0.0
+    digits_ok_right: float = 1.0  # of those marked ok
+    ece_by_set: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, str]],
-                read: Reader, *, model: str, reader: str, threshold: float) -> ScanReport:
+                read: Reader, *, model: str, reader: str, threshold: float,
+                digits: list[tuple[bytes, str]] = ()) -> ScanReport:
     """Read every scan and score: exact strings, ok answers, refusals, calibration.
     Calibration is over every answer given (non-empty text): a stated answer's
     confidence against whether it is right (any answer to a non-digit is wrong)."""
@@ -309,11 +318,20 @@ def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, 
     by_kind: dict[str, list[bool]] = {}
     for (a, k) in non:
         by_kind.setdefault(k, []).append(a.ok)
-    answered = [(a.confidence, a.text == t) for a, t in num if a.text]
-    answered += [(a.confidence, False) for a, _ in non if a.text]
+    one = [(read(png), truth) for png, truth in digits]
+    one_right = np.array([a.text == t for a, t in one], bool)
+    one_ok = np.array([a.ok for a, _ in one], bool)
+    sets = {
+        "numbers": [(a.confidence, a.text == t) for a, t in num if a.text],
+        "non_digits": [(a.confidence, False) for a, _ in non if a.text],
+        "digits": [(a.confidence, a.text == t) for a, t in one if a.text],
+    }
+    answered = [x for v in sets.values() for x in v]
     conf = np.array([c for c, _ in answered], np.float64)
     good = np.array([g for _, g in answered], bool)
     rel = reliability(conf, good)
+    ece_by_set = {k: reliability(np.array([c for c, _ in v]), np.array([g for _, g in v], bool)).ece
+                  for k, v in sets.items() if v}
     n = max(len(num), 1)
     return ScanReport(
         model=model, reader=reader, threshold=threshold,
@@ -325,6 +343,10 @@ def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, 
         non_digits=len(non), non_digits_marked_ok=float(non_ok.mean()) if len(non) else 0.0,
         non_digits_marked_ok_by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         ece=rel.ece, reliability=rel, seconds=round(time.monotonic() - started, 1),
+        digits=len(one), digits_right=float(one_right.mean()) if len(one) else 0.0,
+        digits_marked_ok=float(one_ok.mean()) if len(one) else 0.0,
+        digits_ok_right=float(one_right[one_ok].mean()) if one_ok.any() else 1.0,
+        ece_by_set=ece_by_set,
     )
 
 
@@ -338,8 +360,15 @@ def format_scan_report(r: ScanReport) -> str:
         f"wrong+ok   {r.wrong_marked_ok:.4f} of all number scans",
         f"non-digits {r.non_digits} scans, marked ok {r.non_digits_marked_ok:.4f}",
         "by kind    " + "  ".join(f"{k}:{v:.3f}" for k, v in r.non_digits_marked_ok_by_kind.items()),
-        f"ECE        {r.ece:.4f} over {sum(r.reliability.count)} answers ({len(r.reliability.count)} bins)",
+        f"ECE        {r.ece:.4f} over {sum(r.reliability.count)} answers ({len(r.reliability.count)} bins); "
+        + "  ".join(f"{k}:{v:.4f}" for k, v in r.ece_by_set.items()),
     ]
+    if r.digits:
+        lines[1:1] = [
+            f"digits     {r.digits} single-digit scans of MNIST test digits, every variation",
+            f"           right {r.digits_right:.4f}, marked ok {r.digits_marked_ok:.4f}, "
+            f"right of those ok {r.digits_ok_right:.4f}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -375,8 +404,21 @@ def reliability_png(rel: Reliability, path: Path, *, title: str = "") -> None:
     cv2.imwrite(str(path), img)
 
 
+def digit_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, str]]:
+    """(png, digit) single-digit scans cycling through every variation."""
+    scans = _scan_renderer()
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(images), count, replace=False)
+    out = []
+    for i, k in enumerate(pick):
+        variation = scans.VARIATIONS[i % len(scans.VARIATIONS)]
+        scan = next(scans.mnist_scans(images[k : k + 1], labels[k : k + 1], variation, rng))
+        out.append((scan.png, str(scan.label)))
+    return out
+
+
 def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: int, threshold: float,
-                   report: Path | None = None) -> ScanReport:
+                   report: Path | None = None, digits: int = 0) -> ScanReport:
     """Build the scan sets, read them with the best reader available, score, and
     write reliability.png into `report`."""
     name, read = default_reader(classifier, threshold)
@@ -384,6 +426,7 @@ def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: in
         number_scans(numbers, seed, mnist.x_test, mnist.y_test),
         non_digit_scans(non_digits, seed + 1),
         read, model=classifier.model_id, reader=name, threshold=threshold,
+        digits=digit_scans(digits, seed + 2, mnist.x_test, mnist.y_test) if digits else [],
     )
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from digitwatch.contract import SIDE
 from digitwatch.errors import (
     CorruptImageError,
     EmptyFileError,
@@ -50,10 +51,9 @@ DEFAULT_MAX_DECODED_BYTES = 200_000_000
 _PEAK_BYTES_PER_PIXEL = {(1, False): 2.5, (1, True): 6.5, (3, False): 6.5, (3, True): 23.0,
                          (4, False): 37.0, (4, True): 41.0}
 _COLOR_NAMES = {0: "gray", 2: "RGB", 3: "palette", 4: "gray+alpha", 6: "RGBA"}
-# The model's input contract, stated here once: a digit is SIDE x SIDE float32
-# in [0, 1], ink high, MNIST-normalized (its longer side BOX, centre of mass at
-# COM_CENTRE); a batch is (N, SIDE, SIDE).
-SIDE = 28
+# What this module produces is the model input `digitwatch.contract` states
+# (SIDE x SIDE float32 in [0, 1], ink high); MNIST's normalization puts the
+# digit's longer side at BOX and its centre of mass at COM_CENTRE.
 BOX = 20  # MNIST: the digit's longer side, before centring in 28x28
 COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
 COARSE_SIDE = 160  # the whole page is searched at most this large (in area, squared) first

@@ -93,14 +93,17 @@ class LineWriter:
 _writer = LineWriter(sys.stdout)
 
 
-def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
-    """auto: console on a TTY, JSON otherwise; priority prefixes under journald."""
+def configure(log_format: str = "auto", level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    """auto: console on a TTY, JSON otherwise; priority prefixes under journald.
+    Events go to stdout unless `stream` says otherwise (`classify` writes its
+    records to stdout, so its few events go to stderr)."""
     global _writer
-    tty = sys.stdout.isatty()
+    stream = stream or sys.stdout
+    tty = stream.isatty()
     json_output = log_format == "json" or (log_format == "auto" and not tty)
-    _writer = LineWriter(sys.stdout)
+    _writer = LineWriter(stream)
     structlog.configure(
-        processors=processors(json_output, journal=is_journal(os.environ, sys.stdout), colors=tty),
+        processors=processors(json_output, journal=is_journal(os.environ, stream), colors=tty),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_: _writer,
         cache_logger_on_first_use=False,

@@ -1,7 +1,8 @@
 """Classifiers: one protocol, a LiteRT implementation for the product and a Keras
 one for `.keras` files. Only the Keras path imports TensorFlow, and lazily.
 
-A model has 10 outputs (digits 0-9) or 11 (index 10 = "not a digit"). What the
+A model has 10 outputs (digits 0-9) or 11 (index 10 = "not a digit"), the
+layout `digitwatch.contract` states. What the
 graph outputs and how it is calibrated is read from the model card beside it
 (`digits.json`: "outputs" is "probabilities" or "logits", "temperature" the
 calibration fitted on held-out data); without a card, the outputs are taken as
@@ -31,18 +32,18 @@ from typing import Protocol
 
 import numpy as np
 
+from digitwatch.confidence import AnswerCalibration
+from digitwatch.contract import CLASS_COUNTS, DIGITS, REJECT, SIDE, to_model_input
 from digitwatch.errors import ModelError
 
-SIDE = 28
-DIGITS = 10  # classes 0-9
-REJECT = 10  # the class index of "not a digit" in 11-class models
-SUPPORTED_CLASSES = (DIGITS, DIGITS + 1)
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits.tflite"
+# The shipped default: the 10-class digit ensemble with the "not a digit" head,
+# calibrated as a pair (models/digits-reject.json).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits-reject.json"
 
 
 class Classifier(Protocol):
-    """Maps a batch of normalized digits (N, 28, 28) float32 to probabilities
-    (N, classes): classes is 10, or 11 with index REJECT = "not a digit"."""
+    """Maps a batch of model inputs (`contract.to_model_input`) to probabilities
+    (N, classes): classes is one of `contract.CLASS_COUNTS`."""
 
     model_id: str
     classes: int
@@ -66,6 +67,9 @@ class OutputSpec:
     # The whole-answer confidence below which answers are not ok, chosen with
     # this calibration (tests/bench/calibrate.py); None when the card has none.
     low_confidence: float | None = None
+    # The map from a reading's evidence to p(whole answer right), fitted with
+    # the same calibration; None: the raw product of the digits' probabilities.
+    answers: AnswerCalibration | None = None
 
     @classmethod
     def for_model(cls, path: Path) -> OutputSpec:
@@ -79,6 +83,8 @@ class OutputSpec:
             temperature = float(card.get("temperature", 1.0))
             low = card.get("recommended_low_confidence")
             low = None if low is None else float(low)
+            answers = card.get("answer_calibration")
+            answers = None if answers is None else AnswerCalibration.from_card(answers)
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise ModelError(f"{card_path}: unreadable model card ({exc})") from exc
         if outputs not in ("probabilities", "logits"):
@@ -87,7 +93,7 @@ class OutputSpec:
             raise ModelError(f"{card_path}: temperature {temperature} outside 0.05-20")
         if low is not None and not 0.0 <= low <= 1.0:
             raise ModelError(f"{card_path}: recommended_low_confidence {low} outside 0-1")
-        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low)
+        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low, answers=answers)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         if not self.logits and self.temperature == 1.0:
@@ -107,8 +113,8 @@ def to_probabilities(raw: np.ndarray, *, logits: bool, temperature: float = 1.0)
 
 
 def _check_classes(path: Path, count: int) -> int:
-    if count not in SUPPORTED_CLASSES:
-        raise ModelError(f"{path}: expected one (N, 10) or (N, 11) output, got {count} classes")
+    if count not in CLASS_COUNTS:
+        raise ModelError(f"{path}: expected one (N, {DIGITS}) or (N, {DIGITS + 1}) output, got {count} classes")
     return count
 
 
@@ -143,9 +149,9 @@ class LiteRTClassifier:
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
         if len(inputs) != 1 or tuple(inputs[0]["shape"][1:]) != (SIDE, SIDE, 1):
-            raise ModelError(f"{path}: expected one (N, 28, 28, 1) input, got {inputs}")
+            raise ModelError(f"{path}: expected one (N, {SIDE}, {SIDE}, 1) input, got {inputs}")
         if len(outputs) != 1:
-            raise ModelError(f"{path}: expected one (N, 10) or (N, 11) output, got {len(outputs)}")
+            raise ModelError(f"{path}: expected one (N, {DIGITS}) or (N, {DIGITS + 1}) output, got {len(outputs)}")
         self.classes = _check_classes(path, int(outputs[0]["shape"][-1]))
         self.spec = spec if spec is not None else OutputSpec.for_model(path)
         self._input = inputs[0]["index"]
@@ -157,7 +163,7 @@ class LiteRTClassifier:
         self.model_id = model_id_for(path)
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(digits, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
+        x = to_model_input(digits)
         with self._lock:
             if x.shape[0] != self._batch:
                 # Resizing re-plans memory, so keep the last size: the daemon's
@@ -181,7 +187,7 @@ class KerasClassifier:
         self.model_id = model_id_for(path)
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
-        x = np.asarray(digits, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
+        x = to_model_input(digits)
         return self.spec.apply(np.asarray(self._model(x, training=False)))
 
 
@@ -255,7 +261,7 @@ def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
         raise ModelError(f"{card_path}: a model card given as --model names digit_model and reject_model")
     spec = OutputSpec.for_model(card_path)
     return RejectHeadClassifier(LiteRTClassifier(digits), LiteRTClassifier(reject),
-                                OutputSpec(low_confidence=spec.low_confidence))
+                                OutputSpec(low_confidence=spec.low_confidence, answers=spec.answers))
 
 
 def load_classifier(path: Path | None = None) -> Classifier:

@@ -1,8 +1,9 @@
 """A file's path from disk to a Result: read, hash, cut into candidate digits
 (`prepare_file` -> Prepared), then classify a batch at once and read each
 file's digits (`classify_batch` -> Result). Shared by the `classify` command
-(classify_cmd.py, preparing in threads) and the daemon (preparing in the worker
-processes of workers.py / decoder.py, classifying in the loop process).
+(classify_cmd.py) and the daemon: both prepare in the worker processes of
+workers.py / decoder.py (`classify` in its own process for a few files) and
+classify in the calling process.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
         if exc.errno == errno.ELOOP:
             raise RefusedError("refused: a symbolic link (never followed)") from exc
         raise
+    return read_regular(fd, max_bytes)
+
+
+def read_regular(fd: int, max_bytes: int) -> bytes:
+    """The whole content of the file open at `fd`, which is closed here: what
+    `read_file`, a claim (`claims.read_claim`) and a worker given a descriptor
+    all read with. Refuses anything but a regular file (by fstat: the name may
+    have been swapped since it was looked at) and files over max_bytes before
+    reading them."""
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         refuse_unless_regular(st.st_mode)
@@ -75,6 +85,9 @@ def read_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes
             raise RefusedError(
                 f"refused: file is {st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB"
             )
+        # From the start: a descriptor handed to a worker shares its offset with
+        # the loop's copy, and a worker that died part way left it mid-file.
+        fh.seek(0)
         # Ask for the size fstat gave (+1 to see growth): read(max_bytes) would
         # allocate the whole limit up front, every file.
         data = fh.read(st.st_size + 1)
@@ -91,11 +104,15 @@ def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int) ->
         cands = read_scan(gray)
     except ImageError as exc:
         return Prepared(name=name, sha256=digest, started=started, error=str(exc))
-    pixels = cands.crops[0] if len(cands.crops) == 1 else np.hstack(list(cands.crops))
     return Prepared(
-        name=name, sha256=digest, started=started, pixels=pixels,
+        name=name, sha256=digest, started=started, pixels=side_by_side(cands.crops),
         width=gray.shape[1], height=gray.shape[0], candidates=cands,
     )
+
+
+def side_by_side(crops: np.ndarray) -> np.ndarray:
+    """A scan's candidate digits in one image, (SIDE, SIDE*K): what --debug-dir writes."""
+    return crops[0] if len(crops) == 1 else np.hstack(list(crops))
 
 
 def prepare_file(
@@ -115,14 +132,25 @@ def prepare_file(
     return prepare_bytes(name, data, started, max_pixels=max_pixels)
 
 
+def threshold_for(classifier: Classifier, low_confidence: float | None) -> float:
+    """The threshold given, else the one the model card recommends (chosen with
+    the card's calibration, tests/bench/fit_answers.py), else 0.5."""
+    if low_confidence is not None:
+        return low_confidence
+    card = classifier.spec.low_confidence
+    return DEFAULT_LOW_CONFIDENCE if card is None else card
+
+
 def classify_batch(
-    classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float,
+    classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float | None,
     expect: str | None = None, length: str | None = None,
 ) -> list[Result]:
     """One model call for every candidate digit of every good item in the batch,
     then each file's reading; errors pass straight through. `expect` and
-    `length` are the per-run constraints (see reading.constraints_for)."""
+    `length` are the per-run constraints (see reading.constraints_for);
+    `low_confidence` None is the model card's threshold (see threshold_for)."""
     constraints: Constraints = constraints_for(expect, length)
+    low_confidence = threshold_for(classifier, low_confidence)
     good = [i for i, item in enumerate(items) if item.candidates is not None]
     counts = [len(items[i].candidates.crops) for i in good]  # type: ignore[union-attr]
     by_index: dict[int, np.ndarray] = {}
@@ -136,7 +164,7 @@ def classify_batch(
         latency = (done - item.started) * 1000.0
         if i in by_index:
             r = decide(item.candidates, by_index[i], constraints=constraints,  # type: ignore[arg-type]
-                       threshold=low_confidence)
+                       threshold=low_confidence, calibration=classifier.spec.answers)
             results.append(
                 Result(
                     file=item.name, digit=r.digit, confidence=r.confidence, status=r.status,

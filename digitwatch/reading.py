@@ -24,12 +24,14 @@ one candidate, normalized exactly as before numbers were read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from digitwatch import imaging
+from digitwatch.confidence import AnswerCalibration, Evidence
+from digitwatch.contract import DIGITS, REJECT
 from digitwatch.errors import NoInkError
 from digitwatch.results import STATUS_LOW, STATUS_OK
 
@@ -37,8 +39,6 @@ from digitwatch.results import STATUS_LOW, STATUS_OK
 REASON_LOW = "low confidence"
 REASON_NOT_DIGIT = "not a digit"
 
-DIGIT_CLASSES = 10  # classes 0-9 come first in every model's output
-REJECT = DIGIT_CLASSES  # the class index of "not a digit" in an 11-class model
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
 WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than WIDE_DIGIT heights
 WIDE_DIGIT = 0.9
@@ -57,9 +57,9 @@ CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 # A scan whose ink is one blob is most often one digit (however wide): cutting
 # it costs this many cut costs, as much as cuts cost before they drifted.
 LONE_CUT = 3.0
-TWO_WIDE = 1.2  # a blob wider than this many heights holds two digits: cut it where it is thinnest, however thick
 CUTS_PER = 0.35  # a blob is offered at most one cut per this many digit heights of its width
 CUT_ROWS = (0.3, 0.5, 0.7)  # cut paths are sought through these rows (share of the blob's height)
+LONE_CUTS_PER = 0.5  # ... and a lone blob one per this many
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -109,7 +109,7 @@ def constraints_for(expect: str | None = None, length: str | None = None) -> Con
 class Candidates:
     """A scan cut into atoms, and every candidate digit made of them."""
 
-    crops: np.ndarray  # (K, SIDE, SIDE) float32, MNIST-normalized, one per candidate (imaging.SIDE)
+    crops: np.ndarray  # (K, SIDE, SIDE) float32, MNIST-normalized, one per candidate (contract.SIDE)
     spans: tuple[tuple[int, int], ...]  # atoms [i, j) of each candidate
     prior: np.ndarray  # (K,) log shape prior of each candidate (0: digit-like)
     atoms: int  # how many atoms the ink was cut into
@@ -127,6 +127,8 @@ class Reading:
     confidence: float  # probability the whole text is right
     status: str
     reason: str  # why the status is not ok ("" when ok)
+    # What the confidence was computed from (fitting the calibration uses it).
+    evidence: Evidence | None = field(default=None, compare=False, repr=False)
 
     @property
     def digit(self) -> int | None:
@@ -323,7 +325,9 @@ def _atoms(
         window = labels[p.y0 : p.y1, p.x0 : p.x1]
         own = np.isin(window, p.labels).astype(np.uint8)
         wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
-        paths = _cuts(own, height) if wide else []
+        # A lone blob (one digit, a tick, a cross) is cut only straight down, as
+        # before paths could drift: drifting cuts part a tick into two 1s.
+        paths = _cuts(own, height, drift=len(pieces) > 1) if wide else []
         cols = np.arange(p.width)[None, :]
         left = np.zeros((p.height, 1), np.int64)
         for k in range(len(paths) + 1):
@@ -342,25 +346,26 @@ def _atoms(
     return atoms, cut_after, whole
 
 
-def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
+def _cuts(own: np.ndarray, height: float, *, drift: bool = True) -> list[np.ndarray]:
     """Paths from top to bottom where touching digits may meet, as the column
     each row is cut at. A path may drift sideways one column per row (paying
     CUT_STEP per step), so it can pass between digits that lean into or
     overlap each other where no straight column is clear. Chosen at minima of
     the cheapest path's ink through each column of a few rows (digits touch
     high, low or in the middle), at least MIN_PART heights from either end
-    and CUT_SPACING apart, crossing less ink than most columns hold (unless
-    the blob is too wide for one digit): not the middle of a 0."""
+    and CUT_SPACING apart, crossing less ink than most columns hold: not the
+    middle of a 0."""
     h, width = own.shape
     lo, hi = int(MIN_PART * height), width - int(MIN_PART * height)
     if hi <= lo:
         return []
     ink = own.astype(np.float32)
-    down, down_from = _path_costs(ink)
-    up, up_from = _path_costs(ink[::-1])
+    step = CUT_STEP if drift else np.inf
+    down, down_from = _path_costs(ink, step)
+    up, up_from = _path_costs(ink[::-1], step)
     k = max(3, int(height * 0.06) | 1)
     profile = own.sum(0).astype(np.float32)
-    thin = 0.75 * _median(profile[profile > 0]) if width <= TWO_WIDE * height else np.inf
+    thin = 0.75 * _median(profile[profile > 0])
     found = []  # (ink crossed, row, column)
     for row in CUT_ROWS:
         r = min(h - 1, int(row * h))
@@ -372,9 +377,9 @@ def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
         minima = np.flatnonzero((inner <= left) & (inner <= right))
         # Not the ends of the range: there the cost is still falling toward the blob's edge.
         minima = minima[(minima > 0) & (minima < len(inner) - 1)] + lo
-        found += [(float(through[x]), r, int(x)) for x in minima if through[x] <= thin]
+        found += [(float(smooth[x]), r, int(x)) for x in minima if smooth[x] <= thin]
     found.sort()
-    most = max(1, round(width / (CUTS_PER * height)) - 1)
+    most = max(1, round(width / ((CUTS_PER if drift else LONE_CUTS_PER) * height)) - 1)
     paths: list[np.ndarray] = []
     for _, r, x in found:
         top = _trace(down_from[: r + 1], x)[::-1]  # rows 0 .. r
@@ -387,9 +392,9 @@ def _cuts(own: np.ndarray, height: float) -> list[np.ndarray]:
     return sorted(paths, key=lambda q: float(q.mean()))
 
 
-def _path_costs(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _path_costs(ink: np.ndarray, step: float = CUT_STEP) -> tuple[np.ndarray, np.ndarray]:
     """Cheapest path ink from row 0 down to each pixel (moving at most one
-    column per row, CUT_STEP per sideways step), and the step taken into each
+    column per row, `step` per sideways step), and the step taken into each
     pixel (-1, 0, +1: from the column left of it, above it, right of it)."""
     h, w = ink.shape
     cost = np.empty_like(ink)
@@ -402,8 +407,8 @@ def _path_costs(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for y in range(1, h):
         prev = cost[y - 1]
         ways[0, 1:-1] = prev
-        ways[1, 2:] = prev + CUT_STEP
-        ways[2, :-2] = prev + CUT_STEP
+        ways[1, 2:] = prev + step
+        ways[2, :-2] = prev + step
         way = np.argmin(ways[:, 1:-1], axis=0)
         came[y] = steps[way]
         cost[y] = ways[way, columns] + ink[y]
@@ -487,14 +492,16 @@ def _crop(
 
 def decide(
     cands: Candidates, probs: np.ndarray, *, constraints: Constraints = Constraints(),
-    threshold: float = 0.5,
+    threshold: float = 0.5, calibration: AnswerCalibration | None = None,
 ) -> Reading:
     """The best reading of a scan given the classifier's probabilities for its
-    candidates (rows of `probs`, 10 or 11 classes)."""
+    candidates (rows of `probs`, 10 or 11 classes). With a `calibration` (the
+    model card's), the confidence is its probability that the whole answer is
+    right; without, the raw product (see _confidence)."""
     probs = np.asarray(probs, np.float64)
     if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
-        return _single(probs[0], threshold)
-    digit_probs = probs[:, :DIGIT_CLASSES]
+        return _single(probs[0], threshold, calibration)
+    digit_probs = probs[:, :DIGITS]
     best = np.argmax(digit_probs, axis=1)
     p_best = digit_probs[np.arange(len(best)), best]
     rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
@@ -521,7 +528,7 @@ def decide(
         total[j, 1:] = np.logaddexp(total[j, 1:], total[i, :-1] + score[k])
     if not np.isfinite(top[n]).any():
         # No candidate run covers the ink (every crop of some atom was empty).
-        return _reading([], best, digit_probs, 0.0, STATUS_LOW, REASON_NOT_DIGIT)
+        return _reading([], best, digit_probs, 0.0, None, STATUS_LOW, REASON_NOT_DIGIT)
     z = np.logaddexp.reduce(total[n])
     free = int(np.argmax(top[n]))  # the length of the best reading of any length
     lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]
@@ -529,35 +536,44 @@ def decide(
     if m != free and top[n, free] > top[n, m] + math.log(2.0) or not lengths:
         # What is written does not fit the constraints: report what is written.
         path = _path(cands, back, n, free)
-        return _reading(path, best, digit_probs, _confidence(path, digit_probs, best, top[n, free] - z),
-                        STATUS_LOW, _length_reason(constraints, path))
+        confidence, evidence = _confidence(cands, path, probs, best, top[n, free] - z, calibration)
+        return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW,
+                        _length_reason(constraints, path))
     path = _path(cands, back, n, m)
-    confidence = _confidence(path, digit_probs, best, top[n, m] - z)
+    confidence, evidence = _confidence(cands, path, probs, best, top[n, m] - z, calibration)
     if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path):
-        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_NOT_DIGIT)
+        return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
-        return _reading(path, best, digit_probs, confidence, STATUS_LOW, REASON_LOW)
-    return _reading(path, best, digit_probs, confidence, STATUS_OK, "")
+        return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_LOW)
+    return _reading(path, best, digit_probs, confidence, evidence, STATUS_OK, "")
 
 
-def _confidence(path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float) -> float:
-    """The product of the digits' probabilities times the segmentation certainty
-    (this cut's share of the weight of every way of cutting the same ink)."""
-    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
+def _confidence(
+    cands: Candidates, path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float,
+    calibration: AnswerCalibration | None,
+) -> tuple[float, Evidence]:
+    """(confidence, its evidence). Calibrated: the card's map of the evidence.
+    Raw: the product of the digits' probabilities times the segmentation
+    certainty (this cut's share of the weight of every way of cutting the ink)."""
+    evidence = Evidence.of(probs, path, log_certainty=log_certainty, prior=float(sum(cands.prior[k] for k in path)))
+    if calibration is not None:
+        return calibration.probability(evidence), evidence
+    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty)), evidence
 
 
-def _single(p: np.ndarray, threshold: float) -> Reading:
+def _single(p: np.ndarray, threshold: float, calibration: AnswerCalibration | None = None) -> Reading:
     """The fast path's reading: one candidate, no other way to cut the ink."""
-    digit = int(np.argmax(p[:DIGIT_CLASSES]))
-    confidence = float(p[digit])
+    digit = int(np.argmax(p[:DIGITS]))
+    evidence = Evidence.of(p[None], [0])
+    confidence = float(p[digit]) if calibration is None else calibration.probability(evidence)
     if p.shape[0] > REJECT and int(np.argmax(p)) == REJECT:
         status, reason = STATUS_LOW, REASON_NOT_DIGIT
     elif confidence < threshold:
         status, reason = STATUS_LOW, REASON_LOW
     else:
         status, reason = STATUS_OK, ""
-    return Reading(text=str(digit), digits=((digit, confidence),), confidence=confidence,
-                   status=status, reason=reason)
+    return Reading(text=str(digit), digits=((digit, float(p[digit])),), confidence=confidence,
+                   status=status, reason=reason, evidence=evidence)
 
 
 def _length_reason(constraints: Constraints, path: list[int]) -> str:
@@ -575,12 +591,13 @@ def _path(cands: Candidates, back: np.ndarray, n: int, m: int) -> list[int]:
 
 
 def _reading(
-    path: list[int], best: np.ndarray, probs: np.ndarray, confidence: float, status: str, reason: str
+    path: list[int], best: np.ndarray, probs: np.ndarray, confidence: float, evidence: Evidence | None, status: str,
+    reason: str,
 ) -> Reading:
     digits = tuple((int(best[k]), float(probs[k, best[k]])) for k in path)
     return Reading(
         text="".join(str(d) for d, _ in digits), digits=digits, confidence=float(confidence),
-        status=status, reason=reason,
+        status=status, reason=reason, evidence=evidence,
     )
 
 
@@ -592,4 +609,5 @@ def read_number(
     subclass (NoInkError for a blank page) with a one-line message."""
     cands = read_scan(imaging.decode_gray(data, max_pixels=max_pixels))
     probs = classifier.predict(cands.crops)
-    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold)
+    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold,
+                  calibration=classifier.spec.answers)

@@ -11,6 +11,7 @@ them the bad journal named (and perhaps reported) cannot be known.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -68,3 +69,31 @@ def recover_folder(ws: claims.Workspace, committer: commit.Committer, folder: cl
     if out.journals or leftovers:
         log.info("recovered", folder=folder.name, journals=out.journals, claims=len(out.adopted))
     return out
+
+
+def recover_others(ws: claims.Workspace, committer: commit.Committer, *, starting: bool,
+                   stopping: Callable[[], bool], on_done: Callable[[commit.Intent], None],
+                   adopt: Callable[[claims.Claim], None]) -> int:
+    """Recover every other instance folder (this one's past too, at start):
+    `on_done` for each file a journal finished, `adopt` for each claim to
+    classify again. One bad folder, journal or file costs that item only: a
+    folder that fails is logged and retried on the next call. Returns how many
+    files were finished or adopted."""
+    count = 0
+    try:
+        for folder in ws.others(starting=starting):
+            if stopping():
+                return count
+            try:
+                rec = recover_folder(ws, committer, folder)
+            except Exception as exc:  # contained: the folder is retried on the next rescan
+                log.error("recovery_failed", folder=str(folder.path), error=str(exc))
+                continue
+            for intent in rec.done:
+                on_done(intent)
+            for claim in rec.adopted:
+                adopt(claim)
+            count += len(rec.done) + len(rec.adopted)
+    except OSError as exc:
+        log.error("recovery_failed", folder=str(ws.root_path), error=str(exc))
+    return count

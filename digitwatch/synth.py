@@ -29,11 +29,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from digitwatch.contract import DIGITS, SIDE
 from digitwatch.errors import NoInkError
 from digitwatch.imaging import finish, mnist_box
-
-REJECT = 10  # class index of "not a digit"
-CLASSES = 11
 
 FACES = [
     cv2.FONT_HERSHEY_SIMPLEX,
@@ -237,7 +235,7 @@ def specks(rng: np.random.Generator) -> np.ndarray:
 
 def _mnist_ink(image: np.ndarray) -> np.ndarray:
     """An MNIST digit at WORK scale as float ink."""
-    big = cv2.resize(image.astype(np.float32) / 255.0, (4 * 28, 4 * 28), interpolation=cv2.INTER_CUBIC)
+    big = cv2.resize(image.astype(np.float32) / 255.0, (4 * SIDE, 4 * SIDE), interpolation=cv2.INTER_CUBIC)
     return np.clip(big, 0, 1)
 
 
@@ -343,7 +341,7 @@ def rejects(count: int, rng: np.random.Generator, images: np.ndarray, labels: np
     for training)."""
     weights = np.array([k.weight for k in kinds])
     picks = rng.choice(len(kinds), size=count, p=weights / weights.sum())
-    out = np.empty((count, 28, 28), np.float32)
+    out = np.empty((count, SIDE, SIDE), np.float32)
     for n, k in enumerate(picks):
         out[n] = to_mnist(reject_ink(kinds[k], rng, images, labels))
     return out, [kinds[k].name for k in picks]
@@ -351,8 +349,8 @@ def rejects(count: int, rng: np.random.Generator, images: np.ndarray, labels: np
 
 def font_digits(count: int, rng: np.random.Generator, faces: list[int] = FACES) -> tuple[np.ndarray, np.ndarray]:
     """Hershey-font digits, slanted and in any pen width: labelled 0-9, 'other hands'."""
-    labels = rng.integers(10, size=count).astype(np.uint8)
-    out = np.empty((count, 28, 28), np.float32)
+    labels = rng.integers(DIGITS, size=count).astype(np.uint8)
+    out = np.empty((count, SIDE, SIDE), np.float32)
     for n, d in enumerate(labels):
         out[n] = to_mnist(glyph_ink(str(int(d)), faces[rng.integers(len(faces))], rng))
     return out, labels
@@ -375,14 +373,14 @@ def number_strings(count: int, rng: np.random.Generator, lengths: tuple[int, int
     out = []
     for n in range(count):
         length = lo + n % (hi - lo + 1)
-        out.append("".join(str(int(d)) for d in rng.integers(10, size=length)))
+        out.append("".join(str(int(d)) for d in rng.integers(DIGITS, size=length)))
     return out
 
 
 def number_ink(text: str, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A handwritten number made of MNIST digits (pass the TEST split for evaluation):
     uneven spacing (some pairs touching), a drifting baseline, a little size jitter."""
-    by_digit = [np.flatnonzero(labels == d) for d in range(10)]
+    by_digit = [np.flatnonzero(labels == d) for d in range(DIGITS)]
     pieces = []
     for ch in text:
         pool = by_digit[int(ch)]

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.data import Mnist, split_indices, to_input
+from digitwatch.contract import DIGITS, INPUT_DESCRIPTION, REJECT, SIDE, to_model_input
+from digitwatch.data import Mnist, split_indices
 from digitwatch.errors import ModelError
-from digitwatch.model import DIGITS, REJECT, load_keras_model, to_probabilities
+from digitwatch.model import load_keras_model, to_probabilities
 
 # TensorFlow logs a wall of CUDA probing on machines without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,7 +33,6 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
-SIDE = 28
 BATCH_SIZE = 128
 PEAK_LR = 2e-3
 LABEL_SMOOTHING = 0.1
@@ -85,9 +85,9 @@ def split_train_validation(
     """Hold out a validation split of the training digits; the test set is never touched."""
     train, val = split_indices(len(mnist.x_train), seed=seed, limit=limit)
     return (
-        to_input(mnist.x_train[train]),
+        to_model_input(mnist.x_train[train]),
         mnist.y_train[train],
-        to_input(mnist.x_train[val]),
+        to_model_input(mnist.x_train[val]),
         mnist.y_train[val],
     )
 
@@ -375,7 +375,7 @@ def export_tflite(model: keras.Model, path: Path, calibration: np.ndarray | None
 
         def samples():
             for i in range(0, len(calibration), 10):
-                yield [calibration[i : i + 10].reshape(-1, SIDE, SIDE, 1).astype(np.float32)]
+                yield [to_model_input(calibration[i : i + 10])]
 
         converter.representative_dataset = samples
     path.write_bytes(converter.convert())
@@ -493,7 +493,7 @@ def run_training(request: TrainRequest) -> dict:
     if request.quantize:
         # The int8 ranges must cover what serving sees: digits, and (11 classes)
         # non-digits, whose activations differ.
-        calibration = to_input(mnist.x_train[:CALIBRATION_SIZE])
+        calibration = to_model_input(mnist.x_train[:CALIBRATION_SIZE])
         if settings.reject:
             n = CALIBRATION_SIZE // 4
             from digitwatch import synth
@@ -511,7 +511,7 @@ def run_training(request: TrainRequest) -> dict:
 
     # The test set is only measured here, after training is over: it reports,
     # it never selects. The reloaded .keras is what users will load.
-    x_test = to_input(mnist.x_test)
+    x_test = to_model_input(mnist.x_test)
     keras_probs = spec.apply(predict(load_keras_model(out), x_test))
     tflite = LiteRTClassifier(tflite_path, spec=spec)
     tflite_probs = tflite.predict(x_test)
@@ -540,11 +540,11 @@ def run_training(request: TrainRequest) -> dict:
         "arch": settings.arch,
         "members": settings.members,
         "parameters": int(outcome.model.count_params()),
-        "input": "float32 (N, 28, 28, 1) in [0, 1], ink high, MNIST-normalized",
+        "input": INPUT_DESCRIPTION,
         "output": (
             f"float32 (N, {settings.classes}) logits (averaged over members); serving applies "
             f"softmax(logits / temperature); class {REJECT} = not a digit"
-            if logits else "float32 (N, 10) class probabilities"
+            if logits else f"float32 (N, {settings.classes}) class probabilities"
         ),
         "classes": settings.classes,
         "outputs": "logits" if logits else "probabilities",

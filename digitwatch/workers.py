@@ -161,8 +161,93 @@ class WorkerStartError(DigitwatchError):
     """The workers could not be started (they died or did not report ready)."""
 
 
+class _Crew:
+    """The worker processes themselves: started, told apart by what they hold,
+    killed past the time limit, replaced when they die. No thread of its own:
+    the pool calls it under the pool's lock."""
+
+    def __init__(self, size: int, task: Task, limits: Limits) -> None:
+        self.size = size
+        self.task = task
+        self.limits = limits
+        self.workers: list[_Worker] = []
+        self.failed_starts = 0  # replacements that died before they were ready, in a row
+        self.replaced = 0
+
+    def add(self) -> None:
+        """One more worker (OSError if it cannot even be spawned)."""
+        self.workers.append(_Worker.start(self.task, self.limits))
+
+    def ready(self) -> int:
+        return sum(w.ready for w in self.workers)
+
+    def became_ready(self, w: _Worker) -> None:
+        w.ready, w.since = True, time.monotonic()
+        self.failed_starts = 0
+
+    def free(self, depth: int) -> list[_Worker]:
+        """Ready workers holding fewer than `depth` files."""
+        return [w for w in self.workers if w.ready and len(w.pending) < depth]
+
+    def waits(self) -> list:
+        """What the collector waits on: every worker's pipe and exit sentinel."""
+        out: list = []
+        for w in self.workers:
+            out.append(w.conn)
+            if w.sentinel >= 0:
+                out.append(w.sentinel)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the earliest file in a worker reaches the time limit."""
+        heads = [w.since for w in self.workers if w.pending and not w.killed_for]
+        if not heads:
+            return None
+        return max(0.0, min(heads) + self.limits.time_limit - time.monotonic())
+
+    def enforce_time_limit(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.pending and not w.killed_for and now - w.since >= self.limits.time_limit:
+                w.killed_for = f"decoding took longer than {self.limits.time_limit:g} s"
+                w.ready = False
+                w.proc.kill()
+
+    def remove(self, w: _Worker) -> tuple[_Job | None, str]:
+        """A dead worker out of the crew: the file it was on (the oldest sent)
+        and why it died. The rest it held stay in `w.pending`."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(5)  # its socket closes a moment before it can be reaped
+        reason = w.killed_for or _death_reason(w.proc.returncode)
+        culprit = w.pending.popleft() if w.pending else None
+        self.workers.remove(w)
+        w.release()
+        self.replaced += 1
+        if not w.ready:
+            self.failed_starts += 1
+        return culprit, reason
+
+    def take_all(self) -> list[_Worker]:
+        """Every worker, out of the crew (to be killed with `kill`)."""
+        workers, self.workers = self.workers, []
+        return workers
+
+    @staticmethod
+    def kill(workers: list[_Worker]) -> None:
+        """Kill and reap these workers (their pending jobs are the caller's)."""
+        for w in workers:
+            with contextlib.suppress(OSError):
+                w.proc.kill()
+        for w in workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(10)
+            w.release()
+
+
 class WorkerPool:
-    """Pre-started worker processes; `submit` never blocks, `completed` collects."""
+    """Pre-started worker processes; `submit` never blocks, `completed` collects.
+    This class is the queue of files and the collector thread; `_Crew` the
+    processes."""
 
     def __init__(self, workers: int | None = None, *, limits: Limits | None = None,
                  on_done: Callable[[], None] | None = None, task: Task = prepare_claimed,
@@ -170,21 +255,23 @@ class WorkerPool:
         self.size = workers or worker_count()
         self.limits = limits or Limits()
         self.on_done = on_done
-        self.task = task
         self.depth = max(1, depth)
+        self._crew = _Crew(self.size, task, self.limits)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a worker became ready, or the pool broke
-        self._workers: list[_Worker] = []
         self._backlog: deque[_Job] = deque()
         self._done: deque[Outcome] = deque()
         self._seq = 0
-        self._failed_starts = 0
         self._broken = ""
         self._closing = False
         self._sleeping = False  # the collector waits with no deadline: wake it on submit
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="workers", daemon=True)
-        self.replaced = 0
+
+    @property
+    def replaced(self) -> int:
+        """Workers that died and were replaced (or given up on) so far."""
+        return self._crew.replaced
 
     # ---------------------------------------------------------- public
 
@@ -193,7 +280,7 @@ class WorkerPool:
         self._thread.start()
         deadline = time.monotonic() + timeout
         with self._changed:
-            while not self._broken and sum(w.ready for w in self._workers) < self.size:
+            while not self._broken and self._crew.ready() < self.size:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._broken = f"workers did not start within {timeout:g} s"
@@ -214,7 +301,7 @@ class WorkerPool:
         fd = source if isinstance(source, int) else -1
         job = _Job(token, None if fd >= 0 else os.fspath(source), name, fd=fd)
         with self._lock:
-            refused = self._closing or bool(self._broken and not self._workers)
+            refused = self._closing or bool(self._broken and not self._crew.workers)
             if refused:
                 self._fail(job, CANNOT_START)
             else:
@@ -235,16 +322,16 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         with self._lock:
-            return [w.proc.pid for w in self._workers]
+            return [w.proc.pid for w in self._crew.workers]
 
     def busy(self) -> dict[int, list[Hashable]]:
         """Worker pid -> tokens sent to it and unanswered, the first being worked on."""
         with self._lock:
-            return {w.proc.pid: [j.token for j in w.pending] for w in self._workers}
+            return {w.proc.pid: [j.token for j in w.pending] for w in self._crew.workers}
 
     def in_flight(self) -> int:
         with self._lock:
-            return len(self._backlog) + sum(len(w.pending) for w in self._workers)
+            return len(self._backlog) + sum(len(w.pending) for w in self._crew.workers)
 
     def close(self) -> None:
         """Stop at once: kill the workers (they hold nothing but the files in
@@ -255,15 +342,10 @@ class WorkerPool:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10)
         with self._lock:
-            workers, self._workers = self._workers, []
+            workers = self._crew.take_all()
             fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        _Crew.kill(workers)
         for w in workers:
-            with contextlib.suppress(OSError):
-                w.proc.kill()
-        for w in workers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                w.proc.wait(10)
-            w.release()
             for job in w.pending:
                 job.over()
         with self._lock:
@@ -280,7 +362,7 @@ class WorkerPool:
     def __exit__(self, *_exc) -> None:
         self.close()
 
-    # ---------------------------------------------------------- workers
+    # ---------------------------------------------------------- the queue
 
     def _wake(self) -> None:
         """Interrupt the collector's wait. Holds the lock (the pipe is closed under it)."""
@@ -291,7 +373,7 @@ class WorkerPool:
     def _dispatch(self) -> None:
         """Hand queued files to ready workers, the least loaded first. Holds the lock."""
         while self._backlog:
-            free = [w for w in self._workers if w.ready and len(w.pending) < self.depth]
+            free = self._crew.free(self.depth)
             if not free:
                 return
             w = min(free, key=lambda x: len(x.pending))
@@ -314,7 +396,7 @@ class WorkerPool:
         try:
             with self._lock:
                 for _ in range(self.size):
-                    self._workers.append(_Worker.start(self.task, self.limits))
+                    self._crew.add()
         except OSError as exc:
             with self._changed:
                 self._broken = f"cannot start a worker: {exc}"
@@ -324,12 +406,8 @@ class WorkerPool:
             with self._lock:
                 if self._closing:
                     return
-                waits = [self._wake_r]
-                for w in self._workers:
-                    waits.append(w.conn)
-                    if w.sentinel >= 0:
-                        waits.append(w.sentinel)
-                timeout = self._next_deadline()
+                waits = [self._wake_r, *self._crew.waits()]
+                timeout = self._crew.next_deadline()
                 self._sleeping = timeout is None
             ready = set(mpc.wait(waits, timeout))
             if self._wake_r in ready:
@@ -346,20 +424,14 @@ class WorkerPool:
     def _turn(self, ready: set) -> int:
         """One wake-up of the collector: results, deaths, time limits. Holds the lock."""
         finished = 0
-        for w in list(self._workers):
+        for w in list(self._crew.workers):
             if w.conn in ready:
                 finished += self._receive(w)
             if w.sentinel in ready or w.proc.poll() is not None:
                 finished += self._bury(w)
-        self._enforce_time_limit()
+        self._crew.enforce_time_limit()
         self._dispatch()
         return finished
-
-    def _next_deadline(self) -> float | None:
-        heads = [w.since for w in self._workers if w.pending and not w.killed_for]
-        if not heads:
-            return None
-        return max(0.0, min(heads) + self.limits.time_limit - time.monotonic())
 
     def _receive(self, w: _Worker) -> int:
         """Take every message the worker has sent. Holds the lock."""
@@ -372,8 +444,7 @@ class WorkerPool:
             except (EOFError, OSError):
                 return n  # it died: its exit status says how
             if msg[0] == "ready":
-                w.ready, w.since = True, time.monotonic()
-                self._failed_starts = 0
+                self._crew.became_ready(w)
                 self._changed.notify_all()
                 continue
             seq, (sha256, started, candidates, width, height, error, worker_ms) = msg
@@ -389,25 +460,17 @@ class WorkerPool:
     def _bury(self, w: _Worker) -> int:
         """A worker died: fail the file it was on, re-queue the rest, replace it. Holds the lock."""
         n = self._receive(w)  # what it finished before dying still counts
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            w.proc.wait(5)  # its socket closes a moment before it can be reaped
-        reason = w.killed_for or _death_reason(w.proc.returncode)
-        culprit = w.pending.popleft() if w.pending else None
+        culprit, reason = self._crew.remove(w)
         if culprit is not None:
             self._fail(culprit, reason)
             n += 1
         self._backlog.extendleft(reversed(w.pending))
-        self._workers.remove(w)
-        w.release()
-        self.replaced += 1
         log.warning("worker_replaced", pid=w.proc.pid, reason=reason, file=culprit.name if culprit else None,
                     requeued=len(w.pending))
-        if not w.ready:
-            self._failed_starts += 1
-        if self._failed_starts >= MAX_FAILED_STARTS:
+        if self._crew.failed_starts >= MAX_FAILED_STARTS:
             return n + self._give_up(reason)
         try:
-            self._workers.append(_Worker.start(self.task, self.limits))
+            self._crew.add()
         except OSError as exc:
             return n + self._give_up(f"cannot start a worker: {exc}")
         return n
@@ -417,18 +480,10 @@ class WorkerPool:
         self._broken = reason
         self._changed.notify_all()
         log.error("workers_broken", reason=reason)
-        if self._workers:  # the ones still alive serve what was sent to them
+        if self._crew.workers:  # the ones still alive serve what was sent to them
             return 0
         n = len(self._backlog)
         for job in self._backlog:
             self._fail(job, CANNOT_START)
         self._backlog.clear()
         return n
-
-    def _enforce_time_limit(self) -> None:
-        now = time.monotonic()
-        for w in self._workers:
-            if w.pending and not w.killed_for and now - w.since >= self.limits.time_limit:
-                w.killed_for = f"decoding took longer than {self.limits.time_limit:g} s"
-                w.ready = False
-                w.proc.kill()

@@ -51,8 +51,8 @@ def shipped_tflite() -> Path:
 def classifier(shipped_tflite):
     from digitwatch.model import load_classifier
 
-    # As the product loads it: with the reject companion its card names.
-    return load_classifier(shipped_tflite)
+    # As the product loads it by default: the pair card.
+    return load_classifier()
 
 
 def label_of(path: Path) -> int:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "digits.tflite"
+MODEL = ROOT / "models" / "digits-reject.json"
 GOOD = sorted((Path(__file__).parent / "fixtures" / "scans").glob("mnist-clean-*.png"))
 
 

@@ -81,3 +81,64 @@ class TestNonUtf8Names:
         (row,) = [json.loads(line) for line in r.stdout.decode("utf-8").splitlines()]
         assert row["file"] == f"{tmp_path}/bytes-\\xff\\xfe.png" and row["status"] == "error"
         assert f"{tmp_path}/bytes-\\xff\\xfe.png: " in r.stderr.decode("utf-8")
+
+
+def _records(text: str) -> list[dict]:
+    """JSON-lines records without the one field that is a timing."""
+    out = []
+    for line in text.splitlines():
+        record = json.loads(line)
+        record.pop("latency_ms")
+        out.append(record)
+    return out
+
+
+class TestWorkerProcesses:
+    """Many files are prepared in the daemon's worker processes: same records,
+    in argument order, as preparing them in this process."""
+
+    def _items(self, tmp_path: Path) -> list[Path]:
+        scans = sorted(SCAN_FIXTURES.glob("*.png"))
+        link = tmp_path / "link.png"
+        link.symlink_to(scans[3])  # named on the command line: followed, as in-process
+        bad = tmp_path / "notes.png"
+        bad.write_text("not a png\n")
+        # Reversed, a file twice, a link, a non-PNG and a missing file among them.
+        return [*reversed(scans[:24]), scans[5], link, bad, tmp_path / "missing.png", *scans[24:40]]
+
+    def test_prepared_in_workers_equals_prepared_here(self, tmp_path):
+        from structlog.testing import capture_logs
+
+        from digitwatch import classify_cmd
+
+        items = list(classify_cmd.expand(self._items(tmp_path), recursive=False))
+        here = list(classify_cmd.prepare_here(items, max_pixels=40_000_000))
+        with capture_logs() as logs:
+            there = list(classify_cmd.prepare_in_workers(items, max_pixels=40_000_000, workers=2))
+        (started,) = [e for e in logs if e["event"] == "workers_started"]
+        assert started["workers"] == 2 and os.getpid() not in started["pids"]
+        assert [p.name for p in there] == [p.name for p in here]
+        for a, b in zip(here, there, strict=True):
+            assert (a.sha256, a.width, a.height, a.error) == (b.sha256, b.width, b.height, b.error), a.name
+            if a.candidates is None:
+                assert b.candidates is None
+            else:
+                assert a.candidates.crops.tobytes() == b.candidates.crops.tobytes(), a.name
+        assert any(p.error for p in here) and any(p.candidates is not None for p in here)
+
+    def test_cli_records_match_the_in_process_records(self, tmp_path, monkeypatch):
+        from digitwatch import classify_cmd
+
+        items = self._items(tmp_path)
+        assert len(items) >= classify_cmd.MIN_FILES_FOR_WORKERS
+        r = subprocess.run([sys.executable, "-m", "digitwatch", "classify", "--format", "jsonl", "--workers", "2",
+                            *map(str, items)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 1, r.stderr  # the non-PNG and the missing file
+        monkeypatch.setattr(classify_cmd, "MIN_FILES_FOR_WORKERS", 10**9)
+        out = io.StringIO()
+        failed = classify_cmd.classify_paths(items, out=out, fmt="jsonl", model=None, debug_dir=None,
+                                             low_confidence=None, recursive=False, max_pixels=40_000_000)
+        assert failed == 2
+        assert _records(r.stdout) == _records(out.getvalue())
+        assert r.stderr.splitlines() == [f"digitwatch: {tmp_path / 'notes.png'}: not a PNG: a text file",
+                                         f"digitwatch: {tmp_path / 'missing.png'}: no such file or directory"]

@@ -128,6 +128,30 @@ class TestCheckConfig:
         values = json.loads(r.stdout)
         assert values["batch_size"] == 5 and values["batch_wait_ms"] == 7.0
 
+    def test_shows_the_worker_limits(self, tmp_path):
+        (tmp_path / "in").mkdir()
+        toml = tmp_path / "c.toml"
+        toml.write_text(f'[digitwatch]\ninbox = "{tmp_path / "in"}"\nworker_timeout_s = 2.5\n')
+        r = run_cli("check-config", "--config", str(toml), env={"DIGITWATCH_WORKER_MEMORY_MB": "512",
+                                                                "PATH": "/usr/bin"})
+        assert r.returncode == 0, r.stderr
+        shown = {key: value.strip() for key, _, value in (line.partition(" ") for line in r.stdout.splitlines())}
+        assert shown["worker_timeout_s"] == "2.5" and shown["worker_memory_mb"] == "512"
+
+    @pytest.mark.parametrize(("line", "message"), [
+        ("worker_timeout_s = nan", "{toml}: worker_timeout_s: expected a finite number, got nan"),
+        ("worker_timeout_s = 0", "worker_timeout_s must be positive"),
+        ("worker_memory_mb = 0", "worker_memory_mb must be at least 1"),
+    ])
+    def test_nonsense_worker_limits_exit_78_from_watch(self, tmp_path, line, message):
+        (tmp_path / "in").mkdir()
+        toml = tmp_path / "c.toml"
+        toml.write_text(f'[digitwatch]\ninbox = "{tmp_path / "in"}"\n{line}\n')
+        r = run_cli("watch", "--config", str(toml), env={"PATH": "/usr/bin"}, timeout=60)
+        assert r.returncode == 78, (r.stdout, r.stderr)
+        assert r.stderr.strip().splitlines() == ["digitwatch: error: " + message.format(toml=toml)]
+        assert "daemon_started" not in r.stdout
+
     def test_missing_inbox_is_config_error(self, tmp_path):
         r = run_cli("check-config", env={"DIGITWATCH_INBOX": str(tmp_path / "nope"), "PATH": "/usr/bin"})
         assert r.returncode == 78
@@ -206,6 +230,9 @@ class TestConventions:
         ("watch", "--batch-wait-ms", "-1"),
         ("watch", "--review-threshold", "nan"),
         ("watch", "--batch-size", "abc"),
+        ("watch", "--worker-timeout-s", "nan"),
+        ("watch", "--worker-timeout-s", "0"),
+        ("watch", "--worker-memory-mb", "0"),
     ])
     def test_bad_flag_values_are_usage_errors(self, args):
         r = CliRunner().invoke(app, list(args), prog_name="digitwatch")

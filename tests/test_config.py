@@ -108,6 +108,11 @@ class TestValidation:
             ('recursive = "maybe"', "recursive: expected true or false, got 'maybe'"),
             ("inbox = 5", "inbox: expected a string, got 5"),
             ('format = "xml"', "format = 'xml': use csv or jsonl"),
+            ("worker_timeout_s = 0", "worker_timeout_s must be positive"),
+            ("worker_timeout_s = -2.5", "worker_timeout_s must be positive"),
+            ("worker_timeout_s = nan", "worker_timeout_s: expected a finite number, got nan"),
+            ("worker_memory_mb = 0", "worker_memory_mb must be at least 1"),
+            ("worker_memory_mb = 1.5", "worker_memory_mb: expected a whole number, got 1.5"),
         ],
     )
     def test_bad_file_values_in_words(self, tmp_path, line, message):

@@ -39,6 +39,18 @@ class TestScoring:
         expected = abs(0.40 - 1) * 0.25 + abs((0.95 + 0.97 + 0.99) / 3 - 1 / 3) * 0.75
         assert r.ece == pytest.approx(expected)
 
+    def test_single_digit_set(self):
+        digits = [(b"p", "3"), (b"q", "5"), (b"r", "8"), (b"s", "1")]
+        answers = {
+            b"p": Answer("3", 0.99, True),   # right, ok
+            b"q": Answer("5", 0.60, False),  # right, not ok
+            b"r": Answer("3", 0.97, True),   # wrong, ok
+            b"s": Answer("17", 0.20, False),  # read as two digits: wrong
+        }
+        r = score_scans([], [], answers.__getitem__, model="m", reader="r", threshold=0.9, digits=digits)
+        assert (r.digits, r.digits_right, r.digits_marked_ok, r.digits_ok_right) == (4, 0.5, 0.5, 0.5)
+        assert set(r.ece_by_set) == {"digits"} and r.ece_by_set["digits"] == pytest.approx(r.ece)
+
 
 @pytest.mark.slow
 class TestEvaluateCommand:
@@ -65,3 +77,17 @@ class TestEvaluateCommand:
         assert proc.returncode == 0, proc.stderr
         assert "accuracy" in proc.stdout and "scan sets" not in proc.stdout
         assert np.isfinite(float(proc.stdout.split("accuracy")[1].split()[0]))
+
+
+def test_accuracy_is_the_digit_answered_and_refusals_are_counted():
+    """With 11 classes, a digit the model calls "not a digit" still stands in
+    the result's `digit` (argmax over 0-9): accuracy scores that, refused counts them."""
+    from digitwatch.evaluation import evaluate
+
+    probs = np.zeros((3, 11))
+    probs[0, 3] = 1.0  # right
+    probs[1, [4, 10]] = [0.3, 0.7]  # refused, digit right
+    probs[2, [5, 10]] = [0.2, 0.8]  # refused, digit wrong
+    ev = evaluate(probs, np.array([3, 4, 6]), model="m")
+    assert ev.accuracy == pytest.approx(2 / 3) and ev.refused == 2
+    assert ev.confusion[4][10] == 1 and ev.confusion[6][10] == 1

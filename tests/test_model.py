@@ -8,10 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
+from digitwatch.contract import CLASS_COUNTS, REJECT
 from digitwatch.errors import ModelError
 from digitwatch.model import (
-    REJECT,
-    SUPPORTED_CLASSES,
     LiteRTClassifier,
     OutputSpec,
     RejectHeadClassifier,
@@ -34,12 +33,12 @@ class TestShippedModel:
     """The model in models/ loads with its card and returns probabilities."""
 
     def test_classes_and_probabilities(self, classifier, mnist):
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
 
-        card = json.loads((MODELS / "digits.json").read_text())
-        expected = 11 if card.get("reject_model") else card.get("classes", 10)
-        assert classifier.classes == expected and classifier.classes in SUPPORTED_CLASSES
-        p = classifier.predict(to_input(mnist.x_test[:64]))
+        # The default is the pair card: the 10-class digits with the "not a digit" head.
+        card = json.loads((MODELS / "digits-reject.json").read_text())
+        assert classifier.classes == card["classes"] == 11 and classifier.classes in CLASS_COUNTS
+        p = classifier.predict(to_model_input(mnist.x_test[:64]))
         assert p.shape == (64, classifier.classes)
         # int8 softmax outputs (the 10-class model) sum to 1 only to about 1/256 per class.
         assert np.allclose(p.sum(1), 1.0, atol=0.02) and p.min() >= 0
@@ -49,16 +48,16 @@ class TestCard:
     """What the card beside a model says is applied; a bad card is refused."""
 
     def test_no_card_means_raw_probabilities(self, copied_model, mnist):
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
 
-        x = to_input(mnist.x_test[:32])
+        x = to_model_input(mnist.x_test[:32])
         raw = LiteRTClassifier(copied_model, spec=OutputSpec()).predict(x)
         assert np.array_equal(LiteRTClassifier(copied_model).predict(x), raw)
 
     def test_temperature_from_the_card_is_applied(self, copied_model, mnist):
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
 
-        x = to_input(mnist.x_test[:32])
+        x = to_model_input(mnist.x_test[:32])
         spec = OutputSpec.for_model(MODELS / "digits.tflite")
         raw = LiteRTClassifier(copied_model, spec=OutputSpec(logits=spec.logits)).predict(x)
         copied_model.with_suffix(".json").write_text(
@@ -139,7 +138,7 @@ class TestRejectHead:
     def test_shipped_pair_keeps_the_digit_decisions(self, mnist):
         """The real shipped files: the card names the companion, the digit
         argmax is the shipped digit model's, and r is the companion's class 10."""
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
 
         card = json.loads((MODELS / "digits-reject.json").read_text())
         assert (card["digit_model"], card["reject_model"]) == ("digits.tflite", "reject.tflite")
@@ -147,7 +146,7 @@ class TestRejectHead:
         assert isinstance(pair, RejectHeadClassifier) and pair.classes == 11
         assert pair.spec.low_confidence == card["recommended_low_confidence"]
         assert pair.model_id.startswith("digits.tflite@") and "+reject.tflite@" in pair.model_id
-        x = to_input(mnist.x_test[:200])
+        x = to_model_input(mnist.x_test[:200])
         alone = LiteRTClassifier(MODELS / "digits.tflite").predict(x)
         companion = LiteRTClassifier(MODELS / "reject.tflite").predict(x)
         assert companion.shape == (200, 11)
@@ -168,14 +167,14 @@ class TestRejectHead:
             load_classifier(copied_model)
 
     def test_card_beside_the_digit_model_names_the_companion(self, copied_model, mnist):
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
 
         shutil.copy(MODELS / "reject.tflite", copied_model.parent / "r.tflite")
         shutil.copy(MODELS / "reject.json", copied_model.parent / "r.json")  # its logits and temperature
         copied_model.with_suffix(".json").write_text('{"reject_model": "r.tflite", "recommended_low_confidence": 0.6}')
         pair = load_classifier(copied_model)
         assert isinstance(pair, RejectHeadClassifier) and pair.spec.low_confidence == 0.6
-        x = to_input(mnist.x_test[:16])
+        x = to_model_input(mnist.x_test[:16])
         assert np.allclose(pair.predict(x), load_classifier(MODELS / "digits-reject.json").predict(x), atol=1e-6)
 
     def test_pair_card_must_name_both(self, tmp_path):

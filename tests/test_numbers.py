@@ -27,9 +27,10 @@ OLD_CSV_COLUMNS = ["file", "digit", "confidence", "status", "error", "sha256", "
 
 
 def read_all(classifier, pngs: list[bytes], **constraints) -> list:
-    """The path classify and the daemon take: prepare each file, one batched model call."""
+    """The path classify and the daemon take: prepare each file, one batched model
+    call, the model card's calibration and threshold (the defaults)."""
     items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=40_000_000) for i, png in enumerate(pngs)]
-    return classify_batch(classifier, items, low_confidence=0.5, **constraints)
+    return classify_batch(classifier, items, low_confidence=None, **constraints)
 
 
 def score(classifier, number_scans: list[scans.NumberScan]) -> tuple[int, int, list]:
@@ -112,7 +113,12 @@ class TestLayouts:
         batch = list(scans.mnist_scans(mnist.x_test[:12], mnist.y_test[:12], "realistic", rng))
         results = read_all(classifier, [s.png for s in batch])
         assert all(r.digit == s.label and r.text == str(s.label) for r, s in zip(results, batch, strict=True))
-        assert all(len(r.digits) == 1 and r.digits[0][1] >= r.confidence - 1e-6 for r in results)
+        # The digit's own probability is the model's; the confidence is the calibrated whole answer.
+        for r, s in zip(results, batch, strict=True):
+            crops = prepare_bytes("x", s.png, 0.0, max_pixels=40_000_000).candidates.crops
+            assert len(r.digits) == 1
+            if len(crops) == 1:  # the fast path: the digit's probability is the model's own
+                assert r.digits[0][1] == pytest.approx(float(classifier.predict(crops)[0, r.digit]), abs=1e-5)
         multi = read_all(classifier, [numbers(mnist, 11, 1, 3)[0].png])[0]
         assert multi.digit is None and len(multi.text) == 3
 
@@ -144,13 +150,14 @@ class TestRefusal:
 
     @pytest.mark.parametrize("kind", ["letters", "tick", "cross", "scribble"])
     def test_letters_and_marks_are_not_ok(self, classifier, kind):
-        if not has_reject_class(classifier):
-            pytest.skip("the shipped model has 10 classes; refusing letters and marks needs its 'not a digit' class")
+        assert has_reject_class(classifier), "the default model refuses with its 'not a digit' class"
         rng = np.random.default_rng(14)
         pngs = []
         for _ in range(20):
             if kind == "letters":
-                ink = scans.ink_from_text("ABCEFGHKLMNPRTUVWXYZ"[int(rng.integers(20))], 60, rng)
+                # Not the letters that are written like digits (B 8, G 6, T 7, Z 2; README):
+                # those are read as the digit, on purpose.
+                ink = scans.ink_from_text("ACEFHKLMNPRUVWXY"[int(rng.integers(16))], 60, rng)
             else:
                 ink = scans.ink_from_mark(kind, 60, rng)
             pngs.append(scans.number_scan(ink, "", "clean", "gray8", rng, kind).png)
@@ -251,8 +258,7 @@ class TestOutputs:
             assert row["text"] == f.stem.split("-")[1]
             assert [d["digit"] for d in row["digits"]] == [int(c) for c in row["text"]]
             assert all(0.0 <= d["confidence"] <= 1.0 for d in row["digits"])
-            # The whole answer is never surer than its least sure digit.
-            assert row["confidence"] <= min(d["confidence"] for d in row["digits"]) + 1e-4
+            assert 0.0 <= row["confidence"] <= 1.0
 
     def test_cli_constraints(self, files):
         r = run_cli("classify", str(files[0]), "--format", "jsonl", "--expect", "digit")

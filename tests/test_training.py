@@ -53,13 +53,13 @@ class TestTraining:
         assert card["classes"] == 11 and card["outputs"] == "logits"
 
     def test_card_figures_are_what_the_loaded_model_measures(self, small_run, mnist):
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
         from digitwatch.model import load_classifier
 
         out, card = small_run
         classifier = load_classifier(out.with_suffix(".tflite"))  # reads the card: logits, temperature
         assert classifier.classes == 11
-        p = classifier.predict(to_input(mnist.x_test))
+        p = classifier.predict(to_model_input(mnist.x_test))
         assert np.allclose(p.sum(1), 1.0, atol=1e-5)
         assert float(np.mean(p.argmax(1) == mnist.y_test)) == pytest.approx(card["test_accuracy"]["tflite"])
         assert float(np.mean(p.argmax(1) == 10)) == pytest.approx(card["test_rejected_as_not_digit"])
@@ -83,11 +83,11 @@ class TestTraining:
     def test_keras_and_litert_loaders_agree(self, small_run, mnist):
         # Both loaders read the card (logits, temperature) themselves; the
         # export check in training compared raw outputs only.
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
         from digitwatch.model import load_classifier
 
         out, _ = small_run
-        x = to_input(mnist.x_test[:200])
+        x = to_model_input(mnist.x_test[:200])
         a = load_classifier(out).predict(x)
         b = load_classifier(out.with_suffix(".tflite")).predict(x)
         assert np.abs(a - b).max() < 1e-4
@@ -102,10 +102,10 @@ class TestTraining:
         assert m.count_params() == 784 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
 
     def test_augmenter_keeps_range_and_changes_digits(self, mnist):
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
         from digitwatch.training import make_augmenter
 
-        x = to_input(mnist.x_train[:64])
+        x = to_model_input(mnist.x_train[:64])
         y = make_augmenter(0)(x).numpy()
         assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
         assert np.abs(y - x).mean() > 0.01
@@ -159,10 +159,10 @@ class TestShippedModel:
     def test_tflite_accuracy_on_mnist_test(self, mnist, classifier):
         # Measured here through the loader (card temperature applied), against
         # the bar and against what the card claims.
-        from digitwatch.data import to_input
+        from digitwatch.contract import to_model_input
 
         card = json.loads((MODELS / "digits.json").read_text())
-        x = to_input(mnist.x_test)
+        x = to_model_input(mnist.x_test)
         probs = np.concatenate([classifier.predict(x[i : i + 1000]) for i in range(0, 10000, 1000)])
         measured = float(np.mean(probs.argmax(1) == mnist.y_test))
         assert measured >= 0.995

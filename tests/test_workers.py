@@ -371,14 +371,6 @@ def state(pid: int) -> str:
         return "gone"
 
 
-def _daemon_uses_workers() -> bool:
-    from digitwatch import daemon
-
-    return hasattr(daemon, "WorkerPool")
-
-
-@pytest.mark.skipif(not _daemon_uses_workers(),
-                    reason="the daemon still prepares files in threads (adopts WorkerPool after issue 10)")
 class TestDaemon:
     """Through the real daemon: a worker that segfaults mid-file costs that file."""
 
@@ -408,3 +400,28 @@ class TestDaemon:
         finally:
             d.terminate()
         assert not any(alive(p) for p in [worker, *new])
+
+    def test_time_limit_from_the_config_file_fails_a_slow_file(self, tmp_path):
+        """worker_timeout_s in the TOML reaches the workers: a real page that
+        takes ~0.5 s to decode here (5000x5000 RGB, near the decode bound)
+        fails at a 0.05 s limit with that reason, and its worker is replaced."""
+        from tests.daemon_harness import DaemonProc, drop
+
+        page = np.full((5000, 5000, 3), 255, np.uint8)
+        cv2.putText(page, "7", (1500, 3500), cv2.FONT_HERSHEY_SIMPLEX, 50, (0, 0, 0), 160)
+        toml = tmp_path / "limits.toml"
+        toml.write_text("[digitwatch]\nworker_timeout_s = 0.05\n")
+        d = DaemonProc(tmp_path, "--config", str(toml), "--workers", "1").start()
+        try:
+            assert d.events("workers_started")[0]["time_limit_s"] == 0.05
+            (worker,) = wait_until(lambda: decoder_pids(d.proc.pid), what="the daemon's worker")
+            drop(d.inbox, "slow.png", cv2.imencode(".png", page)[1].tobytes())
+            (row,) = d.wait_lines(1)
+            assert row["file"] == "slow.png" and row["status"] == "error"
+            assert row["error"] == "decoding took longer than 0.05 s"
+            assert "/failed/" in row["moved_to"]
+            replaced = d.wait_log("worker_replaced")
+            assert replaced["pid"] == worker and replaced["file"] == "slow.png"
+            wait_until(lambda: [p for p in decoder_pids(d.proc.pid) if p != worker], what="replacement")
+        finally:
+            d.terminate()

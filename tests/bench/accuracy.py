@@ -20,35 +20,53 @@ import numpy as np
 
 from digitwatch.data import load_mnist
 from digitwatch.errors import ImageError
-from digitwatch.imaging import load_digit
-from digitwatch.model import REJECT, load_classifier
+from digitwatch.imaging import decode_gray
+from digitwatch.model import load_classifier
+from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
+from digitwatch.reading import REASON_NOT_DIGIT, decide, read_scan
+from digitwatch.results import STATUS_OK
 from tests import scans
 from tests.conftest import MNIST_DIR
 
 
-def score(classifier, batch: list[scans.Scan]) -> tuple[int, int, int, int]:
-    """(correct, errors, total, refused) for a list of scans; with an 11-class
-    model a digit answered "not a digit" is refused, and not correct."""
+def score(classifier, batch: list[scans.Scan], threshold: float) -> dict:
+    """What the product answers for each scan, through the real path (decode,
+    clean, cut, one model call, reading.decide with the card's calibration):
+    right = the result's `digit` is the label (a scan read as several digits,
+    or as none, is wrong); ok = status ok at `threshold`."""
 
     def prep(scan):
         try:
-            return load_digit(scan.png).pixels
+            return read_scan(decode_gray(scan.png))
         except ImageError:
             return None
 
     with ThreadPoolExecutor(2) as pool:
-        digits = list(pool.map(prep, batch))
-    ok = [i for i, d in enumerate(digits) if d is not None]
-    correct = refused = 0
-    if ok:
-        probs = classifier.predict(np.stack([digits[i] for i in ok]))
-        correct = int(sum(int(np.argmax(p)) == batch[i].label for p, i in zip(probs, ok, strict=True)))
-        refused = int(np.sum(np.argmax(probs, axis=1) == REJECT))
-    return correct, len(batch) - len(ok), len(batch), refused
+        cands = list(pool.map(prep, batch))
+    good = [i for i, c in enumerate(cands) if c is not None]
+    right = ok = ok_right = refused = 0
+    if good:
+        probs = classifier.predict(np.concatenate([cands[i].crops for i in good]))
+        bounds = np.cumsum([0, *(len(cands[i].crops) for i in good)])
+        for k, i in enumerate(good):
+            r = decide(cands[i], probs[bounds[k] : bounds[k + 1]], threshold=threshold,
+                       calibration=classifier.spec.answers)
+            hit = r.digit == batch[i].label
+            right += hit
+            ok += r.status == STATUS_OK
+            ok_right += hit and r.status == STATUS_OK
+            refused += r.reason == REASON_NOT_DIGIT
+    return {"correct": right, "errors": len(batch) - len(good), "total": len(batch), "refused": refused,
+            "ok": ok, "ok_right": ok_right}
 
 
-def run(per_variation: int, model: Path | None, seed: int = 7) -> dict:
+SETS = {"mnist": "MNIST test scans", "other": "other writers (strokes, fonts)", "uci": "low resolution (UCI 8x8)"}
+
+
+def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float | None = None) -> dict:
     classifier = load_classifier(model)
+    if threshold is None:
+        threshold = classifier.spec.low_confidence or DEFAULT_LOW_CONFIDENCE
     mnist = load_mnist(MNIST_DIR)
     rng = np.random.default_rng(seed)
     rows = []
@@ -56,19 +74,27 @@ def run(per_variation: int, model: Path | None, seed: int = 7) -> dict:
     for variation in scans.VARIATIONS:
         idx = rng.choice(len(mnist.x_test), per_variation, replace=False)
         batch = list(scans.mnist_scans(mnist.x_test[idx], mnist.y_test[idx], variation, rng))
-        c, e, n, r = score(classifier, batch)
-        rows.append({"source": "mnist", "variation": variation, "correct": c, "errors": e, "total": n,
-                     "refused": r})
+        rows.append({"source": "mnist", "set": "mnist", "variation": variation, **score(classifier, batch, threshold)})
     for source in ("strokes", "font", "uci"):
         batch = list(scans.other_scans(per_variation * 2, source, rng))
-        c, e, n, r = score(classifier, batch)
-        rows.append({"source": source, "variation": "all", "correct": c, "errors": e, "total": n,
-                     "refused": r})
-    mn = [r for r in rows if r["source"] == "mnist"]
-    other = [r for r in rows if r["source"] in ("strokes", "font")]
+        rows.append({"source": source, "set": "uci" if source == "uci" else "other", "variation": "all",
+                     **score(classifier, batch, threshold)})
+    sets = {}
+    for name in SETS:
+        mine = [r for r in rows if r["set"] == name]
+        total, ok = sum(r["total"] for r in mine), sum(r["ok"] for r in mine)
+        sets[name] = {
+            "accuracy": sum(r["correct"] for r in mine) / total,
+            "marked_ok": ok / total,
+            "ok_right": sum(r["ok_right"] for r in mine) / ok if ok else 1.0,
+            "refused": sum(r["refused"] for r in mine),
+            "total": total,
+        }
     summary = {
-        "mnist_scans": sum(r["correct"] for r in mn) / sum(r["total"] for r in mn),
-        "other_writers": sum(r["correct"] for r in other) / sum(r["total"] for r in other),
+        "mnist_scans": sets["mnist"]["accuracy"],
+        "other_writers": sets["other"]["accuracy"],
+        "sets": sets,
+        "threshold": threshold,
         "model": classifier.model_id,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -76,15 +102,21 @@ def run(per_variation: int, model: Path | None, seed: int = 7) -> dict:
 
 
 def format_rows(report: dict) -> str:
-    lines = ["| source | variation | accuracy | errors | refused | n |", "|---|---|---|---|---|---|"]
+    lines = ["| source | variation | accuracy | marked ok | ok right | errors | refused | n |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(
-            f"| {r['source']} | {r['variation']} | {r['correct'] / r['total']:.1%} | {r['errors']} "
-            f"| {r['refused']} | {r['total']} |"
+            f"| {r['source']} | {r['variation']} | {r['correct'] / r['total']:.1%} | {r['ok'] / r['total']:.1%} "
+            f"| {r['ok_right'] / max(r['ok'], 1):.2%} | {r['errors']} | {r['refused']} | {r['total']} |"
         )
     s = report["summary"]
-    lines.append(f"\nMNIST scans overall: {s['mnist_scans']:.2%}; other writers (strokes+font): "
-                 f"{s['other_writers']:.2%}; model {s['model']}; {s['seconds']} s")
+    lines += ["", f"Per set (model {s['model']}, low-confidence threshold {s['threshold']:.3f}; {s['seconds']} s):",
+              "| set | accuracy | marked ok | answers marked ok right | refused as not a digit | n |",
+              "|---|---|---|---|---|---|"]
+    for name, title in SETS.items():
+        v = s["sets"][name]
+        lines.append(f"| {title} | {v['accuracy']:.2%} | {v['marked_ok']:.2%} | {v['ok_right']:.2%} "
+                     f"| {v['refused']} | {v['total']} |")
     return "\n".join(lines)
 
 
@@ -93,8 +125,9 @@ def main() -> None:
     ap.add_argument("--per-variation", type=int, default=300)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--threshold", type=float, help="low-confidence threshold (default: the card's)")
     args = ap.parse_args()
-    report = run(args.per_variation, args.model)
+    report = run(args.per_variation, args.model, threshold=args.threshold)
     print(format_rows(report))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from digitwatch import calibration, evaluation, synth
+from digitwatch.contract import REJECT
 from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.imaging import load_digit
-from digitwatch.model import REJECT, LiteRTClassifier, OutputSpec, RejectHeadClassifier, load_classifier
+from digitwatch.model import LiteRTClassifier, OutputSpec, RejectHeadClassifier, load_classifier
 from tests import scans
 from tests.conftest import MNIST_DIR
 

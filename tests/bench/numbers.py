@@ -8,7 +8,8 @@ slightly overlapping, drifting baseline, a broken digit, a ruled line under
 the number, and `digitwatch evaluate`'s own composition on its realistic
 pages), reads them with the number reader and the shipped model (one
 classifier call per batch, as classify does), and prints the exact-string
-rate by length and by layout, wrong answers marked ok at --threshold, and why
+rate by length and by layout, wrong answers marked ok (at the model card's
+threshold with its answer calibration, as classify reads; or --threshold), and why
 strings were misread: too many digits (a digit split), too few (two merged),
 or the right count with a digit misclassified.
 
@@ -43,6 +44,7 @@ from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.model import load_classifier
+from digitwatch.pipeline import threshold_for
 from tests import pngwrite, scans
 
 LAYOUTS = ["spaced", "uneven", "touching", "overlap", "drift", "broken", "ruled", "evaluate"]
@@ -153,11 +155,12 @@ def read_cases(classifier, cases: list[Case], threshold: float, batch: int = 32,
                     forced.append(None)
                 continue
             k = len(c.crops)
-            out.append(reading.decide(c, probs[at : at + k], threshold=threshold))
+            calibration = classifier.spec.answers
+            out.append(reading.decide(c, probs[at : at + k], threshold=threshold, calibration=calibration))
             if forced is not None:
                 n = len(cases[len(out) - 1].text)
                 forced.append(reading.decide(c, probs[at : at + k], threshold=threshold,
-                                             constraints=reading.Constraints(n, n)))
+                                             constraints=reading.Constraints(n, n), calibration=calibration))
             at += k
     return out
 
@@ -177,7 +180,7 @@ def scored(classifier, cases: list[Case], batch: int = 32) -> list[tuple]:
     return out
 
 
-def grid(cases: list[Case], pairs: list[tuple], spec: str, threshold: float) -> None:
+def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold: float) -> None:
     """Exact rate and wrong-marked-ok for each combination of prior constants:
     `spec` like "CUT_COST=1,2,3 WIDTH_COST=6,10 WIDE_DIGIT=0.8,0.9"."""
     import dataclasses
@@ -198,7 +201,7 @@ def grid(cases: list[Case], pairs: list[tuple], spec: str, threshold: float) -> 
                 if cands.cut is not None and "LONE_CUT" in saved:
                     cut = np.where(cands.cut > 1, reading.LONE_CUT, cands.cut).astype(np.float32)
                     cands = dataclasses.replace(cands, cut=cut)
-                r = reading.decide(cands, probs, threshold=threshold)
+                r = reading.decide(cands, probs, threshold=threshold, calibration=classifier.spec.answers)
                 exact += r.text == c.text
                 wrong_ok += r.text != c.text and r.status == "ok"
             label = " ".join(f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True))
@@ -255,7 +258,7 @@ def failure_png(classifier, case: Case, threshold: float, path: Path) -> None:
     with _captured() as seen:
         cands = reading.read_scan(imaging.decode_gray(case.png))
         probs = classifier.predict(cands.crops)
-        r = reading.decide(cands, probs, threshold=threshold)
+        r = reading.decide(cands, probs, threshold=threshold, calibration=classifier.spec.answers)
     work = seen["work"]
     mask = work.mask.astype(bool)
     h, w = mask.shape
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variation", default=None, help="every page this tests/scans.py variation (default: all in turn)")
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--threshold", type=float, default=None, help="default: the model card's, as classify")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--mnist", type=Path, default=Path("/work/shared/datasets/mnist"))
     ap.add_argument("--failures", type=Path, default=None)
@@ -363,17 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     hand = Hand(args.hand, args.digits, args.faces, args.mnist)
     classifier = load_classifier(args.model)
+    threshold = threshold_for(classifier, args.threshold)
     t0 = time.process_time()
     cases = make_cases(hand, args.count, _parse_lengths(args.lengths), args.seed, args.layouts.split(","),
                        args.variation)
     t1 = time.process_time()
     if args.grid:
-        grid(cases, scored(classifier, cases), args.grid, args.threshold)
+        grid(classifier, cases, scored(classifier, cases), args.grid, threshold)
         return 0
     forced: list = []
-    results = read_cases(classifier, cases, args.threshold, forced=forced)
+    results = read_cases(classifier, cases, threshold, forced=forced)
     t2 = time.process_time()
-    s = summarize(cases, results, args.threshold, forced)
+    s = summarize(cases, results, threshold, forced)
     s["cpu_ms_per_scan_read"] = round(1000 * (t2 - t1) / len(cases), 2)
     print(json.dumps(s) if args.json else format_summary(s) + f"\nread CPU {s['cpu_ms_per_scan_read']} ms/scan "
           f"(rendering {1000 * (t1 - t0) / len(cases):.1f})")
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = 0
         for i, (c, r) in enumerate(zip(cases, results, strict=True)):
             if r is not None and r.text != c.text and kept < args.keep:
-                failure_png(classifier, c, args.threshold, args.failures / f"{i:04d}-{c.layout}.png")
+                failure_png(classifier, c, threshold, args.failures / f"{i:04d}-{c.layout}.png")
                 kept += 1
     return 0
 

@@ -11,8 +11,12 @@ file deleted under the daemon; inbox removed and recreated.
 
     python -m tests.bench.soak --only kill-bar --bar-files 1000 --bar-kills 25
 
-Soak: many files through one daemon while RSS, open
-file descriptors and throughput are sampled.
+Soak: many files through one daemon while the daemon's RSS and open file
+descriptors, its workers' PSS (/proc/PID/smaps_rollup: shared numpy and
+OpenCV pages counted once) and descriptors, and throughput are sampled every
+1,000 files; each series must be flat (exit status 1 otherwise).
+
+    python -m tests.bench.soak --only soak --soak-files 3000
 """
 
 from __future__ import annotations
@@ -229,6 +233,63 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def decoder_pids(parent: int) -> list[int]:
+    """The daemon's worker processes (children running digitwatch.decoder)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"digitwatch.decoder" in cmdline:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: what this process adds, shared pages divided among their users."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def workers_sample(parent: int) -> dict:
+    """The workers' PSS (summed) and open descriptors (the most any one holds)."""
+    pss, fds, pids = 0.0, 0, []
+    for pid in decoder_pids(parent):
+        try:
+            pss += pss_mb(pid)
+            fds = max(fds, len(os.listdir(f"/proc/{pid}/fd")))
+            pids.append(pid)
+        except OSError:  # replaced between listing and reading
+            continue
+    return {"workers": len(pids), "workers_pss_mb": round(pss, 1), "worker_fds_max": fds}
+
+
+# What a series may grow from the second tenth of the run (the first is warm-up)
+# to the last tenth and still count as flat: (absolute, relative).
+FLAT_SLACK = {"rss_mb": (10.0, 0.10), "fds": (2, 0.0), "workers_pss_mb": (10.0, 0.10),
+              "worker_fds_max": (2, 0.0)}
+
+
+def flatness(samples: list[dict]) -> dict[str, dict]:
+    """For each sampled series: its level early and late, and whether it stayed flat."""
+    if len(samples) < 3:
+        return {}
+    tenth = max(1, len(samples) // 10)
+    out = {}
+    for key, (absolute, relative) in FLAT_SLACK.items():
+        early = sum(s[key] for s in samples[tenth : 2 * tenth]) / tenth
+        late = sum(s[key] for s in samples[-tenth:]) / tenth
+        out[key] = {"early": round(early, 1), "late": round(late, 1),
+                    "flat": late - early <= max(absolute, relative * early)}
+    return out
+
+
 def soak(work: Path, pool, files: int) -> dict:
     base = work / "soak"
     d = DaemonProc(base, "--batch-size", "32").start()
@@ -253,7 +314,8 @@ def soak(work: Path, pool, files: int) -> dict:
         rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
         fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
         samples.append({"files": start + len(batch), "rss_mb": round(rss, 1), "fds": fds,
-                        "files_per_s": round(rate, 1), "cpu_ms_per_file": round(cpu_ms, 2)})
+                        "files_per_s": round(rate, 1), "cpu_ms_per_file": round(cpu_ms, 2),
+                        **workers_sample(d.proc.pid)})
         # Keep the disk from filling: processed files are not needed after counting.
         for day in (base / "processed").iterdir():
             for p in day.iterdir():
@@ -275,6 +337,11 @@ def soak(work: Path, pool, files: int) -> dict:
             "files_per_s_last_tenth": mean(samples[-tenth:], "files_per_s", 1),
             "cpu_ms_per_file_first_tenth": mean(samples[:tenth], "cpu_ms_per_file", 2),
             "cpu_ms_per_file_last_tenth": mean(samples[-tenth:], "cpu_ms_per_file", 2),
+            "workers_pss_mb_first": first["workers_pss_mb"], "workers_pss_mb_last": last["workers_pss_mb"],
+            "workers_pss_mb_max": max(s["workers_pss_mb"] for s in samples),
+            "worker_fds_first": first["worker_fds_max"], "worker_fds_last": last["worker_fds_max"],
+            "workers_first": first["workers"], "workers_last": last["workers"],
+            "flatness": flatness(samples),
             "samples": samples}
 
 
@@ -285,16 +352,20 @@ def main() -> None:
     ap.add_argument("--soak-files", type=int, default=100_000)
     ap.add_argument("--bar-files", type=int, default=1000)
     ap.add_argument("--bar-kills", type=int, default=25)
-    ap.add_argument("--only", choices=["kill-bar"], help="run only these faults (no soak)")
+    ap.add_argument("--only", choices=["kill-bar", "soak"],
+                    help="kill-bar: only the kill bar (no soak); soak: only the soak (no faults)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="digitwatch-soak-"))
     pool = make_pool(40)
     try:
-        bar = [kill_bar(work, pool, args.bar_files, args.bar_kills, other_fs=False),
-               kill_bar(work, pool, args.bar_files, args.bar_kills, other_fs=True)]
-        if args.only == "kill-bar":
+        bar = [] if args.only == "soak" else [
+            kill_bar(work, pool, args.bar_files, args.bar_kills, other_fs=False),
+            kill_bar(work, pool, args.bar_files, args.bar_kills, other_fs=True)]
+        if args.only == "soak":
+            faults, long_run = [], soak(work, pool, args.soak_files)
+        elif args.only == "kill-bar":
             faults, long_run = bar, None
         else:
             faults = [
@@ -307,7 +378,8 @@ def main() -> None:
             long_run = soak(work, pool, args.soak_files) if args.soak_files else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'fault':<30} {'files in':>9} {'lines out':>10} {'placed':>7} {'lost':>5} {'dup':>4}  note")
+    if faults:
+        print(f"{'fault':<30} {'files in':>9} {'lines out':>10} {'placed':>7} {'lost':>5} {'dup':>4}  note")
     for f in faults:
         if "skipped" in f:
             print(f"{f['fault']:<30} skipped: {f['skipped']}")
@@ -325,8 +397,18 @@ def main() -> None:
               f"files/s first tenth {s['files_per_s_first_tenth']}, last tenth {s['files_per_s_last_tenth']}; "
               f"daemon CPU ms/file first tenth {s['cpu_ms_per_file_first_tenth']}, "
               f"last tenth {s['cpu_ms_per_file_last_tenth']}")
+        print(f"workers: {s['workers_first']} -> {s['workers_last']}; PSS (all workers) "
+              f"{s['workers_pss_mb_first']} -> {s['workers_pss_mb_last']} MB (max {s['workers_pss_mb_max']}); "
+              f"fds per worker {s['worker_fds_first']} -> {s['worker_fds_last']}")
+        for key, f in s["flatness"].items():
+            print(f"  {key:<16} second tenth {f['early']:>8} last tenth {f['late']:>8}  "
+                  f"{'flat' if f['flat'] else 'GROWS'}")
+        if not s["flatness"]:
+            print("  flatness: too few samples (one per 1,000 files; at least 3 needed)")
     (args.out / "soak.json").write_text(json.dumps({"faults": faults, "soak": long_run}, indent=2))
     print(f"wrote {args.out / 'soak.json'}")
+    if long_run and not all(f["flat"] for f in long_run["flatness"].values()):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""The whole-answer calibration: evidence, the fitted map, the card entry, and
+what the shipped default does with them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from digitwatch import calibration, confidence
+from digitwatch.confidence import FEATURES, AnswerCalibration, Evidence
+from digitwatch.errors import ModelError
+from digitwatch.model import DEFAULT_MODEL, OutputSpec, load_classifier
+from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE, threshold_for
+from tests.conftest import MODELS
+
+
+def test_evidence_of_a_ten_class_answer():
+    probs = np.array([[0.9, 0.1] + [0.0] * 8, [0.0, 0.0, 0.6, 0.4] + [0.0] * 6])
+    e = dict(zip(FEATURES, Evidence.of(probs, [0, 1], log_certainty=math.log(0.5), prior=-1.0).values,
+                 strict=True))
+    assert e["sum_log_digit"] == pytest.approx(math.log(0.9) + math.log(0.6))
+    assert e["min_digit_logit"] == pytest.approx(math.log(0.6 / 0.4))
+    assert e["max_reject_logit"] == confidence.REJECT_FLOOR  # no such class: as sure as the floor allows
+    assert e["certainty_logit"] == pytest.approx(0.0)  # a share of 0.5
+    assert e["shape_prior"] == -1.0 and e["log_length"] == pytest.approx(math.log(2))
+
+
+def test_evidence_reads_the_reject_class_and_digits_given_a_digit():
+    # An 11-class row: p(digit | a digit) does not depend on how much weight "not a digit" took.
+    row = np.array([[0.45, 0.05] + [0.0] * 8 + [0.5]])
+    e = dict(zip(FEATURES, Evidence.of(row, [0]).values, strict=True))
+    assert e["sum_log_digit"] == pytest.approx(math.log(0.9))
+    assert e["max_reject_logit"] == pytest.approx(0.0)
+    sure = dict(zip(FEATURES, Evidence.of(np.eye(11)[[3]], [0]).values, strict=True))
+    assert sure["min_digit_logit"] == confidence.LOGIT_CAP and sure["max_reject_logit"] == confidence.REJECT_FLOOR
+
+
+def test_fit_recovers_a_known_map_and_is_calibrated():
+    rng = np.random.default_rng(3)
+    true = AnswerCalibration((0.0, 0.8, -0.6, 0.3, 0.0, 0.0), -1.0)
+    x = rng.normal(0, 2, (6000, len(FEATURES)))
+    evidence = [Evidence(tuple(v)) for v in x]
+    p = np.array([true.probability(e) for e in evidence])
+    right = rng.random(len(p)) < p
+    fitted = confidence.fit(evidence, right)
+    assert np.allclose(fitted.weights, true.weights, atol=0.12) and abs(fitted.bias - true.bias) < 0.12
+    q = np.array([fitted.probability(e) for e in evidence])
+    assert calibration.expected_calibration_error(q, right) < 0.02
+    # The raw scores (not probabilities at all) are far off: the map is what calibrates.
+    raw = 1 / (1 + np.exp(-x[:, 1]))
+    assert calibration.expected_calibration_error(raw, right) > 0.05
+
+
+def test_card_round_trip_and_refusals():
+    cal = AnswerCalibration(tuple(float(i) for i in range(len(FEATURES))), 0.5)
+    assert AnswerCalibration.from_card(json.loads(json.dumps(cal.to_card()))) == cal
+    for bad in (
+        [1, 2],
+        {"features": ["x"], "weights": [1.0], "bias": 0.0},
+        {**cal.to_card(), "weights": [1.0]},
+        {**cal.to_card(), "bias": "1"},
+        {**cal.to_card(), "bias": float("nan")},
+        {**cal.to_card(), "weights": [True] * len(FEATURES)},
+    ):
+        with pytest.raises(ValueError):
+            AnswerCalibration.from_card(bad)
+
+
+def test_a_broken_card_entry_is_a_model_error(tmp_path):
+    card = json.loads((MODELS / "digits-reject.json").read_text())
+    card["answer_calibration"]["weights"] = [1.0]
+    (tmp_path / "pair.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="unreadable model card"):
+        OutputSpec.for_model(tmp_path / "pair.json")
+
+
+def test_the_default_is_the_calibrated_pair_and_its_threshold():
+    assert DEFAULT_MODEL.name == "digits-reject.json"
+    clf = load_classifier()
+    assert clf.classes == 11 and clf.spec.answers is not None
+    card = json.loads(DEFAULT_MODEL.read_text())
+    assert threshold_for(clf, None) == card["recommended_low_confidence"] != DEFAULT_LOW_CONFIDENCE
+    assert threshold_for(clf, 0.3) == 0.3
+
+
+def test_the_shipped_calibration_fits_its_features(classifier):
+    """The card's map was fitted on the evidence this code computes: the fixture
+    scans (every variation and PNG flavour, digits the model reads right) come
+    out ok, and every ok one is right. A map left over from other features
+    (or other models) marks many of them low."""
+    from digitwatch.pipeline import classify_batch, prepare_bytes
+    from tests.conftest import label_of
+
+    paths = sorted((MODELS.parent / "tests" / "fixtures" / "scans").glob("*.png"))
+    items = [prepare_bytes(p.name, p.read_bytes(), 0.0, max_pixels=40_000_000) for p in paths]
+    results = classify_batch(classifier, items, low_confidence=None)
+    ok = [(r, p) for r, p in zip(results, paths, strict=True) if r.status == "ok"]
+    assert len(ok) >= 0.9 * len(paths), [(p.name, round(r.confidence, 3)) for r, p in zip(results, paths, strict=True)]
+    assert all(r.digit == label_of(p) for r, p in ok)
