@@ -57,8 +57,8 @@ CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 # A scan whose ink is one blob is most often one digit (however wide): cutting
 # it costs this many cut costs, as much as cuts cost before they drifted.
 LONE_CUT = 3.0
-CUTS_PER = 0.35  # a blob is offered at most one cut per this many digit heights of its width
-CUT_ROWS = (0.3, 0.5, 0.7)  # cut paths are sought through these rows (share of the blob's height)
+CUTS_PER = 0.5  # a blob is offered at most one cut per this many digit heights of its width
+CUT_ROWS = (0.5,)  # cut paths are sought through these rows (share of the blob's height)
 LONE_CUTS_PER = 0.5  # ... and a lone blob one per this many
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
@@ -361,8 +361,8 @@ def _cuts(own: np.ndarray, height: float, *, drift: bool = True) -> list[np.ndar
         return []
     ink = own.astype(np.float32)
     step = CUT_STEP if drift else np.inf
-    down, down_from = _path_costs(ink, step)
-    up, up_from = _path_costs(ink[::-1], step)
+    down = _path_costs(ink, step)
+    up = _path_costs(np.ascontiguousarray(ink[::-1]), step)
     k = max(3, int(height * 0.06) | 1)
     profile = own.sum(0).astype(np.float32)
     thin = 0.75 * _median(profile[profile > 0])
@@ -382,8 +382,8 @@ def _cuts(own: np.ndarray, height: float, *, drift: bool = True) -> list[np.ndar
     most = max(1, round(width / ((CUTS_PER if drift else LONE_CUTS_PER) * height)) - 1)
     paths: list[np.ndarray] = []
     for _, r, x in found:
-        top = _trace(down_from[: r + 1], x)[::-1]  # rows 0 .. r
-        bottom = _trace(up_from[: h - r], x)  # rows r .. h-1
+        top = _trace(down[: r + 1], x, step)[::-1]  # rows 0 .. r
+        bottom = _trace(up[: h - r], x, step)  # rows r .. h-1
         path = np.concatenate([top, bottom[1:]])
         if all(abs(float(path.mean()) - float(q.mean())) >= max(2.0, CUT_SPACING * height) for q in paths):
             paths.append(path)
@@ -392,35 +392,38 @@ def _cuts(own: np.ndarray, height: float, *, drift: bool = True) -> list[np.ndar
     return sorted(paths, key=lambda q: float(q.mean()))
 
 
-def _path_costs(ink: np.ndarray, step: float = CUT_STEP) -> tuple[np.ndarray, np.ndarray]:
-    """Cheapest path ink from row 0 down to each pixel (moving at most one
-    column per row, `step` per sideways step), and the step taken into each
-    pixel (-1, 0, +1: from the column left of it, above it, right of it)."""
-    h, w = ink.shape
+def _path_costs(ink: np.ndarray, step: float = CUT_STEP) -> np.ndarray:
+    """Cheapest path ink from row 0 down to each pixel, moving at most one
+    column per row and paying `step` per sideways step (inf: straight down)."""
+    if not np.isfinite(step):
+        return np.cumsum(ink, axis=0)
     cost = np.empty_like(ink)
-    came = np.empty((h, w), np.int8)
-    came[0] = 0
     cost[0] = ink[0]
-    ways = np.full((3, w + 2), np.inf, np.float32)  # from above (preferred on ties), the left, the right
-    steps = np.array([0, -1, 1], np.int8)
-    columns = np.arange(1, w + 1)
-    for y in range(1, h):
-        prev = cost[y - 1]
-        ways[0, 1:-1] = prev
-        ways[1, 2:] = prev + step
-        ways[2, :-2] = prev + step
-        way = np.argmin(ways[:, 1:-1], axis=0)
-        came[y] = steps[way]
-        cost[y] = ways[way, columns] + ink[y]
-    return cost, came
+    side = np.ones((1, 3), np.uint8)
+    for y in range(1, len(ink)):
+        prev = cost[y - 1 : y]
+        # min(prev[x], prev[x-1] + step, prev[x+1] + step): the 3-wide minimum
+        # plus a step is only ever chosen where it is a real sideways step.
+        np.minimum(prev, cv2.erode(prev, side) + step, out=cost[y : y + 1])
+        cost[y] += ink[y]
+    return cost
 
 
-def _trace(came: np.ndarray, x: int) -> np.ndarray:
-    """The columns of the path ending at (last row, x), from the last row back to row 0."""
-    xs = np.empty(len(came), np.int64)
-    for y in range(len(came) - 1, -1, -1):
-        xs[len(came) - 1 - y] = x
-        x += int(came[y, x])
+def _trace(cost: np.ndarray, x: int, step: float) -> np.ndarray:
+    """The columns of the cheapest path ending at (last row, x), from the
+    last row back to row 0 (straight on ties)."""
+    h, w = cost.shape
+    xs = np.empty(h, np.int64)
+    xs[0] = x
+    for n, y in enumerate(range(h - 2, -1, -1), start=1):
+        row = cost[y]
+        best, to = row[x], x
+        if x > 0 and row[x - 1] + step < best:
+            best, to = row[x - 1] + step, x - 1
+        if x < w - 1 and row[x + 1] + step < best:
+            to = x + 1
+        x = to
+        xs[n] = x
     return xs
 
 
