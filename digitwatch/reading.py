@@ -326,8 +326,10 @@ def _atoms(
         own = np.isin(window, p.labels).astype(np.uint8)
         wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
         # A lone blob (one digit, a tick, a cross) is cut only straight down, as
-        # before paths could drift: drifting cuts part a tick into two 1s.
-        paths = _cuts(own, height, drift=len(pieces) > 1) if wide else []
+        # before paths could drift: drifting cuts part a tick into two 1s. So
+        # is a digit-wide blob pinched to a thread (a 1 touching its neighbour).
+        drift = len(pieces) > 1 and p.width > CUT_ASPECT * height
+        paths = _cuts(own, height, drift=drift) if wide else []
         cols = np.arange(p.width)[None, :]
         left = np.zeros((p.height, 1), np.int64)
         for k in range(len(paths) + 1):
