@@ -60,6 +60,7 @@ LONE_CUT = 3.0
 CUTS_PER = 0.5  # a blob is offered at most one cut per this many digit heights of its width
 CUT_ROWS = (0.5,)  # cut paths are sought through these rows (share of the blob's height)
 LONE_CUTS_PER = 0.5  # ... and a lone blob one per this many
+DRIFT_ASPECT = 1.1  # only blobs wider than this per digit height (surely two digits) get drifting cuts
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -327,8 +328,9 @@ def _atoms(
         wide = p.width > CUT_ASPECT * height or (p.width >= PINCH_ASPECT * p.height and _pinched(mask, p))
         # A lone blob (one digit, a tick, a cross) is cut only straight down, as
         # before paths could drift: drifting cuts part a tick into two 1s. So
-        # is a digit-wide blob pinched to a thread (a 1 touching its neighbour).
-        drift = len(pieces) > 1 and p.width > CUT_ASPECT * height
+        # is a blob that may be one wide digit (a 0, a 2): straight cuts cost
+        # less, and drifting ones find little more there.
+        drift = len(pieces) > 1 and p.width > DRIFT_ASPECT * height
         paths = _cuts(own, height, drift=drift) if wide else []
         cols = np.arange(p.width)[None, :]
         left = np.zeros((p.height, 1), np.int64)
