@@ -148,3 +148,19 @@ def drop(inbox: Path, name: str, data: bytes) -> Path:
 
 
 PNG_GOOD = GOOD[0].read_bytes()
+
+
+def decoder_pids(parent: int) -> list[int]:
+    """The daemon's worker processes (children running digitwatch.decoder)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"digitwatch.decoder" in cmdline:
+            out.append(int(entry.name))
+    return sorted(out)

@@ -348,22 +348,6 @@ class TestClose:
         assert pool.wait_for(["late"])["late"].error
 
 
-def decoder_pids(parent: int) -> list[int]:
-    """The daemon's worker processes, from /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"digitwatch.decoder" in cmdline:
-            out.append(int(entry.name))
-    return out
-
-
 def state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -375,7 +359,7 @@ class TestDaemon:
     """Through the real daemon: a worker that segfaults mid-file costs that file."""
 
     def test_worker_segfault_mid_file_fails_that_file_only(self, tmp_path):
-        from tests.daemon_harness import DaemonProc, drop
+        from tests.daemon_harness import DaemonProc, decoder_pids, drop
 
         page = np.full((5000, 5000, 3), 255, np.uint8)  # long enough to decode that the kill lands mid-file
         cv2.putText(page, "7", (1500, 3500), cv2.FONT_HERSHEY_SIMPLEX, 50, (0, 0, 0), 160)
@@ -405,7 +389,7 @@ class TestDaemon:
         """worker_timeout_s in the TOML reaches the workers: a real page that
         takes ~0.5 s to decode here (5000x5000 RGB, near the decode bound)
         fails at a 0.05 s limit with that reason, and its worker is replaced."""
-        from tests.daemon_harness import DaemonProc, drop
+        from tests.daemon_harness import DaemonProc, decoder_pids, drop
 
         page = np.full((5000, 5000, 3), 255, np.uint8)
         cv2.putText(page, "7", (1500, 3500), cv2.FONT_HERSHEY_SIMPLEX, 50, (0, 0, 0), 160)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tests.bench.run import make_pool
 from tests.bench.run import stage as fill
-from tests.daemon_harness import DaemonProc, read_results
+from tests.daemon_harness import DaemonProc, decoder_pids, read_results
 
 
 def placed(base: Path) -> int:
@@ -231,22 +231,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (clock ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def decoder_pids(parent: int) -> list[int]:
-    """The daemon's worker processes (children running digitwatch.decoder)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and b"digitwatch.decoder" in cmdline:
-            out.append(int(entry.name))
-    return sorted(out)
 
 
 def pss_mb(pid: int) -> float:
