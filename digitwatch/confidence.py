@@ -23,6 +23,9 @@ from digitwatch.contract import DIGITS, REJECT
 
 FLOOR = -20.0  # log-probabilities below this say nothing more
 LOGIT_CAP = 12.0  # |logit| above this says nothing more
+# No fitted weight comes near this; a card beyond it is corrupt or hostile
+# (1e308 weights turn the sum into inf - inf = nan, a NaN confidence line).
+MAX_WEIGHT = 1e6
 # The reject head gives real digits small "not a digit" probabilities that
 # vary from scan to scan and say little; ranking digits by them costs
 # coverage (measured with tests/bench/fit_answers.py: single digits marked ok
@@ -83,6 +86,8 @@ class AnswerCalibration:
 
     def probability(self, evidence: Evidence) -> float:
         z = self.bias + sum(w * v for w, v in zip(self.weights, evidence.values, strict=True))
+        if math.isnan(z):  # cannot happen with a card from_card accepted; never report NaN
+            return 0.0
         return 1.0 / (1.0 + math.exp(-min(max(z, -50.0), 50.0)))
 
     def to_card(self) -> dict:
@@ -102,6 +107,8 @@ class AnswerCalibration:
         values = [*weights, bias]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ValueError("answer_calibration weights and bias must be finite numbers")
+        if any(abs(v) > MAX_WEIGHT for v in values):
+            raise ValueError(f"answer_calibration weights and bias must be within +-{MAX_WEIGHT:g}")
         return cls(tuple(float(w) for w in weights), float(bias))
 
 

@@ -64,6 +64,9 @@ def test_card_round_trip_and_refusals():
         {**cal.to_card(), "bias": "1"},
         {**cal.to_card(), "bias": float("nan")},
         {**cal.to_card(), "weights": [True] * len(FEATURES)},
+        # Finite but absurd: 1e308 * 2 - 1e308 * 2 is inf - inf = nan.
+        {**cal.to_card(), "weights": [1e308, -1e308] + [0.0] * (len(FEATURES) - 2)},
+        {**cal.to_card(), "bias": -1e7},
     ):
         with pytest.raises(ValueError):
             AnswerCalibration.from_card(bad)
@@ -100,3 +103,12 @@ def test_the_shipped_calibration_fits_its_features(classifier):
     ok = [(r, p) for r, p in zip(results, paths, strict=True) if r.status == "ok"]
     assert len(ok) >= 0.9 * len(paths), [(p.name, round(r.confidence, 3)) for r, p in zip(results, paths, strict=True)]
     assert all(r.digit == label_of(p) for r, p in ok)
+
+
+def test_a_map_that_overflows_never_reports_nan():
+    """Built directly (from_card refuses such weights): the worst finite map
+    still gives a probability in [0, 1], never NaN or inf."""
+    for weights, bias in (((1e308, -1e308) + (0.0,) * (len(FEATURES) - 2), 0.0),
+                          ((1e308,) * len(FEATURES), 1e308), ((-1e308,) * len(FEATURES), -1e308)):
+        p = AnswerCalibration(weights, bias).probability(Evidence((2.0,) * len(FEATURES)))
+        assert 0.0 <= p <= 1.0 and math.isfinite(p)
