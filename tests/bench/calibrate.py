@@ -1,5 +1,5 @@
-"""Fit the model's temperature and choose the low-confidence threshold on held-out
-realistic scans, and write both into the model card.
+"""Fit the model's temperature on held-out realistic scans and write it into
+the model card.
 
     python -m tests.bench.calibrate --model runs/r1/digits.tflite [--digits N] [--write]
 
@@ -10,7 +10,9 @@ Hershey-font digits and drawn non-digits from seeds training did not use, all
 through the real decode + normalize + classify path. The temperature minimizes
 the negative log-likelihood there; the threshold is the lowest confidence at
 which answers marked ok are still right at least --precision of the time
-(single-digit answers: argmax over the digits, refused when "not a digit" wins).
+(single-digit answers: argmax over the digits, refused when "not a digit" wins),
+reported only: the whole-answer map and the card's threshold are fitted by
+tests/bench/fit_answers.py, after the temperature.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch import calibration, evaluation, synth
+from digitwatch import calibration, synth
 from digitwatch.contract import REJECT
 from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.imaging import load_digit
-from digitwatch.model import LiteRTClassifier, OutputSpec, RejectHeadClassifier, load_classifier
+from digitwatch.model import load_classifier
 from tests import scans
 from tests.conftest import MNIST_DIR
 
@@ -83,37 +85,7 @@ def answers(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return answered, confidence, digit == labels
 
 
-def whole_answers(classifier, count: int, precision: float, seed: int = 5151) -> dict:
-    """Numbers of 1-12 validation digits and non-digits (training faces, other
-    seeds) through the number reader: the whole-answer ECE and the threshold."""
-    mnist = load_mnist(MNIST_DIR)
-    _, val_idx = split_indices(len(mnist.x_train), seed=0, limit=None)
-    numbers = evaluation.number_scans(count, seed, mnist.x_train[val_idx], mnist.y_train[val_idx])
-    non_digits = evaluation.non_digit_scans(count // 2, seed + 1, faces=synth.TRAIN_FACES)
-    read = evaluation.number_reader(classifier, 0.0)
-    conf, right, number = [], [], []
-    for png, truth in numbers + non_digits:
-        a = read(png)
-        if a.text:
-            conf.append(a.confidence)
-            right.append(a.text == truth)  # a non-digit's truth is its kind: never equal
-            number.append(truth.isdigit())
-    conf_a, right_a = np.array(conf), np.array(right, bool)
-    threshold = calibration.threshold_for_precision(conf_a, right_a, precision)
-    ok = conf_a >= threshold
-    return {
-        "number_scans": len(numbers),
-        "non_digit_scans": len(non_digits),
-        "answers": len(conf),
-        "ece": calibration.expected_calibration_error(conf_a, right_a),
-        "low_confidence": threshold,
-        "ok_right": float(right_a[ok].mean()) if ok.any() else 1.0,
-        "numbers_marked_ok": float(ok[np.array(number, bool)].sum() / max(len(numbers), 1)),
-        "non_digits_marked_ok": float(ok[~np.array(number, bool)].sum() / max(len(non_digits), 1)),
-    }
-
-
-def run(model: Path, digits: int, precision: float, numbers: int = 0) -> dict:
+def run(model: Path, digits: int, precision: float) -> dict:
     card_path = model.with_suffix(".json")
     card = json.loads(card_path.read_text())
     classifier = load_classifier(model)
@@ -130,16 +102,7 @@ def run(model: Path, digits: int, precision: float, numbers: int = 0) -> dict:
     threshold = calibration.threshold_for_precision(conf[answered], right[answered], precision)
     ok = answered & (conf >= threshold)
     is_digit = labels != REJECT
-    whole = {}
-    if numbers:
-        if isinstance(classifier, RejectHeadClassifier):
-            tuned = classifier  # a pair: each half is calibrated by its own card, as served
-        else:
-            spec = OutputSpec.for_model(model)
-            tuned = LiteRTClassifier(model, spec=OutputSpec(logits=spec.logits, temperature=t_card * t_rel))
-        whole = whole_answers(tuned, numbers, precision)
     return {
-        "whole_answers": whole,
         "model": classifier.model_id,
         "scans": int(len(pngs)),
         "normalized": int(keep.sum()),
@@ -163,21 +126,20 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("models/digits.tflite"))
     ap.add_argument("--digits", type=int, default=3000)
     ap.add_argument("--precision", type=float, default=0.997)
-    ap.add_argument("--numbers", type=int, default=600, help="Number scans for the whole-answer threshold.")
-    ap.add_argument("--write", action="store_true", help="Store temperature and threshold in the card.")
+    ap.add_argument("--write", action="store_true", help="Store the temperature in the card.")
     args = ap.parse_args()
-    report = run(args.model, args.digits, args.precision, args.numbers)
+    report = run(args.model, args.digits, args.precision)
     print(json.dumps(report, indent=2))
     if args.write:
         card_path = args.model.with_suffix(".json")
         card = json.loads(card_path.read_text())
+        # The whole-answer map and threshold are tests/bench/fit_answers.py's:
+        # a threshold on single-digit probabilities is not one on its scale.
         card["temperature"] = report["temperature"]
-        card["recommended_low_confidence"] = (report["whole_answers"] or report)["low_confidence"]
         card["calibration"] = {k: v for k, v in report.items() if k != "model"}
         card["calibration"]["command"] = "python -m tests.bench.calibrate " + " ".join(
             f"--{k} {v}" for k, v in (
                 ("model", args.model), ("digits", args.digits), ("precision", args.precision),
-                ("numbers", args.numbers),
             )
         ) + " --write"
         card_path.write_text(json.dumps(card, indent=2) + "\n")
