@@ -23,6 +23,12 @@ from digitwatch.contract import DIGITS, REJECT
 
 FLOOR = -20.0  # log-probabilities below this say nothing more
 LOGIT_CAP = 12.0  # |logit| above this says nothing more
+# The longest answers the map is fitted on (tests/bench/fit_answers.py reads
+# numbers of 2-12 digits). A logistic map extrapolates without bound: a
+# 50-digit string of sure digits came out 0.9985 and ok. Beyond this length
+# the reader takes the smaller of the map and the raw product of the digits'
+# probabilities, which only falls as the string grows.
+MAX_FITTED_LENGTH = 12
 # No fitted weight comes near this; a card beyond it is corrupt or hostile
 # (1e308 weights turn the sum into inf - inf = nan, a NaN confidence line).
 MAX_WEIGHT = 1e6

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from digitwatch import imaging
-from digitwatch.confidence import AnswerCalibration, Evidence
+from digitwatch.confidence import MAX_FITTED_LENGTH, AnswerCalibration, Evidence
 from digitwatch.contract import DIGITS, REJECT
 from digitwatch.errors import NoInkError
 from digitwatch.results import STATUS_LOW, STATUS_OK
@@ -563,9 +563,11 @@ def _confidence(
     Raw: the product of the digits' probabilities times the segmentation
     certainty (this cut's share of the weight of every way of cutting the ink)."""
     evidence = Evidence.of(probs, path, log_certainty=log_certainty, prior=float(sum(cands.prior[k] for k in path)))
-    if calibration is not None:
-        return calibration.probability(evidence), evidence
-    return float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty)), evidence
+    raw = float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
+    if calibration is None:
+        return raw, evidence
+    fitted = calibration.probability(evidence)
+    return (fitted if len(path) <= MAX_FITTED_LENGTH else min(fitted, raw)), evidence
 
 
 def _single(p: np.ndarray, threshold: float, calibration: AnswerCalibration | None = None) -> Reading:

@@ -112,3 +112,29 @@ def test_a_map_that_overflows_never_reports_nan():
                           ((1e308,) * len(FEATURES), 1e308), ((-1e308,) * len(FEATURES), -1e308)):
         p = AnswerCalibration(weights, bias).probability(Evidence((2.0,) * len(FEATURES)))
         assert 0.0 <= p <= 1.0 and math.isfinite(p)
+
+
+def test_an_answer_longer_than_the_fitted_range_is_not_trusted_on_extrapolation(classifier):
+    """The worst valid input for a fitted map: a page of 50 clean printed
+    digits. The map was fitted on answers of at most MAX_FITTED_LENGTH digits;
+    extrapolated, it said 0.9985 and ok. Beyond that length the confidence is
+    at most the raw product of the digits' probabilities, which falls with length."""
+    import cv2
+
+    from digitwatch.reading import read_number
+    from tests import pngwrite
+
+    def page(n: int) -> bytes:
+        img = np.full((120, 40 * n + 40), 255, np.uint8)
+        for i in range(n):
+            cv2.putText(img, str(i % 10), (20 + 40 * i, 90), cv2.FONT_HERSHEY_SIMPLEX, 2.0, 0, 4)
+        return pngwrite.encode(img, pngwrite.GRAY)
+
+    threshold = threshold_for(classifier, None)
+    long = read_number(page(50), classifier, threshold=threshold)
+    assert len(long.text) == 50 and len(long.text) > confidence.MAX_FITTED_LENGTH
+    raw = math.prod(p for _, p in long.digits)
+    assert long.confidence <= raw + 1e-9 and long.status != "ok", (long.confidence, raw)
+    # Within the fitted range the map alone speaks: a clean 6-digit page is ok.
+    short = read_number(page(6), classifier, threshold=threshold)
+    assert short.text == "012345" and short.status == "ok" and short.confidence > raw
