@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -221,7 +222,13 @@ def main() -> None:
             f"--numbers {args.numbers} --non-digits {args.non_digits} --precision {args.precision} "
             f"--wrong-number-ok {args.wrong_number_ok} --non-digit-ok {args.non_digit_ok} --write"
         )
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        # Whole or not at all: a card cut short by a power loss stops every
+        # daemon that loads it (an unreadable card is refused at start).
+        tmp = card_path.with_name(f".{card_path.name}.tmp")
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, card_path)
 
 
 if __name__ == "__main__":
