@@ -194,6 +194,19 @@ def run(model: Path, singles: int, numbers: int, non_digits: int, precision: flo
     }
 
 
+def write_card(card_path: Path, card: dict) -> None:
+    """Whole or not at all: a card cut short by a power loss would stop every
+    daemon that loads it (an unreadable card is refused at start)."""
+    tmp = card_path.with_name(f".{card_path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, card_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=Path("models/digits-reject.json"))
@@ -222,13 +235,7 @@ def main() -> None:
             f"--numbers {args.numbers} --non-digits {args.non_digits} --precision {args.precision} "
             f"--wrong-number-ok {args.wrong_number_ok} --non-digit-ok {args.non_digit_ok} --write"
         )
-        # Whole or not at all: a card cut short by a power loss stops every
-        # daemon that loads it (an unreadable card is refused at start).
-        tmp = card_path.with_name(f".{card_path.name}.tmp")
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, card_path)
+        write_card(card_path, card)
 
 
 if __name__ == "__main__":
