@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from digitwatch.contract import SIDE
+from digitwatch.contract import PAIR_WIDTH, SIDE
 from digitwatch.errors import (
     CorruptImageError,
     EmptyFileError,
@@ -670,6 +670,24 @@ def finish(
 
     `exclude` marks ink that belongs to other digits: the anti-aliased edge
     kept around the strokes must not reach into a neighbour."""
+    x0, y0, x1, y1 = _bbox(mask)
+    return mnist_box(_clean(ink, smooth, mask, exclude, BOX / max(x1 - x0, y1 - y0, 1)))
+
+
+def finish_pair(
+    ink: np.ndarray, smooth: np.ndarray, mask: np.ndarray, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """Two digits that touch or overlap (`mask`) -> the pair model's 28x56
+    picture: cleaned as one digit is, scaled by its height (see pair_box)."""
+    x0, y0, x1, y1 = _bbox(mask)
+    return pair_box(_clean(ink, smooth, mask, exclude, _pair_scale(x1 - x0, y1 - y0)))
+
+
+def _clean(
+    ink: np.ndarray, smooth: np.ndarray, mask: np.ndarray, exclude: np.ndarray | None, to_box: float
+) -> np.ndarray:
+    """The ink of `mask` with its anti-aliased edge, paper floor removed, full
+    strength, strokes brought toward MNIST's width at the final scale `to_box`."""
     # Keep the anti-aliased edge of the strokes, nothing else on the page.
     near = cv2.dilate(mask, np.ones((5, 5), np.uint8)).astype(bool)
     if exclude is not None:
@@ -680,10 +698,31 @@ def finish(
     digit = np.clip((digit - floor) / max(1e-3, 1 - floor), 0, 1)
     strength = _quantile(digit[inside], 0.90)
     digit = np.clip(digit / max(strength, 1e-3), 0.0, 1.0)
-    digit = _normalize_stroke(digit, mask)
+    digit = _normalize_stroke(digit, mask, to_box)
     if not digit.any():
         raise NoInkError("no ink found after cleaning")
-    return mnist_box(digit)
+    return digit
+
+
+def _pair_scale(width: int, height: int) -> float:
+    """A pair's height becomes BOX pixels, unless it is too wide for the picture."""
+    return min(BOX / max(height, 1), (PAIR_WIDTH - 8) / max(width, 1))
+
+
+def pair_box(ink: np.ndarray) -> np.ndarray:
+    """Crop to the ink, scale by pair_scale (anti-aliased), centre the box in 28x56."""
+    x0, y0, x1, y1 = _bbox((ink > 0).view(np.uint8))
+    crop = ink[y0:y1, x0:x1]
+    h, w = crop.shape
+    scale = _pair_scale(w, h)
+    size = (max(1, min(PAIR_WIDTH, round(w * scale))), max(1, min(SIDE, round(h * scale))))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(crop, size, interpolation=interp)
+    out = np.zeros((SIDE, PAIR_WIDTH), np.float32)
+    top, left = (SIDE - size[1]) // 2, (PAIR_WIDTH - size[0]) // 2
+    out[top : top + size[1], left : left + size[0]] = small
+    peak = float(out.max())
+    return np.clip(out / peak if peak > 0 else out, 0.0, 1.0).astype(np.float32)
 
 
 def normalize(gray: np.ndarray) -> np.ndarray:
@@ -705,10 +744,9 @@ def _resample(region: np.ndarray, size: tuple[int, int], scale: float) -> np.nda
     return cv2.resize(region, size, interpolation=cv2.INTER_AREA)
 
 
-def _normalize_stroke(digit: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Bring hairline or marker strokes toward MNIST's width at the final scale."""
-    x0, y0, x1, y1 = _bbox(mask)
-    to_box = BOX / max(x1 - x0, y1 - y0)
+def _normalize_stroke(digit: np.ndarray, mask: np.ndarray, to_box: float) -> np.ndarray:
+    """Bring hairline or marker strokes toward MNIST's width at the final scale
+    (`to_box`: final pixels per pixel here)."""
     width = _stroke_width(mask) * to_box  # as it would be after scaling to 20 px
     if width < 0.65 * MNIST_STROKE:
         grow = (MNIST_STROKE - width) / to_box

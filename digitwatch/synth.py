@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from digitwatch.contract import DIGITS, SIDE
+from digitwatch.contract import DIGITS, PAIR_REJECT, PAIR_WIDTH, SIDE
 from digitwatch.errors import NoInkError
-from digitwatch.imaging import finish, mnist_box
+from digitwatch.imaging import finish, finish_pair, mnist_box, pair_box
 
 FACES = [
     cv2.FONT_HERSHEY_SIMPLEX,
@@ -402,3 +402,93 @@ def number_ink(text: str, images: np.ndarray, labels: np.ndarray, rng: np.random
         region = canvas[y0 + 4 : y0 + 4 + p.shape[0], x0 : x0 + p.shape[1]]
         np.maximum(region, p[: region.shape[0], : region.shape[1]], out=region)
     return _trim(canvas, pad=8)
+
+
+# ---------------------------------------------------------------- pairs (the pair model)
+
+
+def to_pair(ink: np.ndarray) -> np.ndarray:
+    """Float ink (high = ink) -> the (28, 56) float32 picture serving makes of a pair."""
+    ink = np.clip(ink.astype(np.float32, copy=False), 0.0, 1.0)
+    ink = np.where(ink > 0.04, ink, 0.0).astype(np.float32)
+    mask = (ink > 0.35).astype(np.uint8)
+    if mask.any():
+        try:
+            return finish_pair(ink, ink, mask)
+        except NoInkError:
+            pass
+    return pair_box(ink)
+
+
+def _one_digit(rng: np.random.Generator, images: np.ndarray, index: int) -> np.ndarray:
+    """An MNIST digit at WORK scale, its size and pen width jittered as another hand would."""
+    ink = _mnist_ink(images[index])
+    s = rng.uniform(0.85, 1.15)
+    ink = cv2.resize(ink, None, fx=s * rng.uniform(0.85, 1.15), fy=s, interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.3:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        ink = cv2.dilate(ink, k) if rng.random() < 0.6 else cv2.erode(ink, k)
+    return _trim(ink)
+
+
+def digit_pair(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Two digits touching or overlapping (up to 40% of the first's width), or
+    just apart, as one drawing; label 10*a + b."""
+    i, j = rng.integers(len(images), size=2)
+    gap = rng.uniform(-0.4, 0.12)
+    ink = _side_by_side(_one_digit(rng, images, i), _one_digit(rng, images, j), rng, gap)
+    if rng.random() < 0.5:
+        ink = slant(ink, rng, angle=6, shear=0.15)
+    return ink, int(labels[i]) * DIGITS + int(labels[j])
+
+
+def _wide_digit(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One digit drawn wide: a 0 or a 2 can be as wide as two digits."""
+    ink = _mnist_ink(images[int(rng.integers(len(images)))])
+    return _trim(cv2.resize(ink, None, fx=rng.uniform(1.1, 2.2), fy=1.0, interpolation=cv2.INTER_LINEAR))
+
+
+def _three_digits(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Three digits in one blob: a pair is two, not three."""
+    i, j, k = rng.integers(len(images), size=3)
+    two = _side_by_side(_one_digit(rng, images, i), _one_digit(rng, images, j), rng, rng.uniform(-0.3, 0.0))
+    return _side_by_side(two, _one_digit(rng, images, k), rng, rng.uniform(-0.15, 0.0))
+
+
+def _pieces_pair(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """Half a digit beside half of another: a span between two wrong cuts."""
+    a, b = partial_digit(rng, images, labels), partial_digit(rng, images, labels)
+    if a is None or b is None:
+        return None
+    return _side_by_side(a, b, rng, rng.uniform(-0.2, 0.05))
+
+
+# What a pair candidate may hold that is not two digits.
+PAIR_REJECT_KINDS = [
+    RejectKind("wide_digit", 0.25, _wide_digit, needs_digits=True),
+    RejectKind("digit_with_fragment", 0.20, digit_with_fragment, needs_digits=True),
+    RejectKind("three_digits", 0.12, _three_digits, needs_digits=True),
+    RejectKind("pieces", 0.08, _pieces_pair, needs_digits=True),
+    RejectKind("letter_pair", 0.15, letter_pair),
+    RejectKind("letter", 0.05, letter),
+    RejectKind("scribble", 0.07, scribble),
+    RejectKind("shape", 0.04, shape),
+    RejectKind("cross", 0.04, cross),
+]
+
+
+def pair_samples(count: int, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
+                 reject_share: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """`count` pair pictures (N, 28, 56) float32 and their classes (10*a + b, or
+    contract.PAIR_REJECT). `images`/`labels`: the MNIST digits they are made of."""
+    weights = np.array([k.weight for k in PAIR_REJECT_KINDS])
+    out = np.empty((count, SIDE, PAIR_WIDTH), np.float32)
+    classes = np.empty(count, np.int64)
+    for n in range(count):
+        if rng.random() < reject_share:
+            kind = PAIR_REJECT_KINDS[int(rng.choice(len(weights), p=weights / weights.sum()))]
+            ink, cls = reject_ink(kind, rng, images, labels), PAIR_REJECT
+        else:
+            ink, cls = digit_pair(rng, images, labels)
+        out[n], classes[n] = to_pair(ink), cls
+    return out, classes
