@@ -11,7 +11,10 @@ A 10-class model's card may name an 11-class companion (`"reject_model":
 "reject.tflite"`, beside the card), or a card of its own may name both
 (`--model models/digits-reject.json`: `"digit_model"` and `"reject_model"`):
 the companion's "not a digit" probability r is put next to the digit model's
-own decisions, `[p_digits * (1 - r), r]` (`RejectHeadClassifier`).
+own decisions, `[p_digits * (1 - r), r]` (`RejectHeadClassifier`). A pair's
+card may also name a pair model (`"pair_model": "pairs.tflite"`, see
+contract.py): two touching or overlapping digits read as one picture; the
+classifier carries it as `pairs` (None without one).
 Logits leave the graph rather than probabilities because an int8 softmax can
 only say 255/256 at the top, too coarse to multiply over a 12-digit number.
 """
@@ -33,7 +36,16 @@ from typing import Protocol
 import numpy as np
 
 from digitwatch.confidence import AnswerCalibration
-from digitwatch.contract import CLASS_COUNTS, DIGITS, REJECT, SIDE, to_model_input
+from digitwatch.contract import (
+    CLASS_COUNTS,
+    DIGITS,
+    PAIR_CLASSES,
+    PAIR_WIDTH,
+    REJECT,
+    SIDE,
+    to_model_input,
+    to_pair_input,
+)
 from digitwatch.errors import ModelError
 
 # The shipped default: the 10-class digit ensemble with the "not a digit" head,
@@ -48,6 +60,7 @@ class Classifier(Protocol):
     model_id: str
     classes: int
     spec: OutputSpec  # outputs, temperature and recommended threshold from the card
+    pairs: Classifier | None  # the pair model (contract.py), if the card names one
 
     def predict(self, digits: np.ndarray) -> np.ndarray: ...
 
@@ -137,7 +150,9 @@ def _quiet_stderr() -> Iterator[None]:
 class LiteRTClassifier:
     """Runs a .tflite model through LiteRT; safe to share between threads."""
 
-    def __init__(self, path: Path, *, threads: int = 2, spec: OutputSpec | None = None) -> None:
+    def __init__(self, path: Path, *, threads: int = 2, spec: OutputSpec | None = None,
+                 pair_model: bool = False) -> None:
+        """`pair_model`: the file is a pair model (contract.py), not a digit model."""
         from ai_edge_litert.interpreter import Interpreter
 
         try:
@@ -148,11 +163,16 @@ class LiteRTClassifier:
             raise ModelError(f"{path}: cannot load LiteRT model ({exc})") from exc
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
-        if len(inputs) != 1 or tuple(inputs[0]["shape"][1:]) != (SIDE, SIDE, 1):
-            raise ModelError(f"{path}: expected one (N, {SIDE}, {SIDE}, 1) input, got {inputs}")
+        width = PAIR_WIDTH if pair_model else SIDE
+        if len(inputs) != 1 or tuple(inputs[0]["shape"][1:]) != (SIDE, width, 1):
+            raise ModelError(f"{path}: expected one (N, {SIDE}, {width}, 1) input, got {inputs}")
         if len(outputs) != 1:
             raise ModelError(f"{path}: expected one (N, {DIGITS}) or (N, {DIGITS + 1}) output, got {len(outputs)}")
-        self.classes = _check_classes(path, int(outputs[0]["shape"][-1]))
+        if pair_model and int(outputs[0]["shape"][-1]) != PAIR_CLASSES:
+            raise ModelError(f"{path}: a pair model has {PAIR_CLASSES} outputs, not {outputs[0]['shape'][-1]}")
+        self.classes = PAIR_CLASSES if pair_model else _check_classes(path, int(outputs[0]["shape"][-1]))
+        self._prepare = to_pair_input if pair_model else to_model_input
+        self.pairs: LiteRTClassifier | None = None
         self.spec = spec if spec is not None else OutputSpec.for_model(path)
         self._input = inputs[0]["index"]
         self._output = outputs[0]["index"]
@@ -163,7 +183,7 @@ class LiteRTClassifier:
         self.model_id = model_id_for(path)
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
-        x = to_model_input(digits)
+        x = self._prepare(digits)
         with self._lock:
             if x.shape[0] != self._batch:
                 # Resizing re-plans memory, so keep the last size: the daemon's
@@ -185,6 +205,7 @@ class KerasClassifier:
         self.classes = _check_classes(path, int(self._model.output_shape[-1]))
         self.spec = OutputSpec.for_model(path)
         self.model_id = model_id_for(path)
+        self.pairs = None
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
         x = to_model_input(digits)
@@ -212,7 +233,8 @@ class RejectHeadClassifier:
 
     classes = DIGITS + 1
 
-    def __init__(self, digits: Classifier, reject: Classifier, spec: OutputSpec | None = None) -> None:
+    def __init__(self, digits: Classifier, reject: Classifier, spec: OutputSpec | None = None,
+                 pairs: LiteRTClassifier | None = None) -> None:
         if digits.classes != DIGITS or reject.classes != DIGITS + 1:
             raise ModelError(
                 f"a reject head pairs a 10-class digit model with an 11-class companion, "
@@ -221,7 +243,8 @@ class RejectHeadClassifier:
         self.digits, self.reject = digits, reject
         # The pair's threshold: from its own card, else from the digit model's.
         self.spec = spec if spec is not None else digits.spec
-        self.model_id = f"{digits.model_id}+{reject.model_id}"
+        self.pairs = pairs
+        self.model_id = f"{digits.model_id}+{reject.model_id}" + (f"+{pairs.model_id}" if pairs else "")
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
         return combine(self.digits.predict(digits), self.reject.predict(digits))
@@ -260,8 +283,10 @@ def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
     if digits is None or reject is None:
         raise ModelError(f"{card_path}: a model card given as --model names digit_model and reject_model")
     spec = OutputSpec.for_model(card_path)
+    pairs = _card_entry(card_path, "pair_model")
     return RejectHeadClassifier(LiteRTClassifier(digits), LiteRTClassifier(reject),
-                                OutputSpec(low_confidence=spec.low_confidence, answers=spec.answers))
+                                OutputSpec(low_confidence=spec.low_confidence, answers=spec.answers),
+                                pairs=LiteRTClassifier(pairs, pair_model=True) if pairs is not None else None)
 
 
 def load_classifier(path: Path | None = None) -> Classifier:

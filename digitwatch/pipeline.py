@@ -141,6 +141,31 @@ def threshold_for(classifier: Classifier, low_confidence: float | None) -> float
     return DEFAULT_LOW_CONFIDENCE if card is None else card
 
 
+def score(
+    classifier: Classifier, scans: Sequence[Candidates]
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Each scan's (probabilities of its candidates, of its pair candidates or
+    None): one digit-model call for every candidate of every scan, one
+    pair-model call for every pair candidate (when the classifier has one)."""
+    if not scans:
+        return []
+    counts = [len(c.crops) for c in scans]
+    probs = classifier.predict(np.concatenate([c.crops for c in scans]))
+    bounds = np.cumsum([0, *counts])
+    out: list[tuple[np.ndarray, np.ndarray | None]] = [
+        (probs[bounds[k] : bounds[k + 1]], None) for k in range(len(scans))
+    ]
+    pairs = getattr(classifier, "pairs", None)
+    with_pairs = [k for k, c in enumerate(scans) if c.pairs is not None]
+    if pairs is not None and with_pairs:
+        sizes = [len(scans[k].pairs) for k in with_pairs]  # type: ignore[arg-type]
+        pair_probs = pairs.predict(np.concatenate([scans[k].pairs for k in with_pairs]))  # type: ignore[misc]
+        edges = np.cumsum([0, *sizes])
+        for n, k in enumerate(with_pairs):
+            out[k] = (out[k][0], pair_probs[edges[n] : edges[n + 1]])
+    return out
+
+
 def classify_batch(
     classifier: Classifier, items: Sequence[Prepared], *, low_confidence: float | None,
     expect: str | None = None, length: str | None = None,
@@ -152,18 +177,16 @@ def classify_batch(
     constraints: Constraints = constraints_for(expect, length)
     low_confidence = threshold_for(classifier, low_confidence)
     good = [i for i, item in enumerate(items) if item.candidates is not None]
-    counts = [len(items[i].candidates.crops) for i in good]  # type: ignore[union-attr]
-    by_index: dict[int, np.ndarray] = {}
-    if good:  # no model call for a batch of errors
-        probs = classifier.predict(np.concatenate([items[i].candidates.crops for i in good]))  # type: ignore[union-attr]
-        bounds = np.cumsum([0, *counts])
-        by_index = {i: probs[bounds[k] : bounds[k + 1]] for k, i in enumerate(good)}
+    # No model call for a batch of errors.
+    scored = score(classifier, [items[i].candidates for i in good])  # type: ignore[misc]
+    by_index = dict(zip(good, scored, strict=True))
     done = time.perf_counter()
     results = []
     for i, item in enumerate(items):
         latency = (done - item.started) * 1000.0
         if i in by_index:
-            r = decide(item.candidates, by_index[i], constraints=constraints,  # type: ignore[arg-type]
+            probs, pair_probs = by_index[i]
+            r = decide(item.candidates, probs, pair_probs=pair_probs, constraints=constraints,  # type: ignore[arg-type]
                        threshold=low_confidence, calibration=classifier.spec.answers)
             results.append(
                 Result(

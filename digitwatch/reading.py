@@ -31,7 +31,7 @@ import numpy as np
 
 from digitwatch import imaging
 from digitwatch.confidence import MAX_FITTED_LENGTH, AnswerCalibration, Evidence
-from digitwatch.contract import DIGITS, REJECT
+from digitwatch.contract import DIGITS, PAIR_REJECT, REJECT
 from digitwatch.errors import NoInkError
 from digitwatch.results import STATUS_LOW, STATUS_OK
 
@@ -64,6 +64,14 @@ DRIFT_ASPECT = 1.1  # only blobs wider than this per digit height (surely two di
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
+# Pair candidates (read by the pair model as two digits at once): ink within
+# one connected piece, this many digit heights wide. Reading a span as a pair
+# costs PAIR_COST log-odds (LONE_PAIR on a page whose ink is one blob, most
+# often one wide digit), so a pair wins only where the digit model cannot
+# read the same ink as well cut apart.
+PAIR_WIDTHS = (0.6, 1.8)
+PAIR_COST = 1.5
+LONE_PAIR = 2.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,13 @@ class Candidates:
     # (K,) how many cut costs the candidate pays for ending at a cut (0: at a gap)
     cut: np.ndarray | None = None
     shape: np.ndarray | None = None  # (K, 2) width and height of each candidate, in digit heights
+    # Pair candidates: spans of touching or overlapping ink the pair model reads
+    # as two digits at once (contract.py), each (SIDE, PAIR_WIDTH); their log
+    # shape priors and what ending at their last atom costs (like `cut`).
+    pairs: np.ndarray | None = None
+    pair_spans: tuple[tuple[int, int], ...] = ()
+    pair_prior: np.ndarray | None = None
+    lone: bool = False  # the ink is one connected piece
 
 
 @dataclass(frozen=True)
@@ -460,7 +475,38 @@ def _candidates(
     if not crops:
         raise NoInkError("no ink found after cleaning")
     sizes = np.array(shape, np.float32)
-    return Candidates(np.stack(crops), tuple(spans), shape_prior(sizes), len(atoms), np.array(cut, np.float32), sizes)
+    pairs, pair_spans, pair_prior = _pair_candidates(work, atoms, boxes, cut_after, whole, height)
+    return Candidates(np.stack(crops), tuple(spans), shape_prior(sizes), len(atoms), np.array(cut, np.float32), sizes,
+                      pairs, pair_spans, pair_prior, lone=len(whole) == 1)
+
+
+def _pair_candidates(
+    work: imaging.Work, atoms: list[np.ndarray], boxes: list[tuple[int, int, int, int]], cut_after: list[float],
+    whole: list[tuple[int, int]], height: float,
+) -> tuple[np.ndarray | None, tuple[tuple[int, int], ...], np.ndarray | None]:
+    """Runs of atoms within one connected piece, PAIR_WIDTHS wide, as the pair
+    model's pictures; with their log priors (the cut cost of ending at a cut,
+    too short; decide adds the pair cost). Two digits apart are read one by one."""
+    crops, spans, prior = [], [], []
+    for a, b in whole:
+        for i in range(a, b):
+            for j in range(i + 1, b + 1):
+                x0 = min(q[0] for q in boxes[i:j])
+                y0 = min(q[1] for q in boxes[i:j])
+                x1 = max(q[2] for q in boxes[i:j])
+                y1 = max(q[3] for q in boxes[i:j])
+                width, tall = (x1 - x0) / height, (y1 - y0) / height
+                if not PAIR_WIDTHS[0] <= width <= PAIR_WIDTHS[1]:
+                    continue
+                crop = _crop(work, atoms, i, j, (x0, y0, x1, y1), pair=True)
+                if crop is None:
+                    continue
+                crops.append(crop)
+                spans.append((i, j))
+                prior.append(-CUT_COST[True] * cut_after[j - 1] - SHORT_COST * max(0.0, 0.55 - tall))
+    if not crops:
+        return None, (), None
+    return np.stack(crops), tuple(spans), np.array(prior, np.float32)
 
 
 def shape_prior(sizes: np.ndarray) -> np.ndarray:
@@ -477,9 +523,11 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _crop(
-    work: imaging.Work, atoms: list[np.ndarray], i: int, j: int, box: tuple[int, int, int, int]
+    work: imaging.Work, atoms: list[np.ndarray], i: int, j: int, box: tuple[int, int, int, int],
+    *, pair: bool = False,
 ) -> np.ndarray | None:
-    """The candidate made of atoms [i, j), cleaned and normalized like one digit."""
+    """The candidate made of atoms [i, j), cleaned and normalized like one digit
+    (or, `pair`, as the pair model's picture)."""
     h, w = work.mask.shape
     x0, y0 = max(0, box[0] - 4), max(0, box[1] - 4)
     x1, y1 = min(w, box[2] + 4), min(h, box[3] + 4)
@@ -489,7 +537,8 @@ def _crop(
         own |= a[window]
     exclude = work.mask[window] & ~own
     try:
-        return imaging.finish(work.ink[window], work.smooth[window], own, exclude)
+        finish = imaging.finish_pair if pair else imaging.finish
+        return finish(work.ink[window], work.smooth[window], own, exclude)
     except NoInkError:
         return None
 
@@ -497,58 +546,114 @@ def _crop(
 # ---------------------------------------------------------------- choosing
 
 
-def decide(
-    cands: Candidates, probs: np.ndarray, *, constraints: Constraints = Constraints(),
-    threshold: float = 0.5, calibration: AnswerCalibration | None = None,
-) -> Reading:
-    """The best reading of a scan given the classifier's probabilities for its
-    candidates (rows of `probs`, 10 or 11 classes). With a `calibration` (the
-    model card's), the confidence is its probability that the whole answer is
-    right; without, the raw product (see _confidence)."""
-    probs = np.asarray(probs, np.float64)
-    if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1:
-        return _single(probs[0], threshold, calibration)
-    digit_probs = probs[:, :DIGITS]
-    best = np.argmax(digit_probs, axis=1)
-    p_best = digit_probs[np.arange(len(best)), best]
-    rejected = (np.argmax(probs, axis=1) == REJECT) if probs.shape[1] > REJECT else np.zeros(len(best), bool)
+@dataclass(frozen=True)
+class _Option:
+    """One way to read atoms [i, j): one candidate digit, or a pair candidate's
+    two digits; `rows` index the rows of probabilities its digits read from."""
+
+    i: int
+    j: int
+    score: float
+    rows: tuple[int, ...]
+
+
+def _options(
+    cands: Candidates, probs: np.ndarray, pair_probs: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, list[_Option]]:
+    """(rows, each row's shape prior, options). The rows are `probs`, then two
+    per pair the pair model read as digits: the first digit's probabilities
+    (summed over the second) and the second's given the first, each with the
+    pair's "not two digits" in the reject column when the model has one."""
+    best = probs[:, :DIGITS].max(axis=1)
     cut_cost = CUT_COST[probs.shape[1] > REJECT]
     cut = cands.cut if cands.cut is not None else np.zeros(len(best), np.float32)
-    score = np.log(np.maximum(p_best, 1e-12)) + cands.prior - cut_cost * cut
+    score = np.log(np.maximum(best, 1e-12)) + cands.prior - cut_cost * cut
+    options = [_Option(i, j, float(score[k]), (k,)) for k, (i, j) in enumerate(cands.spans)]
+    prior = np.asarray(cands.prior, np.float64)
+    if pair_probs is None or not cands.pair_spans or cands.pair_prior is None:
+        return probs, prior, options
+    pp = np.asarray(pair_probs, np.float64)
+    pair_cost = LONE_PAIR if cands.lone else PAIR_COST
+    extra, extra_prior = [], []
+    for k, (i, j) in enumerate(cands.pair_spans):
+        if int(np.argmax(pp[k])) == PAIR_REJECT:
+            continue  # not two digits: the other readings of this ink stand
+        joint = pp[k, :PAIR_REJECT].reshape(DIGITS, DIGITS)
+        r = float(pp[k, PAIR_REJECT])
+        first = joint.sum(axis=1)
+        a = int(np.argmax(first))
+        second = joint[a] / max(float(first[a]), 1e-12) * (1.0 - r)
+        if probs.shape[1] > REJECT:
+            pair_rows = [np.append(first, r), np.append(second, r)]
+        else:
+            pair_rows = [first / max(1.0 - r, 1e-12), second / max(1.0 - r, 1e-12)]
+        at = len(probs) + len(extra)
+        extra += pair_rows
+        prior_k = float(cands.pair_prior[k]) - pair_cost
+        extra_prior += [0.5 * prior_k] * 2
+        b = int(np.argmax(joint[a]))
+        pair_score = math.log(max(float(joint[a, b]), 1e-12)) + prior_k
+        options.append(_Option(i, j, pair_score, (at, at + 1)))
+    if not extra:
+        return probs, prior, options
+    return np.vstack([probs, np.array(extra)]), np.concatenate([prior, extra_prior]), options
+
+
+def decide(
+    cands: Candidates, probs: np.ndarray, *, pair_probs: np.ndarray | None = None,
+    constraints: Constraints = Constraints(), threshold: float = 0.5,
+    calibration: AnswerCalibration | None = None,
+) -> Reading:
+    """The best reading of a scan given the classifier's probabilities for its
+    candidates (rows of `probs`, 10 or 11 classes) and the pair model's for its
+    pair candidates (`pair_probs`, contract.PAIR_CLASSES; None: no pairs read).
+    With a `calibration` (the model card's), the confidence is its probability
+    that the whole answer is right; without, the raw product (see _confidence)."""
+    probs = np.asarray(probs, np.float64)
+    if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1 and (
+        pair_probs is None or not cands.pair_spans
+    ):
+        return _single(probs[0], threshold, calibration)
+    rows, row_prior, options = _options(cands, probs, pair_probs)
+    digit_probs = rows[:, :DIGITS]
+    best = np.argmax(digit_probs, axis=1)
+    rejected = (np.argmax(rows, axis=1) == REJECT) if rows.shape[1] > REJECT else np.zeros(len(best), bool)
 
     n = cands.atoms
+    most = 2 * n  # a pair reads two digits off one atom
     # top[j, m]: the best score covering atoms [0, j) with m digits (back: its
-    # last candidate); total[j, m] sums (log-sum-exp) over every such path,
-    # for the segmentation certainty. Spans end in increasing j, so ordering
-    # candidates by their end makes one pass enough.
+    # last option); total[j, m] sums (log-sum-exp) over every such path, for
+    # the segmentation certainty. Options end in increasing j, so ordering
+    # them by their end makes one pass enough.
     neg = -np.inf
-    top = np.full((n + 1, n + 1), neg)
-    total = np.full((n + 1, n + 1), neg)
-    back = np.full((n + 1, n + 1), -1, np.int64)
+    top = np.full((n + 1, most + 1), neg)
+    total = np.full((n + 1, most + 1), neg)
+    back = np.full((n + 1, most + 1), -1, np.int64)
     top[0, 0] = total[0, 0] = 0.0
-    for k in sorted(range(len(cands.spans)), key=lambda k: cands.spans[k][1]):
-        i, j = cands.spans[k]
-        cand = top[i, :-1] + score[k]
-        better = cand > top[j, 1:]
-        top[j, 1:] = np.where(better, cand, top[j, 1:])
-        back[j, 1:] = np.where(better, k, back[j, 1:])
-        total[j, 1:] = np.logaddexp(total[j, 1:], total[i, :-1] + score[k])
+    for o in sorted(range(len(options)), key=lambda o: options[o].j):
+        opt = options[o]
+        d = len(opt.rows)
+        cand = top[opt.i, : most + 1 - d] + opt.score
+        better = cand > top[opt.j, d:]
+        top[opt.j, d:] = np.where(better, cand, top[opt.j, d:])
+        back[opt.j, d:] = np.where(better, o, back[opt.j, d:])
+        total[opt.j, d:] = np.logaddexp(total[opt.j, d:], total[opt.i, : most + 1 - d] + opt.score)
     if not np.isfinite(top[n]).any():
         # No candidate run covers the ink (every crop of some atom was empty).
         return _reading([], best, digit_probs, 0.0, None, STATUS_LOW, REASON_NOT_DIGIT)
     z = np.logaddexp.reduce(total[n])
     free = int(np.argmax(top[n]))  # the length of the best reading of any length
-    lengths = [m for m in range(constraints.min_len, min(n, constraints.max_len) + 1) if top[n, m] > neg]
+    lengths = [m for m in range(constraints.min_len, min(most, constraints.max_len) + 1) if top[n, m] > neg]
     m = max(lengths, key=lambda length: top[n, length]) if lengths else free
     if m != free and top[n, free] > top[n, m] + math.log(2.0) or not lengths:
         # What is written does not fit the constraints: report what is written.
-        path = _path(cands, back, n, free)
-        confidence, evidence = _confidence(cands, path, probs, best, top[n, free] - z, calibration)
+        path = _path(options, back, n, free)
+        confidence, evidence = _confidence(row_prior, path, rows, best, top[n, free] - z, calibration)
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW,
                         _length_reason(constraints, path))
-    path = _path(cands, back, n, m)
-    confidence, evidence = _confidence(cands, path, probs, best, top[n, m] - z, calibration)
-    if any(rejected[k] for k in path) or any(cands.prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path):
+    path = _path(options, back, n, m)
+    confidence, evidence = _confidence(row_prior, path, rows, best, top[n, m] - z, calibration)
+    if any(rejected[k] for k in path) or any(row_prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path):
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < threshold:
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_LOW)
@@ -556,13 +661,13 @@ def decide(
 
 
 def _confidence(
-    cands: Candidates, path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float,
+    row_prior: np.ndarray, path: list[int], probs: np.ndarray, best: np.ndarray, log_certainty: float,
     calibration: AnswerCalibration | None,
 ) -> tuple[float, Evidence]:
     """(confidence, its evidence). Calibrated: the card's map of the evidence.
     Raw: the product of the digits' probabilities times the segmentation
     certainty (this cut's share of the weight of every way of cutting the ink)."""
-    evidence = Evidence.of(probs, path, log_certainty=log_certainty, prior=float(sum(cands.prior[k] for k in path)))
+    evidence = Evidence.of(probs, path, log_certainty=log_certainty, prior=float(sum(row_prior[k] for k in path)))
     raw = float(np.prod([probs[k, best[k]] for k in path])) * math.exp(min(0.0, log_certainty))
     if calibration is None:
         return raw, evidence
@@ -589,14 +694,15 @@ def _length_reason(constraints: Constraints, path: list[int]) -> str:
     return f"expected {constraints.describe()}, read {len(path)}"
 
 
-def _path(cands: Candidates, back: np.ndarray, n: int, m: int) -> list[int]:
-    """The candidates of the best path covering all n atoms with m digits."""
-    path, j = [], n
+def _path(options: list[_Option], back: np.ndarray, n: int, m: int) -> list[int]:
+    """The rows read by the best path covering all n atoms with m digits, left to right."""
+    rows: list[int] = []
+    j = n
     while j > 0:
-        k = int(back[j, m])
-        path.append(k)
-        j, m = cands.spans[k][0], m - 1
-    return path[::-1]
+        opt = options[int(back[j, m])]
+        rows[:0] = opt.rows
+        j, m = opt.i, m - len(opt.rows)
+    return rows
 
 
 def _reading(
@@ -618,5 +724,7 @@ def read_number(
     subclass (NoInkError for a blank page) with a one-line message."""
     cands = read_scan(imaging.decode_gray(data, max_pixels=max_pixels))
     probs = classifier.predict(cands.crops)
-    return decide(cands, probs, constraints=constraints_for(expect, length), threshold=threshold,
-                  calibration=classifier.spec.answers)
+    pairs = getattr(classifier, "pairs", None)
+    pair_probs = pairs.predict(cands.pairs) if pairs is not None and cands.pairs is not None else None
+    return decide(cands, probs, pair_probs=pair_probs, constraints=constraints_for(expect, length),
+                  threshold=threshold, calibration=classifier.spec.answers)

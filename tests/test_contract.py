@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 
 from digitwatch import contract
-from digitwatch.contract import CLASS_COUNTS, DIGITS, REJECT, SIDE, to_model_input
+from digitwatch.contract import (
+    CLASS_COUNTS,
+    DIGITS,
+    PAIR_CLASSES,
+    PAIR_REJECT,
+    PAIR_WIDTH,
+    REJECT,
+    SIDE,
+    to_model_input,
+    to_pair_input,
+)
 
 PACKAGE = Path(contract.__file__).parent
 
@@ -61,3 +71,21 @@ class TestOneDefinition:
                     offenders += [f"{path.name}:{t.id}" for t in node.targets
                                   if isinstance(t, ast.Name) and t.id in names]
         assert offenders == []
+
+
+class TestToPairInput:
+    def test_a_batch_of_pair_pictures(self):
+        x = np.random.default_rng(0).random((3, SIDE, PAIR_WIDTH)).astype(np.float32)
+        out = to_pair_input(x)
+        assert out.shape == (3, SIDE, PAIR_WIDTH, 1) and out.dtype == np.float32
+        np.testing.assert_array_equal(out[..., 0], x)
+        assert to_pair_input(np.zeros((0, SIDE, PAIR_WIDTH))).shape == (0, SIDE, PAIR_WIDTH, 1)
+
+    @pytest.mark.parametrize("shape", [(2, SIDE, SIDE), (SIDE, PAIR_WIDTH), (2, PAIR_WIDTH, SIDE),
+                                       (2, SIDE, PAIR_WIDTH, 3)])
+    def test_other_shapes_are_refused(self, shape):
+        with pytest.raises(ValueError, match="pair model input"):
+            to_pair_input(np.zeros(shape, np.float32))
+
+    def test_pair_classes(self):
+        assert PAIR_CLASSES == 101 and PAIR_REJECT == 100 and PAIR_WIDTH == 2 * SIDE

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from digitwatch.contract import CLASS_COUNTS, REJECT
+from digitwatch.contract import CLASS_COUNTS, PAIR_CLASSES, REJECT
 from digitwatch.errors import ModelError
 from digitwatch.model import (
     LiteRTClassifier,
@@ -189,3 +189,56 @@ class TestRejectHead:
         copied_model.with_suffix(".json").write_text('{"reject_model": "r.tflite"}')
         with pytest.raises(ModelError, match="11-class companion"):
             load_classifier(copied_model)
+
+
+class TestPairModel:
+    """The pair model the default card names: two touching digits as one 28x56 picture."""
+
+    def test_default_card_carries_the_pair_model(self):
+        card = json.loads((MODELS / "digits-reject.json").read_text())
+        assert card["pair_model"] == "pairs.tflite"
+        classifier = load_classifier()
+        assert classifier.pairs is not None and classifier.pairs.classes == PAIR_CLASSES
+        assert "+pairs.tflite@" in classifier.model_id  # results say which pair model read them
+
+    def test_reads_a_composed_pair_of_test_digits(self, mnist):
+        """MNIST *test* digits (never composed in training) side by side, overlapping:
+        most are read as their two digits, and a single digit drawn wide is not a pair."""
+        from digitwatch import synth
+
+        rng = np.random.default_rng(5)
+        pairs = load_classifier().pairs
+        pics, truth, wide = [], [], []
+        for _ in range(60):
+            i, j = rng.integers(len(mnist.x_test), size=2)
+            ink = synth._side_by_side(synth._mnist_ink(mnist.x_test[i]), synth._mnist_ink(mnist.x_test[j]), rng,
+                                      rng.uniform(-0.3, 0.0))
+            pics.append(synth.to_pair(ink))
+            truth.append(int(mnist.y_test[i]) * 10 + int(mnist.y_test[j]))
+            wide.append(synth.to_pair(synth._wide_digit(rng, mnist.x_test, mnist.y_test)))
+        read = pairs.predict(np.stack(pics)).argmax(1)
+        assert (read == np.array(truth)).mean() >= 0.9
+        assert (pairs.predict(np.stack(wide)).argmax(1) == PAIR_CLASSES - 1).mean() >= 0.8
+
+    def test_a_digit_model_is_not_a_pair_model(self, copied_model, tmp_path):
+        with pytest.raises(ModelError, match=r"expected one \(N, 28, 56, 1\) input"):
+            LiteRTClassifier(copied_model, pair_model=True)
+        card = tmp_path / "card.json"
+        for name in ("digits.tflite", "reject.tflite", "digits.json", "reject.json"):
+            shutil.copy(MODELS / name, tmp_path / name)
+        card.write_text('{"digit_model": "digits.tflite", "reject_model": "reject.tflite", '
+                        '"pair_model": "digits.tflite"}')
+        with pytest.raises(ModelError, match="28, 56"):
+            load_classifier(card)
+        card.write_text('{"digit_model": "digits.tflite", "reject_model": "reject.tflite", '
+                        '"pair_model": "../pairs.tflite"}')
+        with pytest.raises(ModelError, match="file name beside the card"):
+            load_classifier(card)
+
+    def test_a_card_without_a_pair_model_reads_no_pairs(self, tmp_path):
+        for name in ("digits.tflite", "reject.tflite", "digits.json", "reject.json"):
+            shutil.copy(MODELS / name, tmp_path / name)
+        card = tmp_path / "card.json"
+        card.write_text('{"digit_model": "digits.tflite", "reject_model": "reject.tflite"}')
+        assert load_classifier(card).pairs is None
+        assert load_classifier(MODELS / "digits.tflite").pairs is None

@@ -9,8 +9,10 @@ The constants behind these were tuned on MNIST-train validation digits
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from digitwatch import imaging, reading
+from digitwatch.contract import PAIR_CLASSES, PAIR_REJECT
 from digitwatch.pipeline import classify_batch, prepare_bytes
 from tests import scans
 
@@ -68,9 +70,10 @@ class TestCuts:
 
     def test_overlapping_digits(self, classifier, mnist):
         """Neighbours overlapping by 5-15% of a digit's height: no straight
-        column parts them; a cut path drifting around the strokes can."""
+        column parts them; a cut path drifting around the strokes can, and
+        the pair model reads what no path parts (18 of 20 measured)."""
         exact, wrong_ok, misreads = score(classifier, numbers(mnist, 22, 20, (2, 4), layout="overlap"))
-        assert exact >= 10 and wrong_ok <= 2, misreads
+        assert exact >= 16 and wrong_ok <= 1, misreads
 
     def test_uneven_spacing(self, classifier, mnist):
         exact, wrong_ok, misreads = score(classifier, numbers(mnist, 23, 20, (3, 6), layout="uneven"))
@@ -92,6 +95,32 @@ class TestCuts:
 
 
 class TestDecide:
+    def _one_blob(self):
+        """One atom (a blob) with one digit candidate and one pair candidate."""
+        crop = np.zeros((1, imaging.SIDE, imaging.SIDE), np.float32)
+        pair = np.zeros((1, imaging.SIDE, 2 * imaging.SIDE), np.float32)
+        return reading.Candidates(crop, ((0, 1),), np.array([-1.8], np.float32), 1, np.zeros(1, np.float32),
+                                  pairs=pair, pair_spans=((0, 1),), pair_prior=np.zeros(1, np.float32))
+
+    def test_a_pair_reading_beats_a_poor_single_reading(self):
+        cands = self._one_blob()
+        probs = np.array([[0.05] * 8 + [0.55, 0.05, 0.0]])  # an unsure, too-wide 8
+        pair_probs = np.zeros((1, PAIR_CLASSES))
+        pair_probs[0, 86], pair_probs[0, 80], pair_probs[0, PAIR_REJECT] = 0.9, 0.05, 0.05
+        r = reading.decide(cands, probs, pair_probs=pair_probs)
+        assert r.text == "86" and r.digit is None
+        assert r.digits[0] == (8, pytest.approx(0.95)) and r.digits[1] == (6, pytest.approx(0.9 / 0.95 * 0.95))
+        # Without the pair model's answer it is the single reading, as before pairs.
+        assert reading.decide(cands, probs).text == "8"
+        assert reading.decide(cands, probs, constraints=reading.Constraints(1, 1)).text == "8"
+
+    def test_not_two_digits_leaves_the_single_reading(self):
+        cands = self._one_blob()
+        probs = np.array([[0.0] * 8 + [0.9, 0.1, 0.0]])
+        pair_probs = np.zeros((1, PAIR_CLASSES))
+        pair_probs[0, 86], pair_probs[0, PAIR_REJECT] = 0.4, 0.6
+        assert reading.decide(cands, probs, pair_probs=pair_probs).text == "8"
+
     def test_ink_no_candidate_covers_is_not_a_digit(self):
         """Atoms whose crops all came out empty leave no reading of the whole
         ink: that is "not a digit", not an IndexError for the whole batch."""
@@ -113,3 +142,39 @@ class TestDecide:
                 fast += 1
                 np.testing.assert_array_equal(cands.crops[0], imaging.normalize(gray))
         assert fast >= 6
+
+
+class _WithoutPairs:
+    """The shipped classifier with its pair model taken away."""
+
+    def __init__(self, classifier) -> None:
+        self._classifier = classifier
+        self.spec, self.model_id, self.classes = classifier.spec, classifier.model_id, classifier.classes
+        self.pairs = None
+
+    def predict(self, digits):
+        return self._classifier.predict(digits)
+
+
+class TestPairs:
+    def test_the_pair_model_reads_overlapping_digits_cuts_cannot(self, classifier, mnist):
+        """Overlapping neighbours read as one picture by the pair model: 34 of
+        40 measured, against 22 of 40 by cuts alone (the same scans, the
+        pair model taken away)."""
+        items = numbers(mnist, 41, 20, (2, 4), layout="overlap") + numbers(mnist, 42, 20, (2, 4), layout="overlap")
+        exact, wrong_ok, misreads = score(classifier, items)
+        without, _, _ = score(_WithoutPairs(classifier), items)
+        assert exact >= 30 and exact >= without + 6 and wrong_ok <= 2, (exact, without, misreads)
+
+    def test_a_pair_is_two_digits_with_their_own_probabilities(self, classifier, mnist):
+        """A reading through the pair model reports two digits, each with a
+        probability, and --expect digit still gives one digit, not ok."""
+        items = numbers(mnist, 41, 20, (2, 2), layout="overlap")
+        results = read_all(classifier, [png for png, _ in items])
+        right = [r for r, (_, t) in zip(results, items, strict=True) if r.text == t]
+        assert len(right) >= 15
+        for r in right:
+            assert len(r.digits) == 2 and all(0.0 < p <= 1.0 for _, p in r.digits)
+        items = [prepare_bytes("x.png", png, 0.0, max_pixels=40_000_000) for png, _ in items[:10]]
+        for r in classify_batch(classifier, items, low_confidence=0.5, expect="digit"):
+            assert r.status != "ok" or len(r.text) == 1

@@ -23,6 +23,7 @@ from digitwatch.errors import ImageError
 from digitwatch.imaging import decode_gray
 from digitwatch.model import load_classifier
 from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
+from digitwatch.pipeline import score as score_scans
 from digitwatch.reading import REASON_NOT_DIGIT, decide, read_scan
 from digitwatch.results import STATUS_OK
 from tests import scans
@@ -46,10 +47,8 @@ def score(classifier, batch: list[scans.Scan], threshold: float) -> dict:
     good = [i for i, c in enumerate(cands) if c is not None]
     right = ok = ok_right = refused = 0
     if good:
-        probs = classifier.predict(np.concatenate([cands[i].crops for i in good]))
-        bounds = np.cumsum([0, *(len(cands[i].crops) for i in good)])
-        for k, i in enumerate(good):
-            r = decide(cands[i], probs[bounds[k] : bounds[k + 1]], threshold=threshold,
+        for i, (probs, pair_probs) in zip(good, score_scans(classifier, [cands[i] for i in good]), strict=True):
+            r = decide(cands[i], probs, pair_probs=pair_probs, threshold=threshold,
                        calibration=classifier.spec.answers)
             hit = r.digit == batch[i].label
             right += hit

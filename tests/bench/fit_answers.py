@@ -35,6 +35,7 @@ from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.imaging import decode_gray
 from digitwatch.model import load_classifier
+from digitwatch.pipeline import score
 from digitwatch.reading import REASON_LOW, decide, read_scan
 from digitwatch.results import STATUS_OK
 from tests import scans
@@ -94,11 +95,9 @@ def read_all(classifier, items: list[tuple[bytes, str, str]], cands: list) -> li
     """Each scan's raw reading: its evidence, whether it is right, and whether
     decide would mark it ok on confidence alone (not refused, fits)."""
     good = [i for i, c in enumerate(cands) if c is not None]
-    probs = classifier.predict(np.concatenate([cands[i].crops for i in good]))
-    bounds = np.cumsum([0, *(len(cands[i].crops) for i in good)])
     rows = []
-    for k, i in enumerate(good):
-        r = decide(cands[i], probs[bounds[k] : bounds[k + 1]], threshold=0.0)
+    for i, (probs, pair_probs) in zip(good, score(classifier, [cands[i] for i in good]), strict=True):
+        r = decide(cands[i], probs, pair_probs=pair_probs, threshold=0.0)
         rows.append({"group": items[i][2], "right": r.text == items[i][1], "evidence": r.evidence,
                      "eligible": r.status == STATUS_OK or r.reason == REASON_LOW, "text": r.text})
     return rows

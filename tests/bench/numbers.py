@@ -44,7 +44,7 @@ from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.model import load_classifier
-from digitwatch.pipeline import threshold_for
+from digitwatch.pipeline import score, threshold_for
 from tests import pngwrite, scans
 
 LAYOUTS = ["spaced", "uneven", "touching", "overlap", "drift", "broken", "ruled", "evaluate"]
@@ -145,23 +145,20 @@ def read_cases(classifier, cases: list[Case], threshold: float, batch: int = 32,
                 cands.append(reading.read_scan(imaging.decode_gray(c.png)))
             except ImageError:
                 cands.append(None)
-        ok = [c for c in cands if c is not None]
-        probs = classifier.predict(np.concatenate([c.crops for c in ok])) if ok else None
-        at = 0
+        ok = iter(score(classifier, [c for c in cands if c is not None]))
         for c in cands:
             if c is None:
                 out.append(None)
                 if forced is not None:
                     forced.append(None)
                 continue
-            k = len(c.crops)
+            probs, pair_probs = next(ok)
             calibration = classifier.spec.answers
-            out.append(reading.decide(c, probs[at : at + k], threshold=threshold, calibration=calibration))
+            out.append(reading.decide(c, probs, pair_probs=pair_probs, threshold=threshold, calibration=calibration))
             if forced is not None:
                 n = len(cases[len(out) - 1].text)
-                forced.append(reading.decide(c, probs[at : at + k], threshold=threshold,
+                forced.append(reading.decide(c, probs, pair_probs=pair_probs, threshold=threshold,
                                              constraints=reading.Constraints(n, n), calibration=calibration))
-            at += k
     return out
 
 
@@ -174,9 +171,9 @@ def scored(classifier, cases: list[Case], batch: int = 32) -> list[tuple]:
             try:
                 cands = reading.read_scan(imaging.decode_gray(c.png))
             except ImageError:
-                out.append((None, None))
+                out.append((None, None, None))
                 continue
-            out.append((cands, classifier.predict(cands.crops)))
+            out.append((cands, *score(classifier, [cands])[0]))
     return out
 
 
@@ -193,7 +190,7 @@ def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold
             for (k, _), v in zip(axes, combo, strict=True):
                 setattr(reading, k, {False: v, True: saved[k][True]} if k == "CUT_COST" else v)
             exact = wrong_ok = 0
-            for c, (cands, probs) in zip(cases, pairs, strict=True):
+            for c, (cands, probs, pair_probs) in zip(cases, pairs, strict=True):
                 if cands is None:
                     continue
                 if cands.shape is not None:
@@ -201,7 +198,8 @@ def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold
                 if cands.cut is not None and "LONE_CUT" in saved:
                     cut = np.where(cands.cut > 1, reading.LONE_CUT, cands.cut).astype(np.float32)
                     cands = dataclasses.replace(cands, cut=cut)
-                r = reading.decide(cands, probs, threshold=threshold, calibration=classifier.spec.answers)
+                r = reading.decide(cands, probs, pair_probs=pair_probs, threshold=threshold,
+                                   calibration=classifier.spec.answers)
                 exact += r.text == c.text
                 wrong_ok += r.text != c.text and r.status == "ok"
             label = " ".join(f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True))
@@ -257,8 +255,9 @@ def _captured():
 def failure_png(classifier, case: Case, threshold: float, path: Path) -> None:
     with _captured() as seen:
         cands = reading.read_scan(imaging.decode_gray(case.png))
-        probs = classifier.predict(cands.crops)
-        r = reading.decide(cands, probs, threshold=threshold, calibration=classifier.spec.answers)
+        [(probs, pair_probs)] = score(classifier, [cands])
+        r = reading.decide(cands, probs, pair_probs=pair_probs, threshold=threshold,
+                           calibration=classifier.spec.answers)
     work = seen["work"]
     mask = work.mask.astype(bool)
     h, w = mask.shape
@@ -270,6 +269,7 @@ def failure_png(classifier, case: Case, threshold: float, path: Path) -> None:
         for k, a in enumerate(atoms[0]):
             img[a.astype(bool)] = colours[k % len(colours)]
     chosen = seen.get("path", list(range(len(cands.spans))) if cands.atoms == 1 else [])
+    chosen = [k for k in chosen if k < len(cands.spans)]  # rows past the candidates are a pair's (not drawn)
     top = np.argsort(-probs[:, :10], axis=1)
     for k in chosen:
         i, j = cands.spans[k]

@@ -242,7 +242,8 @@ def export(args: argparse.Namespace) -> int:
         "outputs": "probabilities",
         "input": f"float32 (N, {SIDE}, {PAIR_WIDTH}, 1) in [0, 1], ink high, pair height 20 px",
         "classes": PAIR_CLASSES,
-        "command": "python -m tests.bench.train_pairs torch --mnist DIR --out W --count 600000 --epochs 14 (one H100, 236 s); python -m tests.bench.train_pairs export --weights W/pairs_torch.npz",
+        "command": "python -m tests.bench.train_pairs torch --mnist DIR --out W --count 600000 --epochs 14 "
+                   "(one H100, 236 s); python -m tests.bench.train_pairs export --weights W/pairs_torch.npz",
         "training": trained,
         "sha256": training.sha256_file(path),
     }
