@@ -69,7 +69,7 @@ MAX_DIGITS = 64  # the longest reading considered when no length is given
 # costs PAIR_COST log-odds (LONE_PAIR on a page whose ink is one blob, most
 # often one wide digit), so a pair wins only where the digit model cannot
 # read the same ink as well cut apart.
-PAIR_WIDTHS = (0.6, 1.8)
+PAIR_WIDTHS = (0.9, 1.8)
 PAIR_COST = 1.5
 LONE_PAIR = 2.0
 

@@ -54,6 +54,29 @@ def test_fit_recovers_a_known_map_and_is_calibrated():
     assert calibration.expected_calibration_error(raw, right) > 0.05
 
 
+def test_fit_keeps_each_weight_on_the_side_of_its_sense():
+    """Data where the best unconstrained map puts a negative weight on the
+    digits' log-probability (collinear features do this): the fitted map holds
+    it at 0 and stays monotone, and without constraints the fit finds it."""
+    rng = np.random.default_rng(4)
+    true = AnswerCalibration((-0.7, 1.2, -0.5, 0.0, 0.0, 0.3), 0.5)
+    x = rng.normal(0, 1.5, (6000, len(FEATURES)))
+    evidence = [Evidence(tuple(v)) for v in x]
+    right = rng.random(len(x)) < np.array([true.probability(e) for e in evidence])
+    free = confidence.fit(evidence, right, signs=(0,) * len(FEATURES))
+    assert free.weights[0] == pytest.approx(-0.7, abs=0.12)
+    held = confidence.fit(evidence, right)
+    assert held.weights[0] == 0.0
+    assert all(s * w >= 0 for s, w in zip(confidence.SIGNS, held.weights, strict=True))
+    assert held.weights[1] > 0.5 and held.weights[2] < -0.2
+    # Monotone: a surer digit never lowers the answer's probability.
+    base = np.zeros(len(FEATURES))
+    for step in np.linspace(-10, 0, 11):
+        lower, higher = base.copy(), base.copy()
+        lower[0], higher[0] = step - 1, step
+        assert held.probability(Evidence(tuple(higher))) >= held.probability(Evidence(tuple(lower)))
+
+
 def test_card_round_trip_and_refusals():
     cal = AnswerCalibration(tuple(float(i) for i in range(len(FEATURES))), 0.5)
     assert AnswerCalibration.from_card(json.loads(json.dumps(cal.to_card()))) == cal
