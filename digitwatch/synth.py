@@ -433,19 +433,32 @@ def _one_digit(rng: np.random.Generator, images: np.ndarray, index: int) -> np.n
 
 def digit_pair(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
     """Two digits touching or overlapping (up to 40% of the first's width), or
-    just apart, as one drawing; label 10*a + b."""
-    i, j = rng.integers(len(images), size=2)
+    just apart, as one drawing; label 10*a + b. One in six is drawn in a
+    Hershey training face instead of MNIST's hand."""
     gap = rng.uniform(-0.4, 0.12)
+    if rng.random() < 1 / 6:
+        a, b = (int(v) for v in rng.integers(DIGITS, size=2))
+        face = TRAIN_FACES[int(rng.integers(len(TRAIN_FACES)))]
+        ink = _side_by_side(glyph_ink(str(a), face, rng), glyph_ink(str(b), face, rng), rng, gap)
+        return ink, a * DIGITS + b
+    i, j = rng.integers(len(images), size=2)
     ink = _side_by_side(_one_digit(rng, images, i), _one_digit(rng, images, j), rng, gap)
     if rng.random() < 0.5:
         ink = slant(ink, rng, angle=6, shear=0.15)
     return ink, int(labels[i]) * DIGITS + int(labels[j])
 
 
+def _single_digit(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One digit as it is written, or in a Hershey face: a single digit is not a pair."""
+    if rng.random() < 0.2:
+        return glyph_ink(str(int(rng.integers(DIGITS))), TRAIN_FACES[int(rng.integers(len(TRAIN_FACES)))], rng)
+    return _one_digit(rng, images, int(rng.integers(len(images))))
+
+
 def _wide_digit(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """One digit drawn wide: a 0 or a 2 can be as wide as two digits."""
     ink = _mnist_ink(images[int(rng.integers(len(images)))])
-    return _trim(cv2.resize(ink, None, fx=rng.uniform(1.1, 2.2), fy=1.0, interpolation=cv2.INTER_LINEAR))
+    return _trim(cv2.resize(ink, None, fx=rng.uniform(1.0, 2.2), fy=1.0, interpolation=cv2.INTER_LINEAR))
 
 
 def _three_digits(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -465,7 +478,8 @@ def _pieces_pair(rng: np.random.Generator, images: np.ndarray, labels: np.ndarra
 
 # What a pair candidate may hold that is not two digits.
 PAIR_REJECT_KINDS = [
-    RejectKind("wide_digit", 0.25, _wide_digit, needs_digits=True),
+    RejectKind("single_digit", 0.30, _single_digit, needs_digits=True),
+    RejectKind("wide_digit", 0.15, _wide_digit, needs_digits=True),
     RejectKind("digit_with_fragment", 0.20, digit_with_fragment, needs_digits=True),
     RejectKind("three_digits", 0.12, _three_digits, needs_digits=True),
     RejectKind("pieces", 0.08, _pieces_pair, needs_digits=True),
@@ -477,8 +491,24 @@ PAIR_REJECT_KINDS = [
 ]
 
 
+def _threads(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a ruled line leaves once the line remover took its straight run:
+    thin horizontal threads through and beside the digits, some running past
+    the drawing's sides. Drawn on pairs and non-pairs alike, so a thread is
+    no evidence either way."""
+    h, w = ink.shape
+    out = cv2.copyMakeBorder(ink, 0, 0, int(0.3 * h), int(0.3 * h), cv2.BORDER_CONSTANT, value=0)
+    for _ in range(int(rng.integers(1, 3))):
+        y = int(rng.uniform(0.2, 0.85) * h)
+        x0 = int(rng.uniform(0.0, 0.5) * out.shape[1])
+        x1 = min(out.shape[1], x0 + int(rng.uniform(0.3, 1.0) * out.shape[1]))
+        t = int(rng.integers(2, 6))
+        out[y : y + t, x0:x1] = np.maximum(out[y : y + t, x0:x1], rng.uniform(0.5, 1.0))
+    return _trim(out)
+
+
 def pair_samples(count: int, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
-                 reject_share: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+                 reject_share: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
     """`count` pair pictures (N, 28, 56) float32 and their classes (10*a + b, or
     contract.PAIR_REJECT). `images`/`labels`: the MNIST digits they are made of."""
     weights = np.array([k.weight for k in PAIR_REJECT_KINDS])
@@ -490,5 +520,7 @@ def pair_samples(count: int, rng: np.random.Generator, images: np.ndarray, label
             ink, cls = reject_ink(kind, rng, images, labels), PAIR_REJECT
         else:
             ink, cls = digit_pair(rng, images, labels)
+        if rng.random() < 0.25:
+            ink = _threads(ink, rng)
         out[n], classes[n] = to_pair(ink), cls
     return out, classes

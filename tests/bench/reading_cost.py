@@ -5,7 +5,7 @@
 Renders N single-digit scans (MNIST *test* digits on tests/scans.py's
 "realistic" pages; drawn-stroke and Hershey-font digits over every variation)
 and N 5-digit number scans (MNIST test digits, realistic pages), then runs each code tree in its own
-subprocess, single-threaded, over the same files: read bytes -> prepare_bytes
+subprocess with its default model (cv2 single-threaded), over the same files: read bytes -> prepare_bytes
 -> classify_batch in batches of 32, the path `classify` and the daemon take.
 It prints CPU ms per file (process time), each tree's single-digit accuracy
 and share marked ok, and the cold `digitwatch classify` of one file.
@@ -34,9 +34,9 @@ from pathlib import Path
 import cv2
 cv2.setNumThreads(1)
 from digitwatch.pipeline import classify_batch, prepare_bytes
-from digitwatch.model import LiteRTClassifier
+from digitwatch.model import load_classifier
 folder = Path(sys.argv[1])
-clf = LiteRTClassifier(Path(sys.argv[2]), threads=1)
+clf = load_classifier(Path(sys.argv[2]))
 out = {}
 for kind in ("single", "strokes", "font", "one", "number"):
     files = sorted(folder.glob(kind + "-*.png"))
@@ -89,7 +89,10 @@ def render(folder: Path, count: int, seed: int) -> None:
 
 
 def measure(tree: Path, folder: Path) -> dict:
-    r = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(tree / "models" / "digits.tflite")],
+    """The tree's default model (its pair card, when it has one), as classify loads it."""
+    card = tree / "models" / "digits-reject.json"
+    model = card if card.is_file() else tree / "models" / "digits.tflite"
+    r = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(model)],
                        capture_output=True, text=True, cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin"},
                        timeout=1800)
     if r.returncode:
