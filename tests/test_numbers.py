@@ -285,3 +285,27 @@ class TestOutputs:
         processed = {p.name for p in (out / "processed").rglob("*.png")}
         assert reviewed == {f.name for f in files[:2]} and processed == {files[2].name}
         assert rows[files[2].name]["digits"][0]["digit"] == int(files[2].stem.split("-")[1])
+
+    def test_watch_reads_overlapping_digits_with_the_pair_model(self, classifier, mnist, tmp_path):
+        """The daemon's worker processes carry the pair pictures to the pair
+        model: its lines for overlapping digits match the in-process reading
+        (text and confidence), most are read exactly, and `model` names the
+        pair model."""
+        batch = numbers(mnist, 41, 10, 2, layout="overlap")
+        inbox = tmp_path / "in"
+        inbox.mkdir()
+        for i, s in enumerate(batch):
+            (inbox / f"o{i}.png").write_bytes(s.png)
+        out = tmp_path / "out"
+        r = run_cli("watch", "--once", "--inbox", str(inbox), "--processed", str(out / "processed"),
+                    "--failed", str(out / "failed"), "--results", str(out / "results.jsonl"),
+                    "--format", "jsonl", "--log-format", "json", timeout=180)
+        assert r.returncode == 0, r.stderr
+        rows = {json.loads(line)["file"]: json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()}
+        here = read_all(classifier, [s.png for s in batch])
+        assert len(rows) == len(batch)
+        for i, want in enumerate(here):
+            row = rows[f"o{i}.png"]
+            assert row["text"] == want.text and row["confidence"] == pytest.approx(want.confidence, abs=1e-4)
+            assert "+pairs.tflite@" in row["model"]
+        assert sum(rows[f"o{i}.png"]["text"] == s.text for i, s in enumerate(batch)) >= 8
