@@ -496,7 +496,9 @@ def _pair_candidates(
                 x1 = max(q[2] for q in boxes[i:j])
                 y1 = max(q[3] for q in boxes[i:j])
                 width, tall = (x1 - x0) / height, (y1 - y0) / height
-                if not PAIR_WIDTHS[0] <= width <= PAIR_WIDTHS[1]:
+                if width > PAIR_WIDTHS[1]:
+                    break  # longer runs only grow wider: a long touching line stays linear
+                if width < PAIR_WIDTHS[0]:
                     continue
                 crop = _crop(work, atoms, i, j, (x0, y0, x1, y1), pair=True)
                 if crop is None:
