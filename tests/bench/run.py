@@ -2,9 +2,12 @@
 a plain decode-only loop and the original per-file model.predict loop, all in
 the same run on the same files; the worker-process pool against the thread
 pool for 1..CPU-count workers; and what each stage of a file costs, for small
-(~20 KB) and page-sized (100 KB+) scans. Prints tables and writes JSON.
+(~20 KB) and page-sized (100 KB+) scans; what reading costs (single digits
+against 5-digit numbers, cold classify; tests/bench/reading_cost.py). Prints
+tables and writes JSON.
 
-    python -m tests.bench.run [--out DIR] [--files N] [--accuracy N] [--quick]
+    python -m tests.bench.run [--out DIR] [--files N] [--accuracy N] [--cost N] [--base DIR] [--quick]
+    python -m tests.bench.run --cost-only [--cost N] [--base DIR]
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -366,6 +371,20 @@ def _print(rows: list[tuple[str, str, str]]) -> None:
         print(f"{name.ljust(width)}  {value:>16}  {note}")
 
 
+def reading_cost_table(count: int, base: Path | None) -> str:
+    """What reading costs: CPU per file for single digits (MNIST, strokes,
+    fonts) and 5-digit numbers, the 5-digit / 1-digit ratio (bar 3x), cold
+    `classify` of one file (bar 1.0 s); with `base`, the same for that tree
+    (bar: single digits at most 1.25x its CPU). Its own process, as measured."""
+    cmd = [sys.executable, "-m", "tests.bench.reading_cost", "--count", str(count)]
+    if base is not None:
+        cmd += ["--base", str(base)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    if r.returncode:
+        return f"reading cost: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})"
+    return "reading cost (tests/bench/reading_cost.py):\n" + r.stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -377,9 +396,17 @@ def main() -> None:
                     help="a small run for a busy machine: 300 files, 5 s paced, 200 per scaling run, no accuracy")
     ap.add_argument("--workers-only", action="store_true",
                     help="only the per-stage table and the processes-against-threads scaling")
+    ap.add_argument("--cost", type=int, default=100,
+                    help="scans per kind for the reading-cost table (tests/bench/reading_cost.py); 0 skips")
+    ap.add_argument("--cost-only", action="store_true", help="only the reading-cost table")
+    ap.add_argument("--base", type=Path, help="a checkout to compare the reading cost with (its default model)")
     args = ap.parse_args()
     if args.quick:
         args.files, args.paced_seconds, args.accuracy, args.scaling_files = 300, 5.0, 0, 200
+        args.cost = min(args.cost, 30)
+    if args.cost_only:
+        print(reading_cost_table(args.cost, args.base))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="digitwatch-bench-"))
     try:
@@ -445,6 +472,10 @@ def main() -> None:
     if "accuracy" in report:
         print()
         print(accuracy.format_rows(report["accuracy"]))
+    if args.cost:
+        report["reading_cost"] = reading_cost_table(args.cost, args.base)
+        print()
+        print(report["reading_cost"])
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out / 'bench.json'}")
 
