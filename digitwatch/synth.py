@@ -470,10 +470,14 @@ def _three_digits(rng: np.random.Generator, images: np.ndarray, labels: np.ndarr
 
 def _pieces_pair(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
     """Half a digit beside half of another: a span between two wrong cuts."""
-    a, b = partial_digit(rng, images, labels), partial_digit(rng, images, labels)
-    if a is None or b is None:
-        return None
-    return _side_by_side(a, b, rng, rng.uniform(-0.2, 0.05))
+    halves = []
+    for _ in range(40):  # partial_digit refuses ones, sevens and upright strokes
+        half = partial_digit(rng, images, labels)
+        if half is not None:
+            halves.append(half)
+            if len(halves) == 2:
+                return _side_by_side(halves[0], halves[1], rng, rng.uniform(-0.2, 0.05))
+    return None
 
 
 # What a pair candidate may hold that is not two digits.
