@@ -257,6 +257,24 @@ def combine(p_digits: np.ndarray, p_reject: np.ndarray) -> np.ndarray:
     return np.concatenate([p * (1.0 - r), r], axis=1)
 
 
+def write_whole(path: Path, data: str | bytes) -> None:
+    """Write a model file or card whole or not at all: a temporary file beside
+    it, fsynced, renamed over it. A file cut short by a power loss or a full
+    disk would stop every daemon that loads it (an unreadable model or card is
+    refused at start); the old one stays instead."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _card_entry(card_path: Path, key: str) -> Path | None:
     """The .tflite file a card names under `key`, in the card's own folder;
     None without card or entry."""

@@ -24,7 +24,7 @@ import numpy as np
 from digitwatch.contract import DIGITS, INPUT_DESCRIPTION, REJECT, SIDE, to_model_input
 from digitwatch.data import Mnist, split_indices
 from digitwatch.errors import ModelError
-from digitwatch.model import load_keras_model, to_probabilities
+from digitwatch.model import load_keras_model, to_probabilities, write_whole
 
 # TensorFlow logs a wall of CUDA probing on machines without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -378,7 +378,7 @@ def export_tflite(model: keras.Model, path: Path, calibration: np.ndarray | None
                 yield [to_model_input(calibration[i : i + 10])]
 
         converter.representative_dataset = samples
-    path.write_bytes(converter.convert())
+    write_whole(path, converter.convert())
 
 
 def verify_export(
@@ -429,7 +429,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_model_card(path: Path, card: dict) -> None:
-    path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    write_whole(path, json.dumps(card, indent=2, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------- the whole recipe

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from digitwatch import calibration, confidence, evaluation, synth
 from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.imaging import decode_gray
-from digitwatch.model import load_classifier
+from digitwatch.model import load_classifier, write_whole
 from digitwatch.pipeline import score
 from digitwatch.reading import REASON_LOW, decide, read_scan
 from digitwatch.results import STATUS_OK
@@ -194,16 +193,8 @@ def run(model: Path, singles: int, numbers: int, non_digits: int, precision: flo
 
 
 def write_card(card_path: Path, card: dict) -> None:
-    """Whole or not at all: a card cut short by a power loss would stop every
-    daemon that loads it (an unreadable card is refused at start)."""
-    tmp = card_path.with_name(f".{card_path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, card_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The card, whole or not at all (model.write_whole)."""
+    write_whole(card_path, json.dumps(card, indent=2) + "\n")
 
 
 def main() -> None:

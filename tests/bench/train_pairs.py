@@ -247,7 +247,7 @@ def _int8_logits(model, mnist_dir: Path) -> bytes:
 
 def export(args: argparse.Namespace) -> int:
     from digitwatch import training
-    from digitwatch.model import LiteRTClassifier, OutputSpec
+    from digitwatch.model import LiteRTClassifier, OutputSpec, write_whole
 
     npz = np.load(args.weights)
     model = keras_net()
@@ -264,7 +264,7 @@ def export(args: argparse.Namespace) -> int:
         return 1
     models = Path(args.models)
     path = models / "pairs.tflite"
-    path.write_bytes(_int8_logits(model, args.mnist))
+    write_whole(path, _int8_logits(model, args.mnist))
     served = LiteRTClassifier(path, pair_model=True, spec=OutputSpec(logits=True)).predict(ref_x)
     same = float((served.argmax(1) == got.argmax(1)).mean())
     print(f"int8 .tflite vs float twin: same class {same:.4f}, max |dp| {float(np.abs(served - got).max()):.3f}")
@@ -286,7 +286,7 @@ def export(args: argparse.Namespace) -> int:
         "training": trained,
         "sha256": training.sha256_file(path),
     }
-    (models / "pairs.json").write_text(json.dumps(card, indent=1) + "\n")
+    write_whole(models / "pairs.json", json.dumps(card, indent=1) + "\n")
     print(f"wrote {path} and its card; validation {trained['validation']}")
     return 0
 
