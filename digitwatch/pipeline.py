@@ -22,7 +22,7 @@ import numpy as np
 from digitwatch.errors import ImageError, RefusedError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, decode_gray
 from digitwatch.model import Classifier
-from digitwatch.reading import Candidates, Constraints, constraints_for, decide, read_scan
+from digitwatch.reading import Candidates, Constraints, constraints_for, decide, read_scan, score
 from digitwatch.results import STATUS_ERROR, Result
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -139,31 +139,6 @@ def threshold_for(classifier: Classifier, low_confidence: float | None) -> float
         return low_confidence
     card = classifier.spec.low_confidence
     return DEFAULT_LOW_CONFIDENCE if card is None else card
-
-
-def score(
-    classifier: Classifier, scans: Sequence[Candidates]
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Each scan's (probabilities of its candidates, of its pair candidates or
-    None): one digit-model call for every candidate of every scan, one
-    pair-model call for every pair candidate (when the classifier has one)."""
-    if not scans:
-        return []
-    counts = [len(c.crops) for c in scans]
-    probs = classifier.predict(np.concatenate([c.crops for c in scans]))
-    bounds = np.cumsum([0, *counts])
-    out: list[tuple[np.ndarray, np.ndarray | None]] = [
-        (probs[bounds[k] : bounds[k + 1]], None) for k in range(len(scans))
-    ]
-    pairs = getattr(classifier, "pairs", None)
-    with_pairs = [k for k, c in enumerate(scans) if c.pairs is not None]
-    if pairs is not None and with_pairs:
-        sizes = [len(scans[k].pairs) for k in with_pairs]  # type: ignore[arg-type]
-        pair_probs = pairs.predict(np.concatenate([scans[k].pairs for k in with_pairs]))  # type: ignore[misc]
-        edges = np.cumsum([0, *sizes])
-        for n, k in enumerate(with_pairs):
-            out[k] = (out[k][0], pair_probs[edges[n] : edges[n + 1]])
-    return out
 
 
 def classify_batch(

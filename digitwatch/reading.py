@@ -24,6 +24,7 @@ one candidate, normalized exactly as before numbers were read.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -459,10 +460,7 @@ def _candidates(
     crops, spans, shape, cut = [], [], [], []
     for i in range(len(atoms)):
         for j in range(i + 1, len(atoms) + 1):
-            x0 = min(b[0] for b in boxes[i:j])
-            y0 = min(b[1] for b in boxes[i:j])
-            x1 = max(b[2] for b in boxes[i:j])
-            y1 = max(b[3] for b in boxes[i:j])
+            x0, y0, x1, y1 = _span_box(boxes, i, j)
             width, tall = (x1 - x0) / height, (y1 - y0) / height
             if j > i + 1 and width > MAX_WIDTH and (i, j) not in whole:
                 if x1 - x0 > 3 * MAX_WIDTH * height:
@@ -494,10 +492,7 @@ def _pair_candidates(
     for a, b in whole:
         for i in range(a, b):
             for j in range(i + 1, b + 1):
-                x0 = min(q[0] for q in boxes[i:j])
-                y0 = min(q[1] for q in boxes[i:j])
-                x1 = max(q[2] for q in boxes[i:j])
-                y1 = max(q[3] for q in boxes[i:j])
+                x0, y0, x1, y1 = _span_box(boxes, i, j)
                 width, tall = (x1 - x0) / height, (y1 - y0) / height
                 if width > PAIR_WIDTHS[1]:
                     break  # longer runs only grow wider: a long touching line stays linear
@@ -520,6 +515,12 @@ def shape_prior(sizes: np.ndarray) -> np.ndarray:
     width, tall = sizes[:, 0], sizes[:, 1]
     return (-WIDTH_COST * np.maximum(0.0, width - WIDE_DIGIT)
             - SHORT_COST * np.maximum(0.0, 0.55 - tall)).astype(np.float32)
+
+
+def _span_box(boxes: list[tuple[int, int, int, int]], i: int, j: int) -> tuple[int, int, int, int]:
+    """The box around atoms [i, j)."""
+    span = boxes[i:j]
+    return min(b[0] for b in span), min(b[1] for b in span), max(b[2] for b in span), max(b[3] for b in span)
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -728,8 +729,27 @@ def read_number(
     """PNG bytes -> Reading, with one classifier call. Raises an ImageError
     subclass (NoInkError for a blank page) with a one-line message."""
     cands = read_scan(imaging.decode_gray(data, max_pixels=max_pixels))
-    probs = classifier.predict(cands.crops)
-    pairs = getattr(classifier, "pairs", None)
-    pair_probs = pairs.predict(cands.pairs) if pairs is not None and cands.pairs is not None else None
+    [(probs, pair_probs)] = score(classifier, [cands])
     return decide(cands, probs, pair_probs=pair_probs, constraints=constraints_for(expect, length),
                   threshold=threshold, calibration=classifier.spec.answers)
+
+
+def score(classifier, scans: Sequence[Candidates]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Each scan's (probabilities of its candidates, of its pair candidates or
+    None): one digit-model call for every candidate of every scan, one
+    pair-model call for every pair candidate (when the classifier has one)."""
+    if not scans:
+        return []
+    bounds = np.cumsum([0, *(len(c.crops) for c in scans)])
+    probs = classifier.predict(np.concatenate([c.crops for c in scans]))
+    out: list[tuple[np.ndarray, np.ndarray | None]] = [
+        (probs[bounds[k] : bounds[k + 1]], None) for k in range(len(scans))
+    ]
+    pairs = getattr(classifier, "pairs", None)
+    with_pairs = [k for k, c in enumerate(scans) if c.pairs is not None]
+    if pairs is not None and with_pairs:
+        edges = np.cumsum([0, *(len(scans[k].pairs) for k in with_pairs)])  # type: ignore[arg-type]
+        pair_probs = pairs.predict(np.concatenate([scans[k].pairs for k in with_pairs]))  # type: ignore[misc]
+        for n, k in enumerate(with_pairs):
+            out[k] = (out[k][0], pair_probs[edges[n] : edges[n + 1]])
+    return out

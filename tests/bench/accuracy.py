@@ -23,8 +23,8 @@ from digitwatch.errors import ImageError
 from digitwatch.imaging import decode_gray
 from digitwatch.model import load_classifier
 from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
-from digitwatch.pipeline import score as score_scans
 from digitwatch.reading import REASON_NOT_DIGIT, decide, read_scan
+from digitwatch.reading import score as score_scans
 from digitwatch.results import STATUS_OK
 from tests import scans
 from tests.conftest import MNIST_DIR

@@ -34,8 +34,7 @@ from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.imaging import decode_gray
 from digitwatch.model import load_classifier, write_whole
-from digitwatch.pipeline import score
-from digitwatch.reading import REASON_LOW, decide, read_scan
+from digitwatch.reading import REASON_LOW, decide, read_scan, score
 from digitwatch.results import STATUS_OK
 from tests import scans
 from tests.conftest import MNIST_DIR

@@ -44,7 +44,8 @@ from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
 from digitwatch.model import load_classifier
-from digitwatch.pipeline import score, threshold_for
+from digitwatch.pipeline import threshold_for
+from digitwatch.reading import score
 from tests import pngwrite, scans
 
 LAYOUTS = ["spaced", "uneven", "touching", "overlap", "drift", "broken", "ruled", "evaluate"]
