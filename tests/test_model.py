@@ -242,3 +242,21 @@ class TestPairModel:
         card.write_text('{"digit_model": "digits.tflite", "reject_model": "reject.tflite"}')
         assert load_classifier(card).pairs is None
         assert load_classifier(MODELS / "digits.tflite").pairs is None
+
+    @pytest.mark.parametrize("card, message", [
+        ('{"outputs": "softmax"}', "outputs must be"),
+        ('{"outputs": "logits", "temperature": NaN}', "temperature"),
+        ('{"outputs": ', "unreadable model card"),
+    ])
+    def test_a_hostile_or_cut_short_pair_card_is_refused_at_start(self, tmp_path, card, message):
+        """The pair model's own card, planted or cut short: one ModelError line
+        when the classifier loads, never pair probabilities read on the wrong scale."""
+        for name in ("digits.tflite", "reject.tflite", "digits.json", "reject.json", "pairs.tflite"):
+            shutil.copy(MODELS / name, tmp_path / name)
+        (tmp_path / "pairs.json").write_text(card)
+        default = tmp_path / "card.json"
+        default.write_text('{"digit_model": "digits.tflite", "reject_model": "reject.tflite", '
+                           '"pair_model": "pairs.tflite"}')
+        with pytest.raises(ModelError, match=message) as err:
+            load_classifier(default)
+        assert "\n" not in str(err.value) and "pairs.json" in str(err.value)

@@ -178,3 +178,13 @@ class TestPairs:
         items = [prepare_bytes("x.png", png, 0.0, max_pixels=40_000_000) for png, _ in items[:10]]
         for r in classify_batch(classifier, items, low_confidence=0.5, expect="digit"):
             assert r.status != "ok" or len(r.text) == 1
+
+    def test_a_long_line_of_overlapping_digits_stays_linear(self, classifier, mnist):
+        """The worst valid number: 40 digits, every neighbour overlapping, one
+        blob. Pair candidates stay a few per atom (measured 41 for 50 atoms),
+        and the reading covers the line (37 digits read, low_confidence)."""
+        s = numbers(mnist, 44, 1, 40, layout="overlap")[0]
+        cands = reading.read_scan(imaging.decode_gray(s[0]))
+        assert len(cands.pair_spans) <= 4 * cands.atoms
+        r = read_all(classifier, [s[0]])[0]
+        assert 30 <= len(r.text) <= 50 and r.status in ("ok", "low_confidence")
