@@ -260,3 +260,48 @@ class TestPairModel:
         with pytest.raises(ModelError, match=message) as err:
             load_classifier(default)
         assert "\n" not in str(err.value) and "pairs.json" in str(err.value)
+
+
+class TestWriteWhole:
+    def test_a_model_file_cut_short_leaves_the_old_one(self, tmp_path, monkeypatch):
+        """A power loss or full disk while a .tflite is exported: the shipped
+        file stays whole and loadable, no temporary file is left beside it."""
+        from pathlib import Path
+
+        from digitwatch.model import write_whole
+
+        target = tmp_path / "pairs.tflite"
+        shutil.copy(MODELS / "pairs.tflite", target)
+        real = Path.write_bytes
+
+        def half_then_full(self, data):
+            real(self, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_bytes", half_then_full)
+        with pytest.raises(OSError):
+            write_whole(target, b"\0" * 100_000)
+        monkeypatch.undo()
+        assert target.read_bytes() == (MODELS / "pairs.tflite").read_bytes()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.tflite"]
+        assert LiteRTClassifier(target, pair_model=True).classes == PAIR_CLASSES
+
+    def test_digitwatch_train_writes_its_card_whole(self, tmp_path, monkeypatch):
+        from pathlib import Path
+
+        from digitwatch import training
+
+        card = tmp_path / "m.json"
+        card.write_text('{"temperature": 1.0}\n')
+        real = Path.write_text
+
+        def half_then_full(self, data, *args, **kwargs):
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", half_then_full)
+        with pytest.raises(OSError):
+            training.write_model_card(card, {"temperature": 2.0, "about": "x" * 1000})
+        monkeypatch.undo()
+        assert json.loads(card.read_text()) == {"temperature": 1.0}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
