@@ -62,14 +62,16 @@ def _refused(name: str, error: str) -> Prepared:
     return Prepared(name=name, sha256="", started=time.perf_counter(), error=error)
 
 
-def prepare_here(items: list[Item], *, max_pixels: int) -> Iterator[Prepared]:
+def prepare_here(items: list[Item], *, max_pixels: int, pairs: bool = True) -> Iterator[Prepared]:
     """Each file in this process, in order."""
     for path, error in items:
         name = display_name(str(path))  # \xNN for bytes that are not UTF-8, as the daemon writes them
-        yield _refused(name, error) if error is not None else prepare_file(path, name, max_pixels=max_pixels)
+        yield _refused(name, error) if error is not None else prepare_file(path, name, max_pixels=max_pixels,
+                                                                              pairs=pairs)
 
 
-def prepare_in_workers(items: list[Item], *, max_pixels: int, workers: int | None) -> Iterator[Prepared]:
+def prepare_in_workers(items: list[Item], *, max_pixels: int, workers: int | None,
+                       pairs: bool = True) -> Iterator[Prepared]:
     """Each file in the daemon's worker processes, yielded in order. At most
     WINDOW files are handed out ahead of the one awaited, so memory stays
     flat whatever the count. A decoder that crashes or hangs costs one file."""
@@ -77,7 +79,7 @@ def prepare_in_workers(items: list[Item], *, max_pixels: int, workers: int | Non
     from digitwatch.workers import WorkerPool
 
     finished = threading.Semaphore(0)  # one release per outcome, from the pool's collector thread
-    limits = Limits(max_pixels=max_pixels, max_bytes=DEFAULT_MAX_BYTES)
+    limits = Limits(max_pixels=max_pixels, max_bytes=DEFAULT_MAX_BYTES, pairs=pairs)
     with WorkerPool(workers, limits=limits, on_done=finished.release, task=prepare_named) as pool:
         ready: dict[int, Prepared] = {}
         sent = 0
@@ -111,14 +113,15 @@ def classify_paths(
         out.write(csv_header(CLASSIFY_COLUMNS))
     items = list(expand(paths, recursive=recursive))
     if len(items) < MIN_FILES_FOR_WORKERS:
-        prepared_all = prepare_here(items, max_pixels=max_pixels)
+        prepared_all = prepare_here(items, max_pixels=max_pixels, pairs=classifier.pairs is not None)
     else:
         from digitwatch import logs
 
         # stdout is records: the pool's few events (a worker gave up) go to
         # stderr; a file a worker lost already has its one error line.
         logs.configure("auto", level=logging.ERROR, stream=sys.stderr)
-        prepared_all = prepare_in_workers(items, max_pixels=max_pixels, workers=workers)
+        prepared_all = prepare_in_workers(items, max_pixels=max_pixels, workers=workers,
+                                          pairs=classifier.pairs is not None)
     try:
         failed = _classify_all(items, prepared_all, classifier, out=out, fmt=fmt, debug_dir=debug_dir,
                                low_confidence=low_confidence, expect=expect, length=length)

@@ -93,6 +93,13 @@ def train(
             min=0, help="With --reject: drawn non-digits (font digits: a quarter; renormalized MNIST: a half)."
         ),
     ] = 40_000,
+    low_res: Annotated[
+        int, typer.Option(min=0, help="Add this many training digits again as low-resolution scans (fax, 8x8 grids).")
+    ] = 0,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Fine-tune: start from this .keras model (same members, classes), at 1/4 the rate."),
+    ] = None,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
     from digitwatch.training import TrainRequest, run_training
@@ -114,6 +121,8 @@ def train(
         synthetic_rejects=synthetic,
         font_digits=synthetic // 4,
         renormalized=synthetic // 2,
+        low_res=low_res,
+        init=init,
         command="digitwatch " + shlex.join(sys.argv[1:]),
     )
     card = run_training(request)

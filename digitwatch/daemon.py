@@ -139,7 +139,7 @@ class Daemon:
         self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
         # Worker processes read, hash, decode and normalize; warm before READY.
         limits = Limits(max_pixels=self.s.max_pixels, time_limit=self.s.worker_timeout_s,
-                        memory_limit=self.s.worker_memory_mb << 20)
+                        memory_limit=self.s.worker_memory_mb << 20, pairs=self.classifier.pairs is not None)
         self.handover.start(self.s.workers or None, limits)
         try:
             self._install_signals()

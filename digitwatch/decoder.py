@@ -45,6 +45,7 @@ class Limits:
     max_bytes: int = DEFAULT_MAX_BYTES
     time_limit: float = DEFAULT_TIME_LIMIT
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT  # None: no RLIMIT_AS
+    pairs: bool = True  # cut pair pictures: False when the model has no pair model to read them
 
 
 def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
@@ -53,7 +54,7 @@ def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
     descriptor the loop process opened for it."""
     if isinstance(source, str):
         return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
-                            follow_links=False)
+                            follow_links=False, pairs=limits.pairs)
     started = time.perf_counter()
     try:
         data = read_regular(source, limits.max_bytes)
@@ -61,13 +62,14 @@ def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
         return Prepared(name=name, sha256="", started=started, error=str(exc))
     except OSError as exc:
         return Prepared(name=name, sha256="", started=started, error=f"cannot read: {exc.strerror or exc}")
-    return prepare_bytes(name, data, started, max_pixels=limits.max_pixels)
+    return prepare_bytes(name, data, started, max_pixels=limits.max_pixels, pairs=limits.pairs)
 
 
 def prepare_named(source: str | int, name: str, limits: Limits) -> Prepared:
     """The work for a file named on the command line (`digitwatch classify`):
     the path as the user gave it, links followed, exactly as in-process."""
-    return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+    return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
+                        pairs=limits.pairs)
 
 
 Task = Callable[[str | int, str, Limits], Prepared]

@@ -96,12 +96,13 @@ def read_regular(fd: int, max_bytes: int) -> bytes:
         return data
 
 
-def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int) -> Prepared:
-    """Bytes -> Prepared; image problems become an error message, never an exception."""
+def prepare_bytes(name: str, data: bytes, started: float, *, max_pixels: int, pairs: bool = True) -> Prepared:
+    """Bytes -> Prepared; image problems become an error message, never an
+    exception. `pairs`: cut pair pictures too (reading.read_scan)."""
     digest = hashlib.sha256(data).hexdigest()
     try:
         gray = decode_gray(data, max_pixels=max_pixels)
-        cands = read_scan(gray)
+        cands = read_scan(gray, pairs=pairs)
     except ImageError as exc:
         return Prepared(name=name, sha256=digest, started=started, error=str(exc))
     return Prepared(
@@ -117,7 +118,7 @@ def side_by_side(crops: np.ndarray) -> np.ndarray:
 
 def prepare_file(
     path: Path, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES, follow_links: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES, follow_links: bool = True, pairs: bool = True,
 ) -> Prepared:
     """Read and normalize one file. Refusals and OS errors (vanished,
     unreadable) become the record's error, never an exception."""
@@ -129,7 +130,7 @@ def prepare_file(
     except OSError as exc:
         reason = exc.strerror or str(exc)
         return Prepared(name=name, sha256="", started=started, error=f"cannot read: {reason}")
-    return prepare_bytes(name, data, started, max_pixels=max_pixels)
+    return prepare_bytes(name, data, started, max_pixels=max_pixels, pairs=pairs)
 
 
 def threshold_for(classifier: Classifier, low_confidence: float | None) -> float:

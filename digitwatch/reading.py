@@ -176,9 +176,11 @@ class _Piece:
         return self.y1 - self.y0
 
 
-def read_scan(gray: np.ndarray) -> Candidates:
+def read_scan(gray: np.ndarray, *, pairs: bool = True) -> Candidates:
     """A page (gray, uint8 or float in [0, 1]) -> the candidate digits on it.
-    Raises NoInkError when there is nothing to read."""
+    `pairs`: also cut the pair model's pictures (False when the model has no
+    pair model: nothing would read them). Raises NoInkError when there is
+    nothing to read."""
     work = imaging.work_region(gray)
     labels, stats = work.labels, work.stats
     assert labels is not None and stats is not None and work.chosen is not None
@@ -207,7 +209,7 @@ def read_scan(gray: np.ndarray) -> Candidates:
         crop = imaging.finish(work.ink, work.smooth, work.mask)
         return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
     atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
-    return _candidates(work, atoms, cut_after, whole, height)
+    return _candidates(work, atoms, cut_after, whole, height, pairs=pairs)
 
 
 def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]) -> bool:
@@ -452,7 +454,7 @@ def _trace(cost: np.ndarray, x: int, step: float) -> np.ndarray:
 
 def _candidates(
     work: imaging.Work, atoms: list[np.ndarray], cut_after: list[float],
-    whole: list[tuple[int, int]], height: float,
+    whole: list[tuple[int, int]], height: float, *, pairs: bool = True,
 ) -> Candidates:
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
     normalized to 28x28."""
@@ -476,9 +478,10 @@ def _candidates(
     if not crops:
         raise NoInkError("no ink found after cleaning")
     sizes = np.array(shape, np.float32)
-    pairs, pair_spans, pair_prior = _pair_candidates(work, atoms, boxes, cut_after, whole, height)
+    pair_crops, pair_spans, pair_prior = (
+        _pair_candidates(work, atoms, boxes, cut_after, whole, height) if pairs else (None, (), None))
     return Candidates(np.stack(crops), tuple(spans), shape_prior(sizes), len(atoms), np.array(cut, np.float32), sizes,
-                      pairs, pair_spans, pair_prior, lone=len(whole) == 1)
+                      pair_crops, pair_spans, pair_prior, lone=len(whole) == 1)
 
 
 def _pair_candidates(

@@ -136,6 +136,25 @@ def letter(rng: np.random.Generator, faces: list[int] = TRAIN_FACES) -> np.ndarr
     return glyph_ink(GLYPHS[rng.integers(len(GLYPHS))], faces[rng.integers(len(faces))], rng)
 
 
+def warp(ink: np.ndarray, rng: np.random.Generator, *, amount: float = 0.06, smooth: float = 0.12) -> np.ndarray:
+    """A smooth random displacement (elastic distortion): a font's even strokes
+    bent the way a hand bends them. Displacements are up to about `amount` of
+    the drawing's size, varying over `smooth` of it."""
+    h, w = ink.shape
+    size = max(h, w)
+    sigma = smooth * size
+    field = [cv2.GaussianBlur(rng.uniform(-1, 1, (h, w)).astype(np.float32), (0, 0), sigma) for _ in range(2)]
+    scale = amount * size / max(float(np.abs(field[0]).max()), float(np.abs(field[1]).max()), 1e-6)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = cv2.remap(ink, xs + scale * field[0], ys + scale * field[1], cv2.INTER_LINEAR, borderValue=0)
+    return _trim(out)
+
+
+def handwritten_letter(rng: np.random.Generator, faces: list[int] = TRAIN_FACES) -> np.ndarray:
+    """A letter or symbol in a training face, bent as if written by hand."""
+    return warp(letter(rng, faces), rng, amount=rng.uniform(0.04, 0.12))
+
+
 def letter_pair(rng: np.random.Generator, faces: list[int] = TRAIN_FACES) -> np.ndarray:
     """Two letters or a letter and a symbol: what a word or an abbreviation crops to."""
     text = "".join(LETTERS[i] for i in rng.integers(len(LETTERS), size=2))
@@ -311,6 +330,7 @@ class RejectKind:
 
 REJECT_KINDS = [
     RejectKind("letter", 0.30, letter),
+    RejectKind("handwritten_letter", 0.15, handwritten_letter),
     RejectKind("letter_pair", 0.06, letter_pair),
     RejectKind("tick", 0.05, tick),
     RejectKind("cross", 0.05, cross),
@@ -362,6 +382,47 @@ def renormalized(images: np.ndarray) -> np.ndarray:
     look and MNIST's own digits do not, and a model can learn "pipeline look
     = not a digit": real scans (which all have that look) then get refused."""
     return np.stack([to_mnist(_mnist_ink(img)) for img in images]).astype(np.float32)
+
+
+# Grids a low-resolution digit is sampled on, in pixels along its longer side:
+# fax and form scans at 100 dpi, thumbnails, 8x8 sensor grids. Below 6 the
+# digits themselves stop being readable.
+LOW_RES_SIDES = (6, 16)
+
+
+def low_res_ink(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An MNIST digit as a low-resolution source would deliver it, back at WORK
+    scale: sampled on a coarse grid (area average: each cell is the share of
+    ink in it), sometimes bilevel first (a fax thresholds before it samples),
+    sometimes quantized to few grey levels, then enlarged the way a viewer or
+    scanner driver does (cubic, linear or blocky nearest)."""
+    ink = _trim(image.astype(np.float32) / 255.0, pad=0)
+    if rng.random() < 0.35:  # bilevel before sampling: cells become ink counts
+        ink = (ink > rng.uniform(0.3, 0.6)).astype(np.float32)
+    for _ in range(8):  # a faint digit on a coarse grid can round away to nothing: sample again
+        big = _low_res_once(ink, rng)
+        if (big > 0.35).any():
+            return big
+    return _mnist_ink(image)
+
+
+def _low_res_once(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    side = int(rng.integers(LOW_RES_SIDES[0], LOW_RES_SIDES[1] + 1))
+    h, w = ink.shape
+    scale = side / max(h, w)
+    small = cv2.resize(ink, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    small = np.clip(small * rng.uniform(1.0, 1.8), 0, 1)  # thin strokes fill only part of a cell
+    levels = int(rng.choice([2, 5, 17, 256]))
+    small = np.round(small * (levels - 1)) / (levels - 1)
+    small = cv2.copyMakeBorder(small, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    interpolation = [cv2.INTER_CUBIC, cv2.INTER_LINEAR, cv2.INTER_NEAREST][int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
+    big = cv2.resize(small, None, fx=WORK / side, fy=WORK / side, interpolation=interpolation)
+    return np.clip(big, 0, 1)
+
+
+def low_res(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MNIST digits as low-resolution scans, each the (28, 28) input serving makes of it."""
+    return np.stack([to_mnist(low_res_ink(img, rng)) for img in images]).astype(np.float32)
 
 
 # ---------------------------------------------------------------- numbers (evaluation)

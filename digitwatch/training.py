@@ -42,6 +42,9 @@ EXPORT_ATOL = 1e-4  # float32 export: probabilities agree this closely
 QUANT_MAX_DISAGREE = 0.005  # at most 0.5% of test digits classified differently
 QUANT_MAX_DROP = 0.001  # and at most 0.1 points of test accuracy lost
 CALIBRATION_SIZE = 1_000  # training digits that set the int8 activation ranges
+# Fine-tuning (--init) starts from trained weights: a quarter of the peak rate
+# moves them toward the new data without first wrecking what they know.
+FINE_TUNE_LR = 0.25
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class TrainSettings:
     synthetic_rejects: int = 40_000  # with reject: drawn non-digits added to training
     font_digits: int = 10_000  # with reject: Hershey-font digits added as "other hands"
     renormalized: int = 0  # with reject: training digits again, through synth's crop normalization
+    low_res: int = 0  # training digits again as low-resolution scans (synth.low_res)
+    init: Path | None = None  # start from this .keras model's weights (fine-tuning) instead of at random
 
     @property
     def classes(self) -> int:
@@ -228,18 +233,19 @@ def _dataset(x, y, *, classes: int, seed: int, augment: bool, batch: int = BATCH
 
 
 def _train_member(
-    index: int, settings: TrainSettings, x_train, y_train, x_val, y_val
+    index: int, settings: TrainSettings, x_train, y_train, x_val, y_val, start: keras.Model | None = None
 ) -> tuple[keras.Model, float]:
     seed = settings.seed * 1000 + index
     keras.utils.set_random_seed(seed)
-    model = build_cnn_member(
+    model = start or build_cnn_member(
         settings.width, name=f"member_{index}", classes=settings.classes, logits=settings.reject
     )
+    peak = PEAK_LR * (FINE_TUNE_LR if start is not None else 1.0)
     steps = math.ceil(len(x_train) / BATCH_SIZE) * settings.epochs
     warmup = min(steps // 10, math.ceil(len(x_train) / BATCH_SIZE))
     schedule = keras.optimizers.schedules.CosineDecay(
-        1e-4, decay_steps=max(1, steps - warmup), alpha=0.005,
-        warmup_target=PEAK_LR, warmup_steps=warmup,
+        peak / 20, decay_steps=max(1, steps - warmup), alpha=0.005,
+        warmup_target=peak, warmup_steps=warmup,
     )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
@@ -269,12 +275,18 @@ def with_synthetic(
     x_train, y_train, x_val, y_val = split_train_validation(
         mnist, seed=settings.seed, limit=settings.limit
     )
-    if not settings.reject:
-        return x_train, y_train, x_val, y_val
     from digitwatch import synth
 
     train_idx, _ = split_indices(len(mnist.x_train), seed=settings.seed, limit=settings.limit)
     images, labels = mnist.x_train[train_idx], mnist.y_train[train_idx]
+    if settings.low_res:
+        rng = np.random.default_rng(settings.seed + 505)
+        pick = rng.choice(len(images), min(settings.low_res, len(images)), replace=False)
+        x_train = np.concatenate([x_train, synth.low_res(images[pick], rng)[..., None]])
+        y_train = np.concatenate([y_train, labels[pick]])
+        print(f"training on {len(pick)} training digits again as low-resolution scans", flush=True)
+    if not settings.reject:
+        return x_train, y_train, x_val, y_val
     rng = np.random.default_rng(settings.seed + 101)
     rejects, _ = synth.rejects(settings.synthetic_rejects, rng, images, labels)
     fonts, font_labels = synth.font_digits(settings.font_digits, rng)
@@ -312,8 +324,9 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
         members_acc = [accuracy(predict(model, x_val), y_val)]
     elif settings.arch == "cnn":
         members, members_acc = [], []
+        starts = _members_of(settings.init, settings) if settings.init else [None] * settings.members
         for index in range(settings.members):
-            member, acc = _train_member(index, settings, x_train, y_train, x_val, y_val)
+            member, acc = _train_member(index, settings, x_train, y_train, x_val, y_val, starts[index])
             print(f"member {index + 1}: validation accuracy {acc:.4f}", flush=True)
             members.append(member)
             members_acc.append(acc)
@@ -332,6 +345,18 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
         val_outputs=val_outputs,
         val_labels=y_val,
     )
+
+
+def _members_of(path: Path, settings: TrainSettings) -> list[keras.Model]:
+    """The members of a trained .keras model, to fine-tune; refused unless the
+    model is the architecture the settings ask for."""
+    model = load_keras_model(path)
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)] or [model]
+    classes = int(members[0].output_shape[-1])
+    if len(members) != settings.members or classes != settings.classes:
+        raise ModelError(f"--init {path}: {len(members)} members of {classes} classes, "
+                         f"not {settings.members} of {settings.classes}")
+    return members
 
 
 def predict(model: keras.Model, x: np.ndarray, batch: int = 1000) -> np.ndarray:
@@ -454,6 +479,8 @@ class TrainRequest:
     synthetic_rejects: int = 40_000
     font_digits: int = 10_000
     renormalized: int = 0
+    low_res: int = 0
+    init: Path | None = None
 
 
 def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
@@ -483,6 +510,7 @@ def run_training(request: TrainRequest) -> dict:
         width=request.width, seed=request.seed, limit=request.limit, augment=request.augment,
         reject=request.reject, synthetic_rejects=request.synthetic_rejects,
         font_digits=request.font_digits, renormalized=request.renormalized,
+        low_res=request.low_res, init=request.init,
     )
     outcome = train(mnist, settings)
     out = request.out
@@ -517,12 +545,19 @@ def run_training(request: TrainRequest) -> dict:
     tflite_probs = tflite.predict(x_test)
     max_diff = verify_export(keras_probs, tflite_probs, mnist.y_test if request.quantize else None)
     extra = {}
+    if settings.low_res:
+        # Validation digits (never trained on) as low-resolution scans, another seed.
+        _, val_idx = split_indices(len(mnist.x_train), seed=settings.seed, limit=settings.limit)
+        from digitwatch import synth
+
+        small = synth.low_res(mnist.x_train[val_idx], np.random.default_rng(settings.seed + 606))
+        extra["low_res_validation_accuracy"] = accuracy(tflite.predict(small), mnist.y_train[val_idx])
     if settings.reject:
         rej = tflite.predict(_held_out_rejects(mnist, settings.seed))
         val_p = to_probabilities(outcome.val_outputs, logits=True)
         val_t = to_probabilities(outcome.val_outputs, logits=True, temperature=temperature)
         right = val_p.argmax(1) == outcome.val_labels
-        extra = {
+        extra |= {
             "test_rejected_as_not_digit": float(np.mean(tflite_probs.argmax(1) == REJECT)),
             "held_out_non_digits_refused": float(np.mean(rej.argmax(1) == REJECT)),
             "validation_ece": {
@@ -553,6 +588,11 @@ def run_training(request: TrainRequest) -> dict:
             {"non_digits": settings.synthetic_rejects, "font_digits": settings.font_digits,
              "renormalized_digits": settings.renormalized}
             if settings.reject else None
+        ),
+        "low_res_digits": settings.low_res,
+        "fine_tuned_from": (
+            {"model": str(settings.init), "sha256": sha256_file(settings.init), "peak_lr_factor": FINE_TUNE_LR}
+            if settings.init else None
         ),
         "command": request.command,
         "epochs": settings.epochs,

@@ -179,6 +179,26 @@ class TestPairs:
         for r in classify_batch(classifier, items, low_confidence=0.5, expect="digit"):
             assert r.status != "ok" or len(r.text) == 1
 
+    def test_no_pair_pictures_are_cut_for_a_model_without_a_pair_model(self, mnist, tmp_path):
+        """The digit model alone (--model models/digits.tflite) reads no pair
+        pictures, so none are cut, in process or in the daemon's workers;
+        the digit candidates are the same either way."""
+        from digitwatch.decoder import Limits, prepare_claimed
+
+        cut = []
+        for png, _ in numbers(mnist, 41, 6, (2, 2), layout="overlap"):
+            with_pairs = prepare_bytes("x.png", png, 0.0, max_pixels=40_000_000)
+            without = prepare_bytes("x.png", png, 0.0, max_pixels=40_000_000, pairs=False)
+            assert without.candidates.pairs is None and without.candidates.pair_spans == ()
+            assert np.array_equal(with_pairs.candidates.crops, without.candidates.crops)
+            if with_pairs.candidates.pairs is not None:  # touching, not only overlapping: one piece
+                cut.append(png)
+        assert cut
+        path = tmp_path / "x.png"
+        path.write_bytes(cut[0])
+        assert prepare_claimed(str(path), "x.png", Limits(pairs=False)).candidates.pairs is None
+        assert prepare_claimed(str(path), "x.png", Limits()).candidates.pairs is not None
+
     def test_a_long_line_of_overlapping_digits_stays_linear(self, classifier, mnist):
         """The worst valid number: 40 digits, every neighbour overlapping, one
         blob. Pair candidates stay a few per atom (measured 41 for 50 atoms),

@@ -93,3 +93,24 @@ class TestRenormalized:
         for img in x[:10]:
             _is_normalized(img)
         assert np.mean(classifier.predict(x)[:, :10].argmax(1) == mnist.y_train[:200]) >= 0.97
+
+
+class TestLowRes:
+    """MNIST digits as low-resolution scans: coarse, normalized, still the digit."""
+
+    def test_normalized_coarse_and_varied(self, mnist):
+        rng = np.random.default_rng(4)
+        x = synth.low_res(mnist.x_train[:300], rng)
+        for img in x[:20]:
+            _is_normalized(img)
+        plain = synth.renormalized(mnist.x_train[:300])
+        # Coarse sampling loses detail (least on a 16 px grid), a different
+        # amount on each picture: grids, levels and enlargements vary.
+        d = np.abs(x - plain).mean(axis=(1, 2))
+        assert np.median(d) > 0.03 and (d > 0.01).mean() > 0.95
+        assert d.std() > 0.01
+
+    def test_a_faint_digit_is_never_blank(self, mnist):
+        faint = (mnist.x_train[:50] // 12).astype(np.uint8)  # at most 21 of 255
+        x = synth.low_res(faint, np.random.default_rng(0))
+        assert (x.max(axis=(1, 2)) > 0.9).all()

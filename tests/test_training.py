@@ -146,6 +146,58 @@ class TestTraining:
             load_keras_model(tmp_path / "m.h5")
 
 
+class TestFineTune:
+    """--init starts from a trained model's weights; --low-res adds low-resolution digits."""
+
+    @pytest.fixture(scope="class")
+    def base(self, mnist_dir, tmp_path_factory):
+        from digitwatch.training import TrainRequest, run_training
+
+        out = tmp_path_factory.mktemp("base") / "base.keras"
+        run_training(TrainRequest(
+            data=mnist_dir, arch="cnn", epochs=1, members=1, width=4, out=out, seed=5,
+            limit=1200, augment=False, command="digitwatch train (test base)", quantize=False,
+        ))
+        return out
+
+    def test_fine_tune_starts_from_the_given_weights(self, base, mnist_dir, tmp_path):
+        import keras
+
+        from digitwatch.model import load_keras_model
+        from digitwatch.training import TrainRequest, run_training, sha256_file
+
+        out = tmp_path / "tuned.keras"
+        card = run_training(TrainRequest(
+            data=mnist_dir, arch="cnn", epochs=1, members=1, width=4, out=out, seed=6,
+            limit=1200, augment=False, command="digitwatch train (test tune)", quantize=False,
+            low_res=300, init=base,
+        ))
+        assert card["fine_tuned_from"]["sha256"] == sha256_file(base)
+        assert card["low_res_digits"] == 300
+        # 1080 training digits + 300 of them again at low resolution.
+        assert card["split"]["train"] == 1380
+        assert 0.0 <= card["low_res_validation_accuracy"] <= 1.0
+        start, tuned = load_keras_model(base), load_keras_model(out)
+        keras.utils.set_random_seed(6)
+        from digitwatch.training import build_cnn_member
+
+        fresh = build_cnn_member(4, "member_0")
+        # One short epoch at a quarter of the rate moves the weights a little;
+        # a fresh start is nowhere near them.
+        w0, w1, wf = (m.layers[1].get_weights()[0] for m in (start, tuned, fresh))
+        assert np.abs(w1 - w0).mean() < 0.5 * np.abs(wf - w0).mean()
+        assert not np.array_equal(w1, w0)
+
+    def test_init_of_another_shape_is_refused(self, base, mnist_dir, tmp_path):
+        from digitwatch.training import TrainRequest, run_training
+
+        with pytest.raises(ModelError, match="1 members of 10 classes, not 2 of 10"):
+            run_training(TrainRequest(
+                data=mnist_dir, arch="cnn", epochs=1, members=2, width=4, out=tmp_path / "x.keras", seed=6,
+                limit=1200, augment=False, command="digitwatch train (test refuse)", quantize=False, init=base,
+            ))
+
+
 class TestShippedModel:
     """The model in models/ meets the bar and matches its card."""
 

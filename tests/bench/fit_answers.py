@@ -152,11 +152,27 @@ def summarize(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray, groups:
     return out
 
 
+def reader_fingerprint() -> str:
+    """The source of everything that builds and cuts the scans: a cache cut by
+    another reader (before pair candidates, say) is cut again, not reused."""
+    import hashlib
+
+    import digitwatch
+
+    root = Path(digitwatch.__file__).parent
+    digest = hashlib.sha256()
+    for name in ("contract.py", "imaging.py", "reading.py", "synth.py", "evaluation.py", "decoder.py"):
+        digest.update((root / name).read_bytes())
+    digest.update(Path(scans.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def run(model: Path, singles: int, numbers: int, non_digits: int, precision: float,
         wrong_number_ok: float = 0.005, non_digit_ok: float = 0.01, cache: Path | None = None) -> dict:
     started = time.monotonic()
     classifier = load_classifier(model)
-    key = (singles, numbers, non_digits)
+    key = (singles, numbers, non_digits, reader_fingerprint())
     if cache is not None and cache.is_file() and (saved := pickle.loads(cache.read_bytes()))["key"] == key:
         items, cands = saved["items"], saved["cands"]  # our own file, from an earlier run
     else:
