@@ -92,6 +92,31 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    """The confidence an answer needs to be ok: one for one-digit answers and
+    one for longer ones. They answer different bars (answers marked ok right
+    at least 99.5% of the time; wrong numbers marked ok at most 1% of number
+    scans), and one threshold for both let the numbers' bar set the single
+    digits' (tests/bench/fit_answers.py chooses both)."""
+
+    single: float
+    number: float
+
+    @classmethod
+    def of(cls, value: float | Thresholds) -> Thresholds:
+        """A plain number is the threshold for every answer."""
+        return value if isinstance(value, Thresholds) else cls(float(value), float(value))
+
+    def for_length(self, digits: int) -> float:
+        return self.single if digits <= 1 else self.number
+
+    def __str__(self) -> str:
+        if self.single == self.number:
+            return f"{self.number:.3f}"
+        return f"{self.single:.3f} (one digit) / {self.number:.3f} (longer)"
+
+
+@dataclass(frozen=True)
 class AnswerCalibration:
     """p(answer right) = sigmoid(bias + weights . evidence)."""
 

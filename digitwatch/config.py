@@ -100,7 +100,8 @@ HELP: dict[str, str] = {
     "rescan_seconds": "Re-list the inbox this often, for anything an event missed.",
     "batch_size": "At most this many files per model call.",
     "batch_wait_ms": "A ready file waits at most this long for others to join its batch.",
-    "review_threshold": "Confidence below this gives status low_confidence; empty: the model card's threshold.",
+    "review_threshold": ("Confidence below this gives status low_confidence, for every answer; empty: the model "
+                         "card's thresholds (one for one-digit answers, one for longer)."),
     "expect": "number: read 1 or more digits; digit: exactly one (anything else is not ok).",
     "length": "Digits a reading must have, e.g. 5 or 4-6; empty: any.",
     "stop_timeout": "On SIGTERM, finish the batch in hand within this many seconds.",

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from digitwatch.calibration import Reliability, reliability
+from digitwatch.confidence import Thresholds
 from digitwatch.contract import DIGITS, REJECT
 
 
@@ -161,7 +162,7 @@ class Answer:
 Reader = Callable[[bytes], Answer]
 
 
-def single_digit_reader(classifier, threshold: float) -> Reader:
+def single_digit_reader(classifier, threshold: float | Thresholds) -> Reader:
     """Today's path: one digit per scan (load_digit), argmax over the classes; a
     win for "not a digit" is a refusal."""
     from digitwatch.errors import ImageError
@@ -176,12 +177,12 @@ def single_digit_reader(classifier, threshold: float) -> Reader:
         best = int(np.argmax(p))
         if best == REJECT:
             return Answer("", float(p[:REJECT].max()), False)
-        return Answer(str(best), float(p[best]), float(p[best]) >= threshold)
+        return Answer(str(best), float(p[best]), float(p[best]) >= Thresholds.of(threshold).single)
 
     return read
 
 
-def number_reader(classifier, threshold: float) -> Reader:
+def number_reader(classifier, threshold: float | Thresholds) -> Reader:
     """The product's path: `reading.read_number` (cuts, one model call, whole-answer
     confidence). The answer is the result line's text and confidence, whatever
     the status: a reading refused as "not a digit" still states its text, with
@@ -199,7 +200,7 @@ def number_reader(classifier, threshold: float) -> Reader:
     return read
 
 
-def default_reader(classifier, threshold: float) -> tuple[str, Reader]:
+def default_reader(classifier, threshold: float | Thresholds) -> tuple[str, Reader]:
     """The number reader when this checkout has one, else the single-digit path."""
     try:
         return "number", number_reader(classifier, threshold)
@@ -276,7 +277,7 @@ class ScanReport:
 
     model: str
     reader: str
-    threshold: float
+    threshold: Thresholds
     numbers: int
     exact: float
     exact_by_length: dict[int, float]
@@ -301,7 +302,7 @@ class ScanReport:
 
 
 def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, str]],
-                read: Reader, *, model: str, reader: str, threshold: float,
+                read: Reader, *, model: str, reader: str, threshold: float | Thresholds,
                 digits: list[tuple[bytes, str]] = ()) -> ScanReport:
     """Read every scan and score: exact strings, ok answers, refusals, calibration.
     Calibration is over every answer given (non-empty text): a stated answer's
@@ -334,7 +335,7 @@ def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, 
                   for k, v in sets.items() if v}
     n = max(len(num), 1)
     return ScanReport(
-        model=model, reader=reader, threshold=threshold,
+        model=model, reader=reader, threshold=Thresholds.of(threshold),
         numbers=len(num), exact=float(right.mean()) if len(num) else 0.0,
         exact_by_length={k: float(np.mean(v)) for k, v in sorted(by_length.items())},
         numbers_marked_ok=float(ok.sum() / n),
@@ -352,7 +353,7 @@ def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, 
 
 def format_scan_report(r: ScanReport) -> str:
     lines = [
-        f"scan sets  reader {r.reader}, ok when confidence >= {r.threshold:.3f}",
+        f"scan sets  reader {r.reader}, ok when confidence >= {r.threshold}",
         f"numbers    {r.numbers} scans of MNIST test digits, 1-12 digits",
         f"exact      {r.exact:.4f}",
         "by length  " + "  ".join(f"{k}:{v:.3f}" for k, v in r.exact_by_length.items()),
@@ -417,7 +418,8 @@ def digit_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray) -
     return out
 
 
-def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: int, threshold: float,
+def evaluate_scans(classifier, mnist, *, numbers: int, non_digits: int, seed: int,
+                   threshold: float | Thresholds,
                    report: Path | None = None, digits: int = 0) -> ScanReport:
     """Build the scan sets, read them with the best reader available, score, and
     write reliability.png into `report`."""

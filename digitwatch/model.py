@@ -78,8 +78,11 @@ class OutputSpec:
     logits: bool = False
     temperature: float = 1.0
     # The whole-answer confidence below which answers are not ok, chosen with
-    # this calibration (tests/bench/calibrate.py); None when the card has none.
+    # this calibration (tests/bench/fit_answers.py); None when the card has none.
     low_confidence: float | None = None
+    # The same for one-digit answers, when the card chose one of its own
+    # ("recommended_low_confidence_single"); None: low_confidence for all.
+    low_confidence_single: float | None = None
     # The map from a reading's evidence to p(whole answer right), fitted with
     # the same calibration; None: the raw product of the digits' probabilities.
     answers: AnswerCalibration | None = None
@@ -96,6 +99,8 @@ class OutputSpec:
             temperature = float(card.get("temperature", 1.0))
             low = card.get("recommended_low_confidence")
             low = None if low is None else float(low)
+            single = card.get("recommended_low_confidence_single")
+            single = None if single is None else float(single)
             answers = card.get("answer_calibration")
             answers = None if answers is None else AnswerCalibration.from_card(answers)
         except (OSError, ValueError, AttributeError, TypeError) as exc:
@@ -104,9 +109,13 @@ class OutputSpec:
             raise ModelError(f"{card_path}: outputs must be 'probabilities' or 'logits', not {outputs!r}")
         if not (math.isfinite(temperature) and 0.05 <= temperature <= 20):
             raise ModelError(f"{card_path}: temperature {temperature} outside 0.05-20")
-        if low is not None and not 0.0 <= low <= 1.0:
-            raise ModelError(f"{card_path}: recommended_low_confidence {low} outside 0-1")
-        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low, answers=answers)
+        for key, value in (("recommended_low_confidence", low), ("recommended_low_confidence_single", single)):
+            if value is not None and not 0.0 <= value <= 1.0:  # NaN is outside too
+                raise ModelError(f"{card_path}: {key} {value} outside 0-1")
+        if single is not None and low is None:
+            raise ModelError(f"{card_path}: recommended_low_confidence_single without recommended_low_confidence")
+        return cls(logits=outputs == "logits", temperature=temperature, low_confidence=low,
+                   low_confidence_single=single, answers=answers)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         if not self.logits and self.temperature == 1.0:
@@ -303,7 +312,8 @@ def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
     spec = OutputSpec.for_model(card_path)
     pairs = _card_entry(card_path, "pair_model")
     return RejectHeadClassifier(LiteRTClassifier(digits), LiteRTClassifier(reject),
-                                OutputSpec(low_confidence=spec.low_confidence, answers=spec.answers),
+                                OutputSpec(low_confidence=spec.low_confidence,
+                                           low_confidence_single=spec.low_confidence_single, answers=spec.answers),
                                 pairs=LiteRTClassifier(pairs, pair_model=True) if pairs is not None else None)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from digitwatch.confidence import Thresholds
 from digitwatch.errors import ImageError, RefusedError
 from digitwatch.imaging import DEFAULT_MAX_PIXELS, decode_gray
 from digitwatch.model import Classifier
@@ -133,13 +134,17 @@ def prepare_file(
     return prepare_bytes(name, data, started, max_pixels=max_pixels, pairs=pairs)
 
 
-def threshold_for(classifier: Classifier, low_confidence: float | None) -> float:
-    """The threshold given, else the one the model card recommends (chosen with
-    the card's calibration, tests/bench/fit_answers.py), else 0.5."""
+def threshold_for(classifier: Classifier, low_confidence: float | None) -> Thresholds:
+    """The threshold given (for every answer), else the ones the model card
+    recommends (chosen with the card's calibration, tests/bench/fit_answers.py:
+    one for one-digit answers, one for longer), else 0.5."""
     if low_confidence is not None:
-        return low_confidence
-    card = classifier.spec.low_confidence
-    return DEFAULT_LOW_CONFIDENCE if card is None else card
+        return Thresholds.of(low_confidence)
+    spec = classifier.spec
+    if spec.low_confidence is None:
+        return Thresholds.of(DEFAULT_LOW_CONFIDENCE)
+    single = spec.low_confidence if spec.low_confidence_single is None else spec.low_confidence_single
+    return Thresholds(single, spec.low_confidence)
 
 
 def classify_batch(
@@ -149,9 +154,9 @@ def classify_batch(
     """One model call for every candidate digit of every good item in the batch,
     then each file's reading; errors pass straight through. `expect` and
     `length` are the per-run constraints (see reading.constraints_for);
-    `low_confidence` None is the model card's threshold (see threshold_for)."""
+    `low_confidence` None is the model card's thresholds (see threshold_for)."""
     constraints: Constraints = constraints_for(expect, length)
-    low_confidence = threshold_for(classifier, low_confidence)
+    thresholds = threshold_for(classifier, low_confidence)
     good = [i for i, item in enumerate(items) if item.candidates is not None]
     # No model call for a batch of errors.
     scored = score(classifier, [items[i].candidates for i in good])  # type: ignore[misc]
@@ -163,7 +168,7 @@ def classify_batch(
         if i in by_index:
             probs, pair_probs = by_index[i]
             r = decide(item.candidates, probs, pair_probs=pair_probs, constraints=constraints,  # type: ignore[arg-type]
-                       threshold=low_confidence, calibration=classifier.spec.answers)
+                       threshold=thresholds, calibration=classifier.spec.answers)
             results.append(
                 Result(
                     file=item.name, digit=r.digit, confidence=r.confidence, status=r.status,

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from digitwatch import imaging
-from digitwatch.confidence import MAX_FITTED_LENGTH, AnswerCalibration, Evidence
+from digitwatch.confidence import MAX_FITTED_LENGTH, AnswerCalibration, Evidence, Thresholds
 from digitwatch.contract import DIGITS, PAIR_REJECT, REJECT
 from digitwatch.errors import NoInkError
 from digitwatch.results import STATUS_LOW, STATUS_OK
@@ -610,19 +610,21 @@ def _options(
 
 def decide(
     cands: Candidates, probs: np.ndarray, *, pair_probs: np.ndarray | None = None,
-    constraints: Constraints = Constraints(), threshold: float = 0.5,
+    constraints: Constraints = Constraints(), threshold: float | Thresholds = 0.5,
     calibration: AnswerCalibration | None = None,
 ) -> Reading:
     """The best reading of a scan given the classifier's probabilities for its
     candidates (rows of `probs`, 10 or 11 classes) and the pair model's for its
     pair candidates (`pair_probs`, contract.PAIR_CLASSES; None: no pairs read).
     With a `calibration` (the model card's), the confidence is its probability
-    that the whole answer is right; without, the raw product (see _confidence)."""
+    that the whole answer is right; without, the raw product (see _confidence).
+    `threshold`: one for every answer, or Thresholds by the answer's length."""
+    thresholds = Thresholds.of(threshold)
     probs = np.asarray(probs, np.float64)
     if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1 and (
         pair_probs is None or not cands.pair_spans
     ):
-        return _single(probs[0], threshold, calibration)
+        return _single(probs[0], thresholds.single, calibration)
     rows, row_prior, options = _options(cands, probs, pair_probs)
     digit_probs = rows[:, :DIGITS]
     best = np.argmax(digit_probs, axis=1)
@@ -664,7 +666,7 @@ def decide(
     confidence, evidence = _confidence(row_prior, path, rows, best, top[n, m] - z, calibration)
     if any(rejected[k] for k in path) or any(row_prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path):
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_NOT_DIGIT)
-    if confidence < threshold:
+    if confidence < thresholds.for_length(len(path)):
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_LOW)
     return _reading(path, best, digit_probs, confidence, evidence, STATUS_OK, "")
 
@@ -727,7 +729,7 @@ def _reading(
 
 def read_number(
     data: bytes, classifier, *, expect: str | None = None, length: str | None = None,
-    threshold: float = 0.5, max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+    threshold: float | Thresholds = 0.5, max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
 ) -> Reading:
     """PNG bytes -> Reading, with one classifier call. Raises an ImageError
     subclass (NoInkError for a blank page) with a one-line message."""

@@ -347,6 +347,21 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
     )
 
 
+def _provenance(init: Path) -> dict:
+    """Where a fine-tuned model started: the file, and how that was made (its
+    card's command and own provenance), so the chain can be retraced."""
+    entry: dict = {"model": str(init), "sha256": sha256_file(init), "peak_lr_factor": FINE_TUNE_LR}
+    try:
+        card = json.loads(init.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return entry
+    if isinstance(card, dict):
+        entry["command"] = card.get("command")
+        if isinstance(card.get("fine_tuned_from"), dict):
+            entry["fine_tuned_from"] = card["fine_tuned_from"]
+    return entry
+
+
 def _members_of(path: Path, settings: TrainSettings) -> list[keras.Model]:
     """The members of a trained .keras model, to fine-tune; refused unless the
     model is the architecture the settings ask for."""
@@ -590,10 +605,7 @@ def run_training(request: TrainRequest) -> dict:
             if settings.reject else None
         ),
         "low_res_digits": settings.low_res,
-        "fine_tuned_from": (
-            {"model": str(settings.init), "sha256": sha256_file(settings.init), "peak_lr_factor": FINE_TUNE_LR}
-            if settings.init else None
-        ),
+        "fine_tuned_from": _provenance(settings.init) if settings.init else None,
         "command": request.command,
         "epochs": settings.epochs,
         "seed": settings.seed,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from digitwatch import calibration, confidence
-from digitwatch.confidence import FEATURES, AnswerCalibration, Evidence
+from digitwatch.confidence import FEATURES, AnswerCalibration, Evidence, Thresholds
 from digitwatch.errors import ModelError
 from digitwatch.model import DEFAULT_MODEL, OutputSpec, load_classifier
 from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE, threshold_for
@@ -108,8 +108,45 @@ def test_the_default_is_the_calibrated_pair_and_its_threshold():
     clf = load_classifier()
     assert clf.classes == 11 and clf.spec.answers is not None
     card = json.loads(DEFAULT_MODEL.read_text())
-    assert threshold_for(clf, None) == card["recommended_low_confidence"] != DEFAULT_LOW_CONFIDENCE
-    assert threshold_for(clf, 0.3) == 0.3
+    chosen = threshold_for(clf, None)
+    assert chosen.number == card["recommended_low_confidence"] != DEFAULT_LOW_CONFIDENCE
+    assert chosen.single == card["recommended_low_confidence_single"] < chosen.number
+    # A threshold given (review_threshold, --low-confidence) is every answer's.
+    assert threshold_for(clf, 0.3) == Thresholds(0.3, 0.3)
+
+
+class TestThresholds:
+    def test_a_number_is_every_answers_threshold(self):
+        t = Thresholds.of(0.9)
+        assert t == Thresholds(0.9, 0.9) and Thresholds.of(t) is t
+        assert t.for_length(1) == t.for_length(7) == 0.9 and str(t) == "0.900"
+
+    def test_one_digit_answers_have_their_own(self):
+        t = Thresholds(0.95, 0.97)
+        assert t.for_length(0) == t.for_length(1) == 0.95 and t.for_length(2) == t.for_length(12) == 0.97
+        assert str(t) == "0.950 (one digit) / 0.970 (longer)"
+
+    def test_decide_holds_each_answer_to_its_own(self):
+        """The same raw confidence (0.9) is ok for a one-digit answer and not
+        for a two-digit one, at single 0.85 / longer 0.95."""
+        from digitwatch import reading
+
+        t = Thresholds(0.85, 0.95)
+        one = reading.Candidates(np.zeros((1, 28, 28), np.float32), ((0, 1),), np.zeros(1, np.float32), 1)
+        p = np.full((1, 10), 0.1 / 9)
+        p[0, 4] = 0.9
+        r = reading.decide(one, p, threshold=t)
+        assert (r.text, r.status) == ("4", "ok")
+        assert reading.decide(one, p, threshold=0.95).status == "low_confidence"
+        two = reading.Candidates(np.zeros((3, 28, 28), np.float32), ((0, 1), (1, 2), (0, 2)),
+                                 np.array([0.0, 0.0, -30.0], np.float32), 2, np.array([0.0, 0.0, 0.0], np.float32))
+        q = np.full((3, 10), 0.01)
+        q[0, 4], q[1, 2], q[2, 7] = 0.91, 0.91, 0.91
+        c = reading.decide(two, q).confidence
+        assert reading.decide(two, q).text == "42"
+        # A two-digit answer is held to the longer answers' threshold only.
+        assert reading.decide(two, q, threshold=Thresholds(c - 0.01, c + 0.01)).status == "low_confidence"
+        assert reading.decide(two, q, threshold=Thresholds(1.0, c - 0.01)).status == "ok"
 
 
 def test_the_shipped_calibration_fits_its_features(classifier):
@@ -186,3 +223,55 @@ def test_writing_a_card_is_all_or_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     write_card(card, {"temperature": 2.0})
     assert json.loads(card.read_text()) == {"temperature": 2.0}
+
+
+class TestChooseThresholds:
+    """fit_answers: one-digit answers get the lowest threshold at which every
+    bar still holds, counting both thresholds; longer answers keep the one
+    threshold all answers had."""
+
+    def _scans(self, seed: int = 0, digit_like_marks: int = 0):
+        rng = np.random.default_rng(seed)
+        conf, right, group, length = [], [], [], []
+        for _ in range(400):  # single digits: sure and right, a few unsure and wrong
+            wrong = rng.random() < 0.02
+            conf.append(rng.uniform(0.5, 0.9) if wrong else rng.uniform(0.8, 1.0))
+            right.append(not wrong), group.append("single"), length.append(1)
+        for _ in range(200):  # numbers: wrong ones reach high confidence
+            wrong = rng.random() < 0.1
+            conf.append(rng.uniform(0.9, 0.99) if wrong else rng.uniform(0.85, 1.0))
+            right.append(not wrong), group.append("number"), length.append(int(rng.integers(2, 7)))
+        for k in range(200):  # non-digits: mostly unsure; some read as a sure single digit
+            conf.append(rng.uniform(0.93, 0.99) if k < digit_like_marks else rng.uniform(0.0, 0.6))
+            right.append(False), group.append("non_digit"), length.append(1)
+        conf, right = np.array(conf), np.array(right)
+        return conf, right, np.ones(len(conf), bool), np.array(group), np.array(length)
+
+    def _holds(self, t, conf, right, eligible, groups, lengths):
+        ok = eligible & (conf >= np.where(lengths <= 1, t.single, t.number))
+        singles = ok & (groups == "single")
+        return (right[singles].mean() >= 0.995 and (ok & (groups == "number") & ~right).sum() <= 2
+                and (ok & (groups == "non_digit")).sum() <= 4)
+
+    def test_single_digits_get_a_lower_threshold_that_keeps_every_bar(self):
+        from tests.bench.fit_answers import choose_threshold, choose_thresholds
+
+        conf, right, eligible, groups, lengths = self._scans()
+        totals = {"single": 400, "low_res": 0, "font": 0, "number": 200, "non_digit": 200}
+        args = (totals, 0.995, 0.01, 0.02)
+        t = choose_thresholds(conf, right, eligible, groups, lengths, *args)
+        assert t.number == choose_threshold(conf, right, eligible, groups, *args)
+        assert t.single < t.number and self._holds(t, conf, right, eligible, groups, lengths)
+        # The lowest such: one step lower (the next one-digit answer) breaks a bar.
+        lower = conf[(lengths <= 1) & (conf < t.single)].max()
+        assert not self._holds(Thresholds(lower, t.number), conf, right, eligible, groups, lengths)
+
+    def test_non_digits_read_as_sure_digits_hold_the_single_threshold_up(self):
+        from tests.bench.fit_answers import choose_thresholds
+
+        totals = {"single": 400, "low_res": 0, "font": 0, "number": 200, "non_digit": 200}
+        free = choose_thresholds(*self._scans(), totals, 0.995, 0.01, 0.02)
+        conf, right, eligible, groups, lengths = self._scans(digit_like_marks=12)
+        held = choose_thresholds(conf, right, eligible, groups, lengths, totals, 0.995, 0.01, 0.02)
+        assert held.single > free.single and (held.single == held.number or (
+            (eligible & (groups == "non_digit") & (conf >= held.single)).sum() <= 4))

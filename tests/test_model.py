@@ -77,6 +77,10 @@ class TestCard:
         ('{"temperature": 0}', "temperature 0.0 outside"),
         ('{"temperature": "warm"}', "unreadable model card"),
         ('{"recommended_low_confidence": 2}', "outside 0-1"),
+        ('{"recommended_low_confidence": 0.9, "recommended_low_confidence_single": NaN}', "single nan outside 0-1"),
+        ('{"recommended_low_confidence": 0.9, "recommended_low_confidence_single": -1}', "outside 0-1"),
+        ('{"recommended_low_confidence": 0.9, "recommended_low_confidence_single": "low"}', "unreadable model card"),
+        ('{"recommended_low_confidence_single": 0.9}', "single without recommended_low_confidence"),
     ])
     def test_bad_card_refused(self, copied_model, card, message):
         copied_model.with_suffix(".json").write_text(card)
@@ -145,6 +149,7 @@ class TestRejectHead:
         pair = load_classifier(MODELS / "digits-reject.json")
         assert isinstance(pair, RejectHeadClassifier) and pair.classes == 11
         assert pair.spec.low_confidence == card["recommended_low_confidence"]
+        assert pair.spec.low_confidence_single == card["recommended_low_confidence_single"]
         assert pair.model_id.startswith("digits.tflite@") and "+reject.tflite@" in pair.model_id
         x = to_model_input(mnist.x_test[:200])
         alone = LiteRTClassifier(MODELS / "digits.tflite").predict(x)

@@ -67,10 +67,18 @@ class TestTraining:
         assert card["test_accuracy"]["tflite"] > 0.8 and card["held_out_non_digits_refused"] > 0.5
 
     def test_temperature_fitted_and_calibrates_validation(self, small_run):
+        # The temperature minimizes NLL. This toy run's raw outputs are already
+        # nearly calibrated (ECE 0.024 on 750 inputs, 15 bins), so its ECE
+        # after scaling moves within binning noise (measured 0.028): it must
+        # stay small. The shipped head, far off raw, is held to more below.
         _, card = small_run
         assert card["temperature"] != 1.0
         ece = card["validation_ece"]
-        assert ece["temperature"] <= ece["uncalibrated"]
+        assert ece["temperature"] < 0.04
+
+    def test_the_shipped_reject_heads_temperature_calibrates_it(self):
+        ece = json.loads((MODELS / "reject.json").read_text())["validation_ece"]
+        assert ece["temperature"] < ece["uncalibrated"] / 5  # measured 0.0054 against 0.070
 
     def test_int8_export_is_smaller_and_verified(self, quantized_run):
         out, card = quantized_run
@@ -173,6 +181,7 @@ class TestFineTune:
             low_res=300, init=base,
         ))
         assert card["fine_tuned_from"]["sha256"] == sha256_file(base)
+        assert card["fine_tuned_from"]["command"] == "digitwatch train (test base)"  # how the start was made
         assert card["low_res_digits"] == 300
         # 1080 training digits + 300 of them again at low resolution.
         assert card["split"]["train"] == 1380

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from digitwatch.confidence import Thresholds
 from digitwatch.data import load_mnist
 from digitwatch.errors import ImageError
 from digitwatch.imaging import decode_gray
 from digitwatch.model import load_classifier
-from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE
+from digitwatch.pipeline import threshold_for
 from digitwatch.reading import REASON_NOT_DIGIT, decide, read_scan
 from digitwatch.reading import score as score_scans
 from digitwatch.results import STATUS_OK
@@ -30,7 +31,7 @@ from tests import scans
 from tests.conftest import MNIST_DIR
 
 
-def score(classifier, batch: list[scans.Scan], threshold: float) -> dict:
+def score(classifier, batch: list[scans.Scan], threshold: float | Thresholds) -> dict:
     """What the product answers for each scan, through the real path (decode,
     clean, cut, one model call, reading.decide with the card's calibration):
     right = the result's `digit` is the label (a scan read as several digits,
@@ -64,8 +65,7 @@ SETS = {"mnist": "MNIST test scans", "other": "other writers (strokes, fonts)", 
 
 def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float | None = None) -> dict:
     classifier = load_classifier(model)
-    if threshold is None:
-        threshold = classifier.spec.low_confidence or DEFAULT_LOW_CONFIDENCE
+    thresholds = threshold_for(classifier, threshold)  # as classify: the card's, per answer length
     mnist = load_mnist(MNIST_DIR)
     rng = np.random.default_rng(seed)
     rows = []
@@ -73,11 +73,11 @@ def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float 
     for variation in scans.VARIATIONS:
         idx = rng.choice(len(mnist.x_test), per_variation, replace=False)
         batch = list(scans.mnist_scans(mnist.x_test[idx], mnist.y_test[idx], variation, rng))
-        rows.append({"source": "mnist", "set": "mnist", "variation": variation, **score(classifier, batch, threshold)})
+        rows.append({"source": "mnist", "set": "mnist", "variation": variation, **score(classifier, batch, thresholds)})
     for source in ("strokes", "font", "uci"):
         batch = list(scans.other_scans(per_variation * 2, source, rng))
         rows.append({"source": source, "set": "uci" if source == "uci" else "other", "variation": "all",
-                     **score(classifier, batch, threshold)})
+                     **score(classifier, batch, thresholds)})
     sets = {}
     for name in SETS:
         mine = [r for r in rows if r["set"] == name]
@@ -93,7 +93,7 @@ def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float 
         "mnist_scans": sets["mnist"]["accuracy"],
         "other_writers": sets["other"]["accuracy"],
         "sets": sets,
-        "threshold": threshold,
+        "threshold": str(thresholds),
         "model": classifier.model_id,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -109,7 +109,7 @@ def format_rows(report: dict) -> str:
             f"| {r['ok_right'] / max(r['ok'], 1):.2%} | {r['errors']} | {r['refused']} | {r['total']} |"
         )
     s = report["summary"]
-    lines += ["", f"Per set (model {s['model']}, low-confidence threshold {s['threshold']:.3f}; {s['seconds']} s):",
+    lines += ["", f"Per set (model {s['model']}, low-confidence threshold {s['threshold']}; {s['seconds']} s):",
               "| set | accuracy | marked ok | answers marked ok right | refused as not a digit | n |",
               "|---|---|---|---|---|---|"]
     for name, title in SETS.items():

@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from digitwatch import imaging, reading, synth
+from digitwatch.confidence import Thresholds
 from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
 from digitwatch.evaluation import page_png
@@ -133,7 +134,7 @@ def make_cases(hand: Hand, count: int, lengths: tuple[int, int], seed: int,
     return out
 
 
-def read_cases(classifier, cases: list[Case], threshold: float, batch: int = 32,
+def read_cases(classifier, cases: list[Case], threshold: float | Thresholds, batch: int = 32,
                forced: list | None = None) -> list[reading.Reading | None]:
     """The reader's path: candidates of a batch of files, one model call, decide per file.
     `forced` (a list) also gets each scan's best reading of the true length:
@@ -178,7 +179,7 @@ def scored(classifier, cases: list[Case], batch: int = 32) -> list[tuple]:
     return out
 
 
-def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold: float) -> None:
+def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold: float | Thresholds) -> None:
     """Exact rate and wrong-marked-ok for each combination of prior constants:
     `spec` like "CUT_COST=1,2,3 WIDTH_COST=6,10 WIDE_DIGIT=0.8,0.9"."""
     import dataclasses
@@ -253,7 +254,7 @@ def _captured():
         reading._atoms, reading._path, imaging.work_region = atoms_fn, path_fn, finish_fn
 
 
-def failure_png(classifier, case: Case, threshold: float, path: Path) -> None:
+def failure_png(classifier, case: Case, threshold: float | Thresholds, path: Path) -> None:
     with _captured() as seen:
         cands = reading.read_scan(imaging.decode_gray(case.png))
         [(probs, pair_probs)] = score(classifier, [cands])
@@ -301,7 +302,7 @@ def failure_png(classifier, case: Case, threshold: float, path: Path) -> None:
 # ---------------------------------------------------------------- report
 
 
-def summarize(cases: list[Case], results: list, threshold: float, forced: list) -> dict:
+def summarize(cases: list[Case], results: list, threshold: float | Thresholds, forced: list) -> dict:
     by_len: dict[int, list[bool]] = defaultdict(list)
     by_layout: dict[str, list[bool]] = defaultdict(list)
     kinds: Counter = Counter()
@@ -330,7 +331,7 @@ def summarize(cases: list[Case], results: list, threshold: float, forced: list) 
         "failures_by_layout": {lay: {k: v for k, v in c.items() if k != "exact"} for lay, c in kinds_by_layout.items()},
         "marked_ok": round(ok / n, 4),
         "wrong_marked_ok": round(wrong_ok / n, 4),
-        "threshold": threshold,
+        "threshold": str(threshold),
     }
 
 
