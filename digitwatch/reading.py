@@ -76,6 +76,14 @@ MAX_DIGITS = 64  # the longest reading considered when no length is given
 PAIR_WIDTHS = (0.9, 1.8)
 PAIR_COST = 1.5
 LONE_PAIR = 6.0
+# A page whose ink is one blob, cut into two digits, while the pair model,
+# shown that whole blob, says it is not two digits this surely: a letter
+# whose strokes cut like digits (V as "11", n as "17", % as "96"), not a
+# number. Two touching digits the pair model reads as such. A lone blob is
+# shown to the pair model whole from LONE_PAIR_WIDTH heights wide (a V is
+# 0.86-0.90, under PAIR_WIDTHS: it was read "11" and ok, unasked).
+LONE_NOT_PAIR = 0.99
+LONE_PAIR_WIDTH = 0.6
 
 
 @dataclass(frozen=True)
@@ -499,7 +507,7 @@ def _pair_candidates(
                 width, tall = (x1 - x0) / height, (y1 - y0) / height
                 if width > PAIR_WIDTHS[1]:
                     break  # longer runs only grow wider: a long touching line stays linear
-                if width < PAIR_WIDTHS[0]:
+                if width < (LONE_PAIR_WIDTH if len(whole) == 1 and (i, j) == (a, b) else PAIR_WIDTHS[0]):
                     continue
                 crop = _crop(work, atoms, i, j, (x0, y0, x1, y1), pair=True)
                 if crop is None:
@@ -664,11 +672,20 @@ def decide(
                         _length_reason(constraints, path))
     path = _path(options, back, n, m)
     confidence, evidence = _confidence(row_prior, path, rows, best, top[n, m] - z, calibration)
-    if any(rejected[k] for k in path) or any(row_prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path):
+    if (any(rejected[k] for k in path) or any(row_prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path)
+            or (len(path) == 2 and _lone_not_a_pair(cands, pair_probs))):
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_NOT_DIGIT)
     if confidence < thresholds.for_length(len(path)):
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_LOW)
     return _reading(path, best, digit_probs, confidence, evidence, STATUS_OK, "")
+
+
+def _lone_not_a_pair(cands: Candidates, pair_probs: np.ndarray | None) -> bool:
+    """One blob, and the pair model says the whole of it is not two digits (LONE_NOT_PAIR)."""
+    if not cands.lone or pair_probs is None:
+        return False
+    whole = [k for k, span in enumerate(cands.pair_spans) if span == (0, cands.atoms)]
+    return bool(whole) and float(pair_probs[whole[0], PAIR_REJECT]) >= LONE_NOT_PAIR
 
 
 def _confidence(

@@ -165,6 +165,22 @@ class TestRefusal:
         marked_ok = [r.text for r in results if r.status == "ok"]
         assert len(marked_ok) <= 1, marked_ok
 
+    def test_letters_that_cut_like_two_digits_are_not_ok(self, classifier):
+        """V, n, u, N and % are one blob whose strokes cut like two digits ("11",
+        "17", "96"); the pair model, shown the whole blob, says it is not two
+        digits. Before that counted, 7 of these 60 (training faces) were ok."""
+        from digitwatch import evaluation, synth
+
+        rng = np.random.default_rng(21)
+        pngs = [evaluation.page_png(synth.glyph_ink("VnuN%"[i % 5], synth.TRAIN_FACES[i % 4], rng), rng, i, "letter")
+                for i in range(60)]
+        results = read_all(classifier, pngs)
+        two = [r for r in results if len(r.text) == 2]
+        assert len(two) >= 20  # most are read as two digits...
+        assert not [r.text for r in two if r.status == "ok"]  # ...and none of those is ok
+        assert all(r.reason == reading.REASON_NOT_DIGIT for r in two if r.status != "ok"
+                   and r.confidence >= 0.965)
+
     def test_reject_class_means_not_a_digit(self):
         """With an 11-class model, a candidate whose most probable class is
         'not a digit' makes the reading not ok, whatever its digit probabilities."""

@@ -114,6 +114,32 @@ class TestDecide:
         assert reading.decide(cands, probs).text == "8"
         assert reading.decide(cands, probs, constraints=reading.Constraints(1, 1)).text == "8"
 
+    def test_a_lone_blob_the_pair_model_calls_not_two_digits_is_not_ok(self):
+        """One blob cut into two sure 1s (a V): the pair model, shown the whole
+        blob, says "not two digits" at 0.995 -> not a digit; at 0.5 the cut
+        reading stands."""
+        crops = np.zeros((3, imaging.SIDE, imaging.SIDE), np.float32)
+        cands = reading.Candidates(crops, ((0, 1), (1, 2), (0, 2)), np.array([0.0, 0.0, -3.0], np.float32), 2,
+                                   np.zeros(3, np.float32), pairs=np.zeros((1, imaging.SIDE, 2 * imaging.SIDE),
+                                                                            np.float32),
+                                   pair_spans=((0, 2),), pair_prior=np.zeros(1, np.float32), lone=True)
+        probs = np.zeros((3, 11))
+        probs[0, 1] = probs[1, 1] = 0.99
+        probs[0, 10] = probs[1, 10] = 0.01
+        probs[2, 10] = 1.0
+        pair_probs = np.zeros((1, PAIR_CLASSES))
+        pair_probs[0, PAIR_REJECT], pair_probs[0, 11] = 0.995, 0.005
+        r = reading.decide(cands, probs, pair_probs=pair_probs)
+        assert (r.text, r.status, r.reason) == ("11", "low_confidence", reading.REASON_NOT_DIGIT)
+        pair_probs[0, PAIR_REJECT], pair_probs[0, 11] = 0.5, 0.5
+        assert reading.decide(cands, probs, pair_probs=pair_probs).status == "ok"
+        # Not one blob (two pieces side by side): the pair model's word is not asked for.
+        import dataclasses
+
+        apart = dataclasses.replace(cands, lone=False)
+        pair_probs[0, PAIR_REJECT], pair_probs[0, 11] = 0.995, 0.005
+        assert reading.decide(apart, probs, pair_probs=pair_probs).status == "ok"
+
     def test_not_two_digits_leaves_the_single_reading(self):
         cands = self._one_blob()
         probs = np.array([[0.0] * 8 + [0.9, 0.1, 0.0]])

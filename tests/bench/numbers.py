@@ -191,7 +191,7 @@ def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold
         for combo in itertools.product(*(vals for _, vals in axes)):
             for (k, _), v in zip(axes, combo, strict=True):
                 setattr(reading, k, {False: v, True: saved[k][True]} if k == "CUT_COST" else v)
-            exact = wrong_ok = 0
+            exact = wrong_ok = ok = 0
             for c, (cands, probs, pair_probs) in zip(cases, pairs, strict=True):
                 if cands is None:
                     continue
@@ -204,8 +204,10 @@ def grid(classifier, cases: list[Case], pairs: list[tuple], spec: str, threshold
                                    calibration=classifier.spec.answers)
                 exact += r.text == c.text
                 wrong_ok += r.text != c.text and r.status == "ok"
+                ok += r.status == "ok"
             label = " ".join(f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True))
-            print(f"{label}: exact {100 * exact / len(cases):.1f}%  wrong ok {100 * wrong_ok / len(cases):.2f}%")
+            print(f"{label}: exact {100 * exact / len(cases):.1f}%  marked ok {100 * ok / len(cases):.1f}%  "
+                  f"wrong ok {100 * wrong_ok / len(cases):.2f}%")
     finally:
         for k, v in saved.items():
             setattr(reading, k, v)
