@@ -12,9 +12,13 @@ Hershey digits in the training faces; drawn non-digits (letters in the
 training faces, ticks, crosses, scribbles, shapes, smudges, specks) from a
 seed training did not use. Every scan goes through the product's path
 (decode, clean, cut, one model call, reading.decide) with the raw confidence;
-the map is fitted on every answer with text, and the threshold is the lowest
-calibrated confidence at which, in every group of scans, the answers marked ok
-are right at least --precision of the time.
+the map is fitted on every answer with text. Two thresholds are chosen
+(choose_thresholds): for answers of two or more digits the lowest calibrated
+confidence at which, over every answer, the single digits marked ok are right
+at least --precision of the time, wrong numbers marked ok stay within
+--wrong-number-ok of the number scans and non-digits marked ok within
+--non-digit-ok; for one-digit answers the lowest at which, counting both,
+all of that still holds.
 """
 
 from __future__ import annotations
