@@ -168,6 +168,8 @@ def single_digit_reader(classifier, threshold: float | Thresholds) -> Reader:
     from digitwatch.errors import ImageError
     from digitwatch.imaging import load_digit
 
+    single = Thresholds.of(threshold).single  # one digit per scan: always the one-digit threshold
+
     def read(png: bytes) -> Answer:
         try:
             pixels = load_digit(png).pixels
@@ -177,7 +179,7 @@ def single_digit_reader(classifier, threshold: float | Thresholds) -> Reader:
         best = int(np.argmax(p))
         if best == REJECT:
             return Answer("", float(p[:REJECT].max()), False)
-        return Answer(str(best), float(p[best]), float(p[best]) >= Thresholds.of(threshold).single)
+        return Answer(str(best), float(p[best]), float(p[best]) >= single)
 
     return read
 

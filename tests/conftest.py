@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -66,3 +67,20 @@ def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedP
         [sys.executable, "-m", "digitwatch.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs,
     )
+
+
+@contextlib.contextmanager
+def disk_fills_half_way(monkeypatch):
+    """Every Path.write_text writes half its text, then fails as a full disk
+    (or a power cut mid-write) would; undone on leaving."""
+    real = Path.write_text
+
+    def half_then_full(self, data, *args, **kwargs):
+        real(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()

@@ -203,22 +203,13 @@ def test_an_answer_longer_than_the_fitted_range_is_not_trusted_on_extrapolation(
 def test_writing_a_card_is_all_or_nothing(tmp_path, monkeypatch):
     """fit_answers --write: a write cut short (the disk fills half way, as a
     power loss would) leaves the old card whole, and no temporary file."""
-    from pathlib import Path
-
     from tests.bench.fit_answers import write_card
+    from tests.conftest import disk_fills_half_way
 
     card = tmp_path / "m.json"
     card.write_text('{"temperature": 1.0}\n')
-    real = Path.write_text
-
-    def half_then_full(self, data, *args, **kwargs):
-        real(self, data[: len(data) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", half_then_full)
-    with pytest.raises(OSError):
+    with disk_fills_half_way(monkeypatch), pytest.raises(OSError):
         write_card(card, {"temperature": 2.0, "answer_calibration": {"weights": [1.0] * 6}})
-    monkeypatch.undo()
     assert json.loads(card.read_text()) == {"temperature": 1.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     write_card(card, {"temperature": 2.0})

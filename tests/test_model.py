@@ -292,21 +292,12 @@ class TestWriteWhole:
         assert LiteRTClassifier(target, pair_model=True).classes == PAIR_CLASSES
 
     def test_digitwatch_train_writes_its_card_whole(self, tmp_path, monkeypatch):
-        from pathlib import Path
-
         from digitwatch import training
+        from tests.conftest import disk_fills_half_way
 
         card = tmp_path / "m.json"
         card.write_text('{"temperature": 1.0}\n')
-        real = Path.write_text
-
-        def half_then_full(self, data, *args, **kwargs):
-            real(self, data[: len(data) // 2], *args, **kwargs)
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(Path, "write_text", half_then_full)
-        with pytest.raises(OSError):
+        with disk_fills_half_way(monkeypatch), pytest.raises(OSError):
             training.write_model_card(card, {"temperature": 2.0, "about": "x" * 1000})
-        monkeypatch.undo()
         assert json.loads(card.read_text()) == {"temperature": 1.0}
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

@@ -126,12 +126,7 @@ def choose_thresholds(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray,
     number = choose_threshold(conf, right, eligible, groups, totals, precision, wrong_number_ok, non_digit_ok,
                               floor)
     one = lengths <= 1
-    singles = np.isin(groups, ("single", "low_res", "font")) & eligible
-    lowest = calibration.threshold_for_precision(conf[singles], right[singles], precision)
-    for g in ("single", "low_res", "font"):
-        mine = (groups == g) & eligible
-        if mine.any():
-            lowest = max(lowest, calibration.threshold_for_precision(conf[mine], right[mine], floor))
+    lowest = _singles_precise(conf, right, eligible, groups, precision, floor)
 
     def fits(single: float) -> bool:
         ok = eligible & (conf >= np.where(one, single, number))
@@ -154,19 +149,32 @@ def choose_threshold(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray, 
     mostly noise); at most `wrong_number_ok` of the number scans are wrong
     and ok; at most `non_digit_ok` of the non-digits are ok (the issue's
     three bars, with margin)."""
-    singles = np.isin(groups, ("single", "low_res", "font")) & eligible
-    t = calibration.threshold_for_precision(conf[singles], right[singles], precision)
-    for g in GROUPS:
+    t = _singles_precise(conf, right, eligible, groups, precision, floor)
+    for g in ("number", "non_digit"):
         mine = (groups == g) & eligible
         if not mine.any():
             continue
         if g == "non_digit":
             t = max(t, _at_most(conf[mine], non_digit_ok, totals[g]))
-        elif g == "number":
-            t = max(t, _at_most(conf[mine & ~right], wrong_number_ok, totals[g]))
         else:
-            t = max(t, calibration.threshold_for_precision(conf[mine], right[mine], floor))
+            t = max(t, _at_most(conf[mine & ~right], wrong_number_ok, totals[g]))
     return min(t, 1.0)
+
+
+SINGLE_GROUPS = ("single", "low_res", "font")
+
+
+def _singles_precise(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray, groups: np.ndarray,
+                     precision: float, floor: float) -> float:
+    """The lowest threshold at which single-digit answers marked ok are right
+    at least `precision` of the time over SINGLE_GROUPS and `floor` in each."""
+    singles = np.isin(groups, SINGLE_GROUPS) & eligible
+    t = calibration.threshold_for_precision(conf[singles], right[singles], precision)
+    for g in SINGLE_GROUPS:
+        mine = (groups == g) & eligible
+        if mine.any():
+            t = max(t, calibration.threshold_for_precision(conf[mine], right[mine], floor))
+    return t
 
 
 def summarize(conf: np.ndarray, right: np.ndarray, eligible: np.ndarray, groups: np.ndarray,
