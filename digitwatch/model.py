@@ -97,10 +97,8 @@ class OutputSpec:
             card = json.loads(card_path.read_text())
             outputs = card.get("outputs", "probabilities")
             temperature = float(card.get("temperature", 1.0))
-            low = card.get("recommended_low_confidence")
-            low = None if low is None else float(low)
-            single = card.get("recommended_low_confidence_single")
-            single = None if single is None else float(single)
+            low, single = (_threshold_entry(card, key) for key in
+                           ("recommended_low_confidence", "recommended_low_confidence_single"))
             answers = card.get("answer_calibration")
             answers = None if answers is None else AnswerCalibration.from_card(answers)
         except (OSError, ValueError, AttributeError, TypeError) as exc:
@@ -121,6 +119,16 @@ class OutputSpec:
         if not self.logits and self.temperature == 1.0:
             return raw
         return to_probabilities(raw, logits=self.logits, temperature=self.temperature)
+
+
+def _threshold_entry(card: dict, key: str) -> float | None:
+    """A card's threshold: a number or absent (JSON `true` is not 1.0)."""
+    value = card.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{key} must be a number, not {value!r}")
+    return float(value)
 
 
 def to_probabilities(raw: np.ndarray, *, logits: bool, temperature: float = 1.0) -> np.ndarray:

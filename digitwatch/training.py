@@ -353,7 +353,7 @@ def _provenance(init: Path) -> dict:
     entry: dict = {"model": str(init), "sha256": sha256_file(init), "peak_lr_factor": FINE_TUNE_LR}
     try:
         card = json.loads(init.with_suffix(".json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # no card, or not one: the checksum still says what it was
         return entry
     if isinstance(card, dict):
         entry["command"] = card.get("command")
@@ -398,7 +398,16 @@ def save_without_optimizer(model: keras.Model, path: Path) -> None:
     state (twice their weights) into the file, even through a reload."""
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     bare = build_ensemble([_uncompiled(m) for m in members]) if members else _uncompiled(model)
-    bare.save(path)
+    # Whole or not at all (as model.write_whole): `--out` may be the `--init`
+    # model itself, and a save cut short would lose both.
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    try:
+        bare.save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_tflite(model: keras.Model, path: Path, calibration: np.ndarray | None = None) -> None:
@@ -527,6 +536,9 @@ def run_training(request: TrainRequest) -> dict:
         font_digits=request.font_digits, renormalized=request.renormalized,
         low_res=request.low_res, init=request.init,
     )
+    # Before training: with --out the same file as --init, the start is
+    # overwritten by the end, and its checksum would name the wrong model.
+    provenance = _provenance(settings.init) if settings.init else None
     outcome = train(mnist, settings)
     out = request.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -605,7 +617,7 @@ def run_training(request: TrainRequest) -> dict:
             if settings.reject else None
         ),
         "low_res_digits": settings.low_res,
-        "fine_tuned_from": _provenance(settings.init) if settings.init else None,
+        "fine_tuned_from": provenance,
         "command": request.command,
         "epochs": settings.epochs,
         "seed": settings.seed,

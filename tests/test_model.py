@@ -81,6 +81,8 @@ class TestCard:
         ('{"recommended_low_confidence": 0.9, "recommended_low_confidence_single": -1}', "outside 0-1"),
         ('{"recommended_low_confidence": 0.9, "recommended_low_confidence_single": "low"}', "unreadable model card"),
         ('{"recommended_low_confidence_single": 0.9}', "single without recommended_low_confidence"),
+        ('{"recommended_low_confidence": true}', "must be a number, not True"),
+        ('{"recommended_low_confidence": 0.9, "recommended_low_confidence_single": [0.5]}', "must be a number"),
     ])
     def test_bad_card_refused(self, copied_model, card, message):
         copied_model.with_suffix(".json").write_text(card)

@@ -197,6 +197,51 @@ class TestFineTune:
         assert np.abs(w1 - w0).mean() < 0.5 * np.abs(wf - w0).mean()
         assert not np.array_equal(w1, w0)
 
+    def test_fine_tuning_in_place_records_the_start_and_survives_a_hostile_card(self, base, mnist_dir, tmp_path):
+        """--out the same file as --init (as the README's command does): the card
+        names the model it started from, not the one it wrote; a planted card
+        beside the start (a JSON nesting bomb) costs its command, not the run."""
+        import shutil
+
+        from digitwatch.training import TrainRequest, run_training, sha256_file
+
+        model = tmp_path / "m.keras"
+        shutil.copy(base, model)
+        start = sha256_file(model)
+        (tmp_path / "m.json").write_text("[" * 100_000 + "]" * 100_000)
+        card = run_training(TrainRequest(
+            data=mnist_dir, arch="cnn", epochs=1, members=1, width=4, out=model, seed=7,
+            limit=1200, augment=False, command="digitwatch train (test in place)", quantize=False, init=model,
+        ))
+        assert card["fine_tuned_from"]["sha256"] == start != sha256_file(model)
+        assert "command" not in card["fine_tuned_from"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.keras", "m.tflite"]
+
+    def test_a_keras_save_cut_short_leaves_the_old_model(self, base, tmp_path, monkeypatch):
+        import shutil
+
+        import keras
+
+        from digitwatch.model import load_keras_model
+        from digitwatch.training import save_without_optimizer, sha256_file
+
+        model = tmp_path / "m.keras"
+        shutil.copy(base, model)
+        before = sha256_file(model)
+        real = keras.Model.save
+
+        def cut_short(self, path, *args, **kwargs):
+            real(self, path, *args, **kwargs)
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(keras.Model, "save", cut_short)
+        with pytest.raises(OSError):
+            save_without_optimizer(load_keras_model(base), model)
+        monkeypatch.undo()
+        assert sha256_file(model) == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.keras"]
+
     def test_init_of_another_shape_is_refused(self, base, mnist_dir, tmp_path):
         from digitwatch.training import TrainRequest, run_training
 
