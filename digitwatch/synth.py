@@ -158,7 +158,8 @@ def handwritten_letter(rng: np.random.Generator, faces: list[int] = TRAIN_FACES)
 def letter_pair(rng: np.random.Generator, faces: list[int] = TRAIN_FACES) -> np.ndarray:
     """Two letters or a letter and a symbol: what a word or an abbreviation crops to."""
     text = "".join(LETTERS[i] for i in rng.integers(len(LETTERS), size=2))
-    return glyph_ink(text, faces[rng.integers(len(faces))], rng)
+    ink = glyph_ink(text, faces[rng.integers(len(faces))], rng)
+    return warp(ink, rng, amount=rng.uniform(0.03, 0.08)) if rng.random() < 0.5 else ink
 
 
 def tick(rng: np.random.Generator) -> np.ndarray:
@@ -494,13 +495,16 @@ def _one_digit(rng: np.random.Generator, images: np.ndarray, index: int) -> np.n
 
 def digit_pair(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
     """Two digits touching or overlapping (up to 40% of the first's width), or
-    just apart, as one drawing; label 10*a + b. One in six is drawn in a
-    Hershey training face instead of MNIST's hand."""
+    just apart, as one drawing; label 10*a + b. One in four is drawn in a
+    Hershey training face instead of MNIST's hand, half of those bent as a
+    hand bends them (other hands: fonts, markers, pens)."""
     gap = rng.uniform(-0.4, 0.12)
-    if rng.random() < 1 / 6:
+    if rng.random() < 1 / 4:
         a, b = (int(v) for v in rng.integers(DIGITS, size=2))
         face = TRAIN_FACES[int(rng.integers(len(TRAIN_FACES)))]
         ink = _side_by_side(glyph_ink(str(a), face, rng), glyph_ink(str(b), face, rng), rng, gap)
+        if rng.random() < 0.5:
+            ink = warp(ink, rng, amount=rng.uniform(0.03, 0.08))
         return ink, a * DIGITS + b
     i, j = rng.integers(len(images), size=2)
     ink = _side_by_side(_one_digit(rng, images, i), _one_digit(rng, images, j), rng, gap)
@@ -549,7 +553,8 @@ PAIR_REJECT_KINDS = [
     RejectKind("three_digits", 0.12, _three_digits, needs_digits=True),
     RejectKind("pieces", 0.08, _pieces_pair, needs_digits=True),
     RejectKind("letter_pair", 0.15, letter_pair),
-    RejectKind("letter", 0.05, letter),
+    RejectKind("letter", 0.08, letter),
+    RejectKind("handwritten_letter", 0.10, handwritten_letter),
     RejectKind("scribble", 0.07, scribble),
     RejectKind("shape", 0.04, shape),
     RejectKind("cross", 0.04, cross),

@@ -132,6 +132,30 @@ class TestNormalization:
         clean = imaging.normalize(rgb[..., 0])
         assert np.abs(imaging.normalize(g) - clean).mean() < 0.02
 
+    def test_bold_number_cropped_tight_is_found(self):
+        """A bold number filling 40-55% of a tight crop (a form's field cut
+        out): the ink's own contrast once counted as paper noise, and every
+        such page was 'no ink' (0 of these found before)."""
+        from digitwatch import reading, synth
+
+        found = tried = 0
+        for seed in range(60):
+            rng = np.random.default_rng(seed)
+            ink = synth.glyph_ink(str(rng.integers(10, 100)), synth.TRAIN_FACES[seed % len(synth.TRAIN_FACES)], rng)
+            ink = cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
+            ys, xs = np.nonzero(ink > 0.1)
+            ink = cv2.copyMakeBorder(ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], 3, 3, 3, 3,
+                                     cv2.BORDER_CONSTANT, value=0)
+            if not 0.4 <= (ink > 0.5).mean() <= 0.55:
+                continue
+            tried += 1
+            try:
+                reading.read_scan(np.clip(1 - 0.8 * ink, 0, 1))
+                found += 1
+            except NoInkError:
+                pass
+        assert tried >= 15 and found >= 0.85 * tried, (found, tried)  # 18 of 20 measured
+
     def test_small_digit_on_large_page(self, seven, classifier):
         ink = scans.ink_from_mnist(seven, 30)
         page = np.ones((1800, 1400), np.float32)

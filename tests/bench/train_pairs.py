@@ -281,8 +281,9 @@ def export(args: argparse.Namespace) -> int:
         "outputs": "logits",
         "input": f"float32 (N, {SIDE}, {PAIR_WIDTH}, 1) in [0, 1], ink high, pair height 20 px",
         "classes": PAIR_CLASSES,
-        "command": "python -m tests.bench.train_pairs torch --mnist DIR --out W --count 450000 --epochs 11 "
-                   "(one H100, 147 s); python -m tests.bench.train_pairs export --weights W/pairs_torch.npz",
+        "command": f"python -m tests.bench.train_pairs torch --mnist DIR --out W --count {trained['train_pictures']} "
+                   f"--epochs {trained['epochs']} ({trained.get('device', '?')}, {trained.get('seconds', '?')} s); "
+                   "python -m tests.bench.train_pairs export --weights W/pairs_torch.npz",
         "training": trained,
         "sha256": training.sha256_file(path),
     }
