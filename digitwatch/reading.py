@@ -225,20 +225,29 @@ def read_scan(gray: np.ndarray, *, pairs: bool = True) -> Candidates:
     pieces = _stack(_drop_strays(pieces, height, work.mask.shape), height)
     height = max(height, _digit_height(pieces))  # a broken digit is as tall as its pieces stacked
     if len(pieces) == 1 and pieces[0].width <= SINGLE_ASPECT * pieces[0].height and not _pinched(work.mask, pieces[0]):
-        # The fast path: one digit-like blob, read exactly as a single digit.
-        crop = imaging.finish(work.ink, work.smooth, work.mask)
-        pair = None
-        if pairs and pieces[0].width >= LONE_PAIR_WIDTH * pieces[0].height:
-            try:
-                pair = imaging.finish_pair(work.ink, work.smooth, work.mask)[None]
-            except NoInkError:
-                pair = None
-        if pair is None:
-            return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1)
-        return Candidates(crop[None], ((0, 1),), np.zeros(1, np.float32), 1, np.zeros(1, np.float32),
-                          np.ones((1, 2), np.float32), pair, ((0, 1),), np.zeros(1, np.float32), lone=True)
+        # The fast path: one digit-like blob, read exactly as a single digit
+        # (and, from LONE_PAIR_WIDTH wide, shown whole to the pair model).
+        return _one_blob(work, pieces[0], pairs=pairs)
     atoms, cut_after, whole = _atoms(pieces, labels, work.mask, height)
     return _candidates(work, atoms, cut_after, whole, height, pairs=pairs)
+
+
+def _one_blob(work: imaging.Work, piece: _Piece, *, pairs: bool) -> Candidates:
+    """The candidates of a page whose ink is one digit-like blob: the blob as
+    one digit, and as one pair picture when it is wide enough for two digits
+    overlapping heavily (see LONE_PAIR_WIDTH, PAIR_VETO)."""
+    crop = imaging.finish(work.ink, work.smooth, work.mask)[None]
+    zero = np.zeros(1, np.float32)
+    if pairs and piece.width >= LONE_PAIR_WIDTH * piece.height:
+        try:
+            pair = imaging.finish_pair(work.ink, work.smooth, work.mask)[None]
+        except NoInkError:
+            pair = None
+        if pair is not None:
+            shape = np.array([[piece.width / piece.height, 1.0]], np.float32)
+            return Candidates(crop, ((0, 1),), zero, 1, cut=zero, shape=shape, pairs=pair, pair_spans=((0, 1),),
+                              pair_prior=zero, lone=True)
+    return Candidates(crop, ((0, 1),), zero, 1)
 
 
 def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]) -> bool:

@@ -1,13 +1,14 @@
 """What reading numbers costs, against another checkout, in one run.
 
-    python -m tests.bench.reading_cost [--base DIR] [--count N] [--seed S]
+    python -m tests.bench.reading_cost [--base DIR] [--count N] [--seed S] [--rounds R]
 
 Renders N single-digit scans (MNIST *test* digits on tests/scans.py's
 "realistic" pages; drawn-stroke and Hershey-font digits over every variation)
 and N 5-digit number scans (MNIST test digits, realistic pages), then runs each code tree in its own
 subprocess with its default model (cv2 single-threaded), over the same files: read bytes -> prepare_bytes
 -> classify_batch in batches of 32, the path `classify` and the daemon take.
-It prints CPU ms per file (process time), each tree's single-digit accuracy
+The trees take turns, R rounds (each best of three inside), and each kind
+keeps its fastest round. It prints CPU ms per file (process time), each tree's single-digit accuracy
 and share marked ok, and the cold `digitwatch classify` of one file.
 
 --base is the root of the checkout to compare with (for example the commit
@@ -116,12 +117,22 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="root of a checkout to compare with")
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="passes over both trees, in turn")
     args = ap.parse_args()
     trees = {"this": ROOT} | ({"base": args.base.resolve()} if args.base else {})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         render(folder, args.count, args.seed)
         rows = {name: measure(tree, folder) for name, tree in trees.items()}
+        for _ in range(args.rounds - 1):
+            # Trees in turn, each kind's fastest round kept: a slow spell of
+            # the shared machine then costs both trees alike (one pass each
+            # moved a kind's ratio by 20% between runs).
+            for name, tree in trees.items():
+                again = measure(tree, folder)
+                for kind, o in again.items():
+                    if o["cpu_ms_per_file"] < rows[name][kind]["cpu_ms_per_file"]:
+                        rows[name][kind] = o
         one = sorted(folder.glob("single-*.png"))[0]
         colds = {name: cold(tree, one) for name, tree in trees.items()}
     for name, row in rows.items():
