@@ -147,6 +147,27 @@ class TestDecide:
         pair_probs[0, 86], pair_probs[0, PAIR_REJECT] = 0.4, 0.6
         assert reading.decide(cands, probs, pair_probs=pair_probs).text == "8"
 
+    def test_the_pair_models_two_digits_outweigh_a_sure_single_reading(self, monkeypatch):
+        """A 1 overlapping an 8 in one narrow blob: the digit model reads a
+        sure "8", the pair model a sure "18". The single candidate pays the
+        pair model's log p(not two digits) (PAIR_VETO), so "18" wins; without
+        that charge the sure single reading won."""
+        crop = np.zeros((1, imaging.SIDE, imaging.SIDE), np.float32)
+        cands = reading.Candidates(crop, ((0, 1),), np.zeros(1, np.float32), 1, np.zeros(1, np.float32),
+                                   pairs=np.zeros((1, imaging.SIDE, 2 * imaging.SIDE), np.float32),
+                                   pair_spans=((0, 1),), pair_prior=np.zeros(1, np.float32), lone=True)
+        probs = np.zeros((1, 11))
+        probs[0, 8], probs[0, 10] = 0.99, 0.01
+        pair_probs = np.zeros((1, PAIR_CLASSES))
+        pair_probs[0, 18], pair_probs[0, PAIR_REJECT] = 0.996, 0.004
+        assert reading.decide(cands, probs, pair_probs=pair_probs).text == "18"
+        # A single digit the pair model calls one (not two digits, 0.999) stays whole.
+        pair_probs[0, 18], pair_probs[0, PAIR_REJECT] = 0.001, 0.999
+        assert reading.decide(cands, probs, pair_probs=pair_probs).text == "8"
+        monkeypatch.setattr(reading, "PAIR_VETO", 0.0)
+        pair_probs[0, 18], pair_probs[0, PAIR_REJECT] = 0.996, 0.004
+        assert reading.decide(cands, probs, pair_probs=pair_probs).text == "8"
+
     def test_ink_no_candidate_covers_is_not_a_digit(self):
         """Atoms whose crops all came out empty leave no reading of the whole
         ink: that is "not a digit", not an IndexError for the whole batch."""
