@@ -75,8 +75,8 @@ MAX_DIGITS = 64  # the longest reading considered when no length is given
 # so at 3.5 (as at 6), while 2-digit touching/overlapping numbers read 95.0%
 # against 94.0% (drawn-stroke ones 84.2% against 75.5%). At 3, one single 9 of
 # 1200 read as "91" took the fitted one-digit threshold from 0.938 to 0.954
-# (single digits ok 97.2% -> 95.5%). Tuned on training
-# faces and validation digits.
+# (single digits ok 97.2% -> 95.5%). Tuned on training faces and validation
+# digits.
 PAIR_WIDTHS = (0.9, 1.8)
 PAIR_COST = 1.5
 LONE_PAIR = 3.5
@@ -93,7 +93,8 @@ LONE_PAIR_WIDTH = 0.6
 # Where the pair model saw the same ink as a single-digit candidate, that
 # candidate also pays log P(not two digits) x PAIR_VETO: the digit model reads
 # a 1 overlapping an 8 as a sure "8", and only the pair model knows better
-# (2-digit drawn-stroke overlapping numbers 48% -> 78% read right; single
+# (measured with the previous pair model and LONE_PAIR 6: 2-digit drawn-stroke
+# touching/overlapping numbers 48% -> 78% read right; validation single
 # digits 97.8% -> 97.7%, one of 600).
 PAIR_VETO = 1.0
 
