@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -279,12 +279,16 @@ def write_whole(path: Path, data: str | bytes) -> None:
     it, fsynced, renamed over it. A file cut short by a power loss or a full
     disk would stop every daemon that loads it (an unreadable model or card is
     refused at start); the old one stays instead."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    replace_whole(path, lambda tmp: tmp.write_text(data) if isinstance(data, str) else tmp.write_bytes(data))
+
+
+def replace_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside `path` (same suffix: Keras insists on
+    .keras), fsync it, rename it over `path`; whatever happens, no temporary
+    file is left."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -24,7 +24,7 @@ import numpy as np
 from digitwatch.contract import DIGITS, INPUT_DESCRIPTION, REJECT, SIDE, to_model_input
 from digitwatch.data import Mnist, split_indices
 from digitwatch.errors import ModelError
-from digitwatch.model import load_keras_model, to_probabilities, write_whole
+from digitwatch.model import load_keras_model, replace_whole, to_probabilities, write_whole
 
 # TensorFlow logs a wall of CUDA probing on machines without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -398,16 +398,9 @@ def save_without_optimizer(model: keras.Model, path: Path) -> None:
     state (twice their weights) into the file, even through a reload."""
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     bare = build_ensemble([_uncompiled(m) for m in members]) if members else _uncompiled(model)
-    # Whole or not at all (as model.write_whole): `--out` may be the `--init`
-    # model itself, and a save cut short would lose both.
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    try:
-        bare.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Whole or not at all: `--out` may be the `--init` model itself, and a
+    # save cut short would lose both.
+    replace_whole(path, bare.save)
 
 
 def export_tflite(model: keras.Model, path: Path, calibration: np.ndarray | None = None) -> None:

@@ -17,14 +17,15 @@ from digitwatch.pipeline import classify_batch, prepare_bytes
 from tests import scans
 
 
-def read_all(classifier, pngs: list[bytes]) -> list:
+def read_all(classifier, pngs: list[bytes], low_confidence: float | None = 0.5) -> list:
+    """`low_confidence` None: the card's thresholds, as classify reads."""
     items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=40_000_000) for i, png in enumerate(pngs)]
-    return classify_batch(classifier, items, low_confidence=0.5)
+    return classify_batch(classifier, items, low_confidence=low_confidence)
 
 
-def score(classifier, items: list[tuple[bytes, str]]) -> tuple[int, int, list]:
+def score(classifier, items: list[tuple[bytes, str]], low_confidence: float | None = 0.5) -> tuple[int, int, list]:
     """(read exactly, wrong but marked ok, the misreads)."""
-    results = read_all(classifier, [png for png, _ in items])
+    results = read_all(classifier, [png for png, _ in items], low_confidence)
     exact = sum(r.text == t for r, (_, t) in zip(results, items, strict=True))
     wrong_ok = sum(r.text != t and r.status == "ok" for r, (_, t) in zip(results, items, strict=True))
     misreads = [(t, r.text, r.status) for r, (_, t) in zip(results, items, strict=True) if r.text != t]
@@ -229,11 +230,8 @@ class TestPairs:
             layout = ("touching", "overlap")[k % 2]
             ink = scans.ink_from_parts(parts, height, rng, **scans.LAYOUTS[layout])
             items.append((scans.number_scan(ink, text, "clean", "gray8", rng, layout).png, text))
-        prepared = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=40_000_000) for i, (png, _) in enumerate(items)]
-        results = classify_batch(classifier, prepared, low_confidence=None)
-        exact = sum(r.text == t for r, (_, t) in zip(results, items, strict=True))
-        wrong_ok = sum(r.text != t and r.status == "ok" for r, (_, t) in zip(results, items, strict=True))
-        assert exact >= 28 and wrong_ok <= 2, (exact, wrong_ok)
+        exact, wrong_ok, misreads = score(classifier, items, low_confidence=None)
+        assert exact >= 28 and wrong_ok <= 2, misreads
 
     def test_a_pair_is_two_digits_with_their_own_probabilities(self, classifier, mnist):
         """A reading through the pair model reports two digits, each with a
