@@ -285,9 +285,11 @@ def write_whole(path: Path, data: str | bytes) -> None:
 def replace_whole(path: Path, write: Callable[[Path], object]) -> None:
     """`write` a temporary file beside `path` (same suffix: Keras insists on
     .keras), fsync it, rename it over `path`; whatever happens, no temporary
-    file is left."""
+    file is left. One left by a killed writer, or planted there (a link to a
+    file elsewhere, which writing would follow), is removed first."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
+        tmp.unlink(missing_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -266,3 +266,34 @@ class TestChooseThresholds:
         held = choose_thresholds(conf, right, eligible, groups, lengths, totals, 0.995, 0.01, 0.02)
         assert held.single > free.single and (held.single == held.number or (
             (eligible & (groups == "non_digit") & (conf >= held.single)).sum() <= 4))
+
+
+def test_fit_answers_never_unpickles_a_cache_others_could_have_planted(tmp_path):
+    """--cache names a pickle (often in /tmp): one that another user could have
+    written, or a link, is refused before it is read (unpickling runs code);
+    the user's own plain file is used."""
+    import os
+    import pickle
+
+    from tests.bench.fit_answers import _own_cache
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("pwned",))
+
+    planted = tmp_path / "x.pkl"
+    planted.write_bytes(pickle.dumps(Payload()))
+    os.chmod(planted, 0o666)
+    with pytest.raises(SystemExit, match="not a plain file"):
+        _own_cache(planted)
+    link = tmp_path / "link.pkl"
+    link.symlink_to(planted)
+    with pytest.raises(SystemExit):
+        _own_cache(link)
+    assert not marker.exists()
+    own = tmp_path / "own.pkl"
+    own.write_bytes(pickle.dumps({"key": 1}))
+    os.chmod(own, 0o600)
+    assert _own_cache(own) == {"key": 1} and _own_cache(tmp_path / "absent.pkl") is None

@@ -293,6 +293,43 @@ class TestWriteWhole:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.tflite"]
         assert LiteRTClassifier(target, pair_model=True).classes == PAIR_CLASSES
 
+    def test_a_writer_killed_mid_write_leaves_the_old_file_and_the_next_write_works(self, tmp_path):
+        """A real SIGKILL while the new file is half written: the model beside
+        it is untouched, and the next write replaces the leftover temporary."""
+        import signal
+        import subprocess
+        import sys
+
+        target = tmp_path / "pairs.tflite"
+        shutil.copy(MODELS / "pairs.tflite", target)
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from digitwatch.model import replace_whole\n"
+            "def half(tmp):\n"
+            "    f = open(tmp, 'wb'); f.write(b'x' * 50_000); f.flush(); print('half', flush=True); time.sleep(60)\n"
+            f"replace_whole(Path({str(target)!r}), half)\n")], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "half"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        leftover = tmp_path / ".pairs.tmp.tflite"
+        assert leftover.exists() and target.read_bytes() == (MODELS / "pairs.tflite").read_bytes()
+        from digitwatch.model import write_whole
+
+        write_whole(target, b"new")
+        assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs.tflite"]
+
+    def test_a_link_planted_as_the_temporary_file_is_not_written_through(self, tmp_path):
+        from digitwatch.model import write_whole
+
+        outside = tmp_path / "outside.txt"
+        outside.write_text("keep me")
+        models = tmp_path / "models"
+        models.mkdir()
+        (models / ".digits.tmp.json").symlink_to(outside)
+        write_whole(models / "digits.json", "{}\n")
+        assert outside.read_text() == "keep me"
+        assert (models / "digits.json").read_text() == "{}\n" and not (models / "digits.json").is_symlink()
+        assert sorted(p.name for p in models.iterdir()) == ["digits.json"]
+
     def test_digitwatch_train_writes_its_card_whole(self, tmp_path, monkeypatch):
         from digitwatch import training
         from tests.conftest import disk_fills_half_way

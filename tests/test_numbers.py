@@ -181,6 +181,44 @@ class TestRefusal:
         assert all(r.reason == reading.REASON_NOT_DIGIT for r in two if r.status != "ok"
                    and r.confidence >= 0.965)
 
+    def test_a_filled_mark_is_not_a_digit(self, classifier, mnist):
+        """A blacked-in form bubble or dot was read as a sure "0" and ok (0.96)
+        by both models; alone or beside a number, it is not a digit. Real
+        digits as bold as MNIST's boldest stay digits."""
+        pages, rng = [], np.random.default_rng(23)
+        for r in (12, 25, 40, 55):
+            page = np.full((240, 320), 250, np.uint8)
+            cv2.circle(page, (160, 120), r, 20, -1)
+            pages.append(pngwrite.encode(page, pngwrite.GRAY))
+        ink = scans.ink_from_number([mnist.x_test[i] for i in range(3)], 60, rng, spacing=(0.3, 0.4))
+        page = np.ones((ink.shape[0] + 80, ink.shape[1] + 160), np.float32)
+        page[40 : 40 + ink.shape[0], 40 : 40 + ink.shape[1]] -= ink
+        cv2.circle(page, (ink.shape[1] + 100, 40 + ink.shape[0] // 2), 22, 0.05, -1)
+        pages.append(pngwrite.encode(np.round(np.clip(page, 0, 1) * 255).astype(np.uint8), pngwrite.GRAY))
+        for result in read_all(classifier, pages):
+            assert result.status == "low_confidence" and result.reason == reading.REASON_NOT_DIGIT, result
+        bold = mnist.x_test[:500]
+        assert not any(reading._filled(d / 255.0) for d in bold)
+
+    def test_worst_valid_pages_are_never_ok(self, classifier):
+        """Pages that are valid PNGs but no writing: half black (a lid left
+        open), a checkerboard, 50% dither, one dark pixel, a 4x4 page, a solid
+        block. Each is an error line or not ok, never a crash or a digit."""
+        yy, xx = np.mgrid[0:120, 0:160]
+        half = np.full((120, 160), 255, np.uint8)
+        half[:, :80] = 0
+        pixel = np.full((120, 160), 255, np.uint8)
+        pixel[60, 80] = 0
+        block = np.full((120, 160), 255, np.uint8)
+        block[30:90, 50:95] = 0
+        tiny = np.full((4, 4), 255, np.uint8)
+        tiny[1:3, 1:3] = 0
+        pages = [half, half.T.copy(), (((yy + xx) % 2) * 255).astype(np.uint8),
+                 (((yy // 4 + xx // 4) % 2) * 255).astype(np.uint8),
+                 (np.random.default_rng(5).random((120, 160)) < 0.5).astype(np.uint8) * 255, pixel, tiny, block]
+        results = read_all(classifier, [pngwrite.encode(p, pngwrite.GRAY) for p in pages])
+        assert [r.status for r in results if r.status == "ok"] == [], results
+
     def test_reject_class_means_not_a_digit(self):
         """With an 11-class model, a candidate whose most probable class is
         'not a digit' makes the reading not ok, whatever its digit probabilities."""

@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import pickle
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,12 +215,29 @@ def reader_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _own_cache(cache: Path | None) -> dict | None:
+    """The saved cut scans, only from a plain file this user owns and no one
+    else may write: unpickling runs code, and --cache often names /tmp,
+    where anyone can plant a file under that name first."""
+    if cache is None:
+        return None
+    try:
+        st = os.lstat(cache)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SystemExit(f"--cache {cache}: not a plain file of this user's that only it may write; "
+                         "remove it or name another")
+    saved = pickle.loads(cache.read_bytes())
+    return saved if isinstance(saved, dict) else None
+
+
 def run(model: Path, singles: int, numbers: int, non_digits: int, precision: float,
         wrong_number_ok: float = 0.005, non_digit_ok: float = 0.01, cache: Path | None = None) -> dict:
     started = time.monotonic()
     classifier = load_classifier(model)
     key = (singles, numbers, non_digits, reader_fingerprint())
-    if cache is not None and cache.is_file() and (saved := pickle.loads(cache.read_bytes()))["key"] == key:
+    if (saved := _own_cache(cache)) is not None and saved.get("key") == key:
         items, cands = saved["items"], saved["cands"]  # our own file, from an earlier run
     else:
         items = build(singles, numbers, non_digits)
