@@ -65,6 +65,8 @@ NOISE_SPLIT = 3.0  # see _noise_sigma
 ROW_MATE = 0.45  # a blob this fraction of the digit's height beside it is another digit
 ROW_GAP = 1.5  # ... when no further sideways than this many digit heights
 FRAME_TALL = 1.3  # a blob spanning the page is a frame only when this much taller than the digit
+FRAME_STRIP = 0.25  # ... or narrower than this for its length (a frame's side, a shadow band)
+FRAME_SOLID = 0.6  # ... or filling this much of its box (a shadow; strokes fill far less)
 WIDE = 1.25  # ink wider than this many heights is cropped by its height, not its width
 MAX_WORK_PIXELS = 400_000  # the cleaned crop of a long number stays about this small
 
@@ -485,10 +487,20 @@ def _choose_components(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The digit is the largest blob plus sizeable blobs close to it; specks are dropped."""
     h, w = shape
     x, y, bw, bh, area = (stats[:, i].astype(np.float64) for i in range(5))
-    # Page frames and scanner shadows hug an edge and span it; they are not the digit.
+    # Page frames and scanner shadows hug an edge and span it; they are not the
+    # digit. Digits cropped tightly (a field cut from a form) hug the edges and
+    # span the page's height too, but have a digit's shape: not spanning both
+    # ways (a frame), not a thin strip (a frame's side), not solid (a shadow).
+    # Taken for frames, they left a stray fragment to be "the digit", and the
+    # digits no taller than it to join it: a tight "15369" read "1", and ok.
+    digit_shaped = (
+        ~((bw > 0.9 * w) & (bh > 0.9 * h))
+        & (np.minimum(bw, bh) >= FRAME_STRIP * np.maximum(bw, bh))
+        & (area < FRAME_SOLID * bw * bh)
+    )
     frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & (
         (bw > 0.9 * w) | (bh > 0.9 * h)
-    )
+    ) & ~digit_shaped
     score = np.where(frame, 0.0, area)
     if score.max() <= 0:
         score = area
