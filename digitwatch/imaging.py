@@ -67,6 +67,8 @@ ROW_GAP = 1.5  # ... when no further sideways than this many digit heights
 FRAME_TALL = 1.3  # a blob spanning the page is a frame only when this much taller than the digit
 FRAME_STRIP = 0.25  # ... or narrower than this for its length (a frame's side, a shadow band)
 FRAME_SOLID = 0.6  # ... or filling this much of its box (a shadow; strokes fill far less)
+FRAME_BAND = 0.1  # ... or, spanning both ways, with FRAME_ALONG of its ink this near its box's edges
+FRAME_ALONG = 0.8
 WIDE = 1.25  # ink wider than this many heights is cropped by its height, not its width
 MAX_WORK_PIXELS = 400_000  # the cleaned crop of a long number stays about this small
 
@@ -288,6 +290,15 @@ def ink_is_light(gray: np.ndarray) -> bool:
         gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA
     )
     paper = _quantile(_border(small), 0.5)
+    if paper < 0.5:
+        # A dark border round a light page is a frame, a scanner's lid or a
+        # copier's edge, not dark paper: light ink is thin, so the inside of a
+        # dark page stays dark. (Taken for dark paper, such a page was read
+        # inverted: the paper became one solid blob, read "0".)
+        sh, sw = small.shape
+        inside = small[sh // 8 : sh - sh // 8, sw // 8 : sw - sw // 8]
+        if inside.size and _quantile(inside.ravel(), 0.5) >= 0.5:
+            return False
     lighter = float(small.max()) - paper
     darker = paper - float(small.min())
     return lighter > darker and paper < 0.5
@@ -459,7 +470,7 @@ def _segment(
     count, labels, stats = _components(mask)
     if count <= 1:
         raise NoInkError("no ink found: only straight lines, no digit")
-    chosen = _choose_row(stats[1:], (h, w)) + 1
+    chosen = _choose_row(stats[1:], (h, w), labels) + 1
     digit = _select(labels, count, chosen)
     return smooth, digit, labels, stats, chosen
 
@@ -483,24 +494,24 @@ def _select(labels: np.ndarray, count: int, keep: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _choose_components(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The digit is the largest blob plus sizeable blobs close to it; specks are dropped."""
+def _choose_components(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray | None = None) -> np.ndarray:
+    """The digit is the largest blob plus sizeable blobs close to it; specks are
+    dropped. `labels`: the components (label k + 1 is row k of `stats`)."""
     h, w = shape
     x, y, bw, bh, area = (stats[:, i].astype(np.float64) for i in range(5))
     # Page frames and scanner shadows hug an edge and span it; they are not the
     # digit. Digits cropped tightly (a field cut from a form) hug the edges and
-    # span the page's height too, but have a digit's shape: not spanning both
-    # ways (a frame), not a thin strip (a frame's side), not solid (a shadow).
-    # Taken for frames, they left a stray fragment to be "the digit", and the
-    # digits no taller than it to join it: a tight "15369" read "1", and ok.
-    digit_shaped = (
-        ~((bw > 0.9 * w) & (bh > 0.9 * h))
-        & (np.minimum(bw, bh) >= FRAME_STRIP * np.maximum(bw, bh))
-        & (area < FRAME_SOLID * bw * bh)
-    )
-    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & (
-        (bw > 0.9 * w) | (bh > 0.9 * h)
-    ) & ~digit_shaped
+    # span the page too, but have a digit's shape: not a thin strip (a frame's
+    # side), not solid (a shadow), and not hollow where they span both ways
+    # (a frame's ink lies along its box). Taken for frames, they left a stray
+    # mark to be "the digit", and digits far taller than it could not join
+    # it: a tight "33185" read "1", and ok.
+    spans = (bw > 0.9 * w) | (bh > 0.9 * h)
+    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & spans
+    digit_shaped = (np.minimum(bw, bh) >= FRAME_STRIP * np.maximum(bw, bh)) & (area < FRAME_SOLID * bw * bh)
+    for k in np.flatnonzero(frame & digit_shaped & (bw > 0.9 * w) & (bh > 0.9 * h)):
+        digit_shaped[k] = labels is not None and not _along_its_box(labels, int(k) + 1, stats[k])
+    frame &= ~digit_shaped
     score = np.where(frame, 0.0, area)
     if score.max() <= 0:
         score = area
@@ -529,13 +540,22 @@ def _choose_components(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.array(sorted(chosen))
 
 
-def _choose_row(stats: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _along_its_box(labels: np.ndarray, label: int, stat: np.ndarray) -> bool:
+    """Most of a component's ink lies near the edges of its own box, as a
+    frame's does (a number's strokes cross its box)."""
+    x, y, bw, bh, area = (int(v) for v in stat[:5])
+    band = max(2, int(round(FRAME_BAND * min(bw, bh))))
+    inner = labels[y + band : y + bh - band, x + band : x + bw - band] == label
+    return int(inner.sum()) < (1.0 - FRAME_ALONG) * area
+
+
+def _choose_row(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray | None = None) -> np.ndarray:
     """The digit (as `_choose_components` finds it) plus the digits written beside
     it: blobs at least ROW_MATE of its height, overlapping a chosen blob's rows
     and within ROW_GAP heights of it sideways, repeatedly, so a whole number
     joins even with uneven spacing and a drifting baseline. A lone digit with
     nothing of its size beside it gets exactly what `_choose_components` gives."""
-    picked = _choose_components(stats, shape)
+    picked = _choose_components(stats, shape, labels)
     bh = stats[:, cv2.CC_STAT_HEIGHT]
     ref = int(bh[picked].max())
     # Most pages hold one digit and specks: nothing tall enough beside it.

@@ -156,6 +156,37 @@ class TestNormalization:
                 pass
         assert tried >= 15 and found >= 0.85 * tried, (found, tried)  # 18 of 20 measured
 
+    @pytest.mark.parametrize("edge", ["frame", "lid", "shadow_left", "shadow_bottom", "side_line"])
+    def test_a_dark_frame_round_the_page(self, mnist, classifier, edge):
+        """Scans often carry a dark edge: a page frame, the scanner's lid all
+        round, a shadow along one side. The digit is read; the page is not
+        dark paper (a dark frame all round made the page read inverted: the
+        paper one solid blob, read "0", half the time)."""
+        from digitwatch.pipeline import classify_batch, prepare_bytes
+
+        rng = np.random.default_rng(5)
+        pngs, truth = [], []
+        for _ in range(8):
+            k = int(rng.integers(len(mnist.x_test)))
+            ink = scans.ink_from_mnist(mnist.x_test[k], 80)
+            page = np.full((200, 240), 0.93, np.float32)
+            y0, x0 = int(rng.integers(45, 90)), int(rng.integers(60, 130))
+            page[y0 : y0 + ink.shape[0], x0 : x0 + ink.shape[1]] -= 0.85 * ink
+            t = int(rng.integers(2, 5)) if edge == "frame" else int(rng.integers(8, 22))
+            if edge in ("frame", "lid"):
+                page[:t], page[-t:], page[:, :t], page[:, -t:] = 0.1, 0.1, 0.1, 0.1
+            elif edge == "shadow_left":
+                page[:, :t] = 0.15
+            elif edge == "shadow_bottom":
+                page[-t:] = 0.15
+            else:
+                page[:, -3:] = 0.1
+            pngs.append(pngwrite.encode_flavour(np.repeat(page[..., None], 3, 2), None, "rgb8"))
+            truth.append(str(int(mnist.y_test[k])))
+        items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=1_000_000) for i, png in enumerate(pngs)]
+        read = [r.text for r in classify_batch(classifier, items, low_confidence=None)]
+        assert sum(r == t for r, t in zip(read, truth, strict=True)) >= 7, (truth, read)
+
     def test_small_digit_on_large_page(self, seven, classifier):
         ink = scans.ink_from_mnist(seven, 30)
         page = np.ones((1800, 1400), np.float32)

