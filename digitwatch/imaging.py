@@ -59,6 +59,7 @@ COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
 COARSE_SIDE = 160  # the whole page is searched at most this large (in area, squared) first
 COARSE_RETRIES = 2  # then up to this many finer levels (2x, 4x) if nothing was found
 WORK_SIDE = 80  # the digit's longer side while it is cleaned (4x MNIST's box)
+SMALL_PAGE = 64  # pages smaller than this on their longer side are enlarged to it first
 MNIST_STROKE = 2.4  # median stroke width of MNIST digits at 20 px, measured
 MIN_CONTRAST = 0.08  # weaker than this against the paper is not ink
 NOISE_SPLIT = 3.0  # see _noise_sigma
@@ -671,6 +672,14 @@ def work_region(gray: np.ndarray) -> Work:
     if gray.dtype != np.uint8:
         gray = gray.astype(np.float32, copy=False)
     h, w = gray.shape
+    if max(h, w) < SMALL_PAGE:
+        # A tiny page (a 16x16 postal scan, a form's cell cut tight) is read
+        # enlarged: at its own size the smoothing that finds the ink blurs a
+        # digit filling a third of it into a spread read as noise ("no ink
+        # found" for two 16x16 crops of MNIST digits in three).
+        f = SMALL_PAGE / max(h, w)
+        gray = cv2.resize(gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_LINEAR)
+        h, w = gray.shape
     # Pass 1 finds the digit on a copy of the page at most COARSE_SIDE large,
     # reading polarity and paper off it too, so the full page is never converted
     # or inverted. A small faint digit on a large page can fade into the noise at
