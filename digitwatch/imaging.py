@@ -59,6 +59,8 @@ COM_CENTRE = 14.0  # where MNIST's centres of mass sit (measured: 13.99, 14.00)
 COARSE_SIDE = 160  # the whole page is searched at most this large (in area, squared) first
 COARSE_RETRIES = 2  # then up to this many finer levels (2x, 4x) if nothing was found
 WORK_SIDE = 80  # the digit's longer side while it is cleaned (4x MNIST's box)
+WALL_SLENDER = 6  # a box's wall between ruled lines is this many times longer than thick
+WALL_SOLID = 0.5  # ... and fills this much of its own box (a faint 1 px wall fills 0.67)
 SMALL_PAGE = 64  # pages smaller than this on their longer side are enlarged to it first
 MNIST_STROKE = 2.4  # median stroke width of MNIST digits at 20 px, measured
 MIN_CONTRAST = 0.08  # weaker than this against the paper is not ink
@@ -466,7 +468,7 @@ def _segment(
         # Strokes that crossed the line lost a piece; close the gap across it.
         bridged = cv2.morphologyEx(without, cv2.MORPH_CLOSE, np.ones((stroke * 2 + 1, 1), np.uint8))
         bridged |= cv2.morphologyEx(without, cv2.MORPH_CLOSE, np.ones((1, stroke * 2 + 1), np.uint8))
-        mask = without | (bridged & mask)
+        mask = _drop_walls(without | (bridged & mask), lines)
 
     count, labels, stats = _components(mask)
     if count <= 1:
@@ -474,6 +476,45 @@ def _segment(
     chosen = _choose_row(stats[1:], (h, w), labels) + 1
     digit = _select(labels, count, chosen)
     return smooth, digit, labels, stats, chosen
+
+
+def _drop_walls(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """`mask` without the walls between ruled lines: straight, solid strokes
+    running from one line to another, as the walls of a form's digit boxes
+    do. Left, each wall read as a "1" between the digits ("2054" in four
+    boxes read "121015141", and ok). A 1 written in a box stands clear of at
+    least one of its lines; a wall ends on both."""
+    count, labels, stats = _components(mask)
+    x, y, bw, bh, area = (stats[1:, i] for i in range(5))
+    long, thick = np.maximum(bw, bh), np.minimum(bw, bh)
+    walls = np.flatnonzero((long >= 8) & (long >= WALL_SLENDER * thick) & (area >= WALL_SOLID * bw * bh)) + 1
+    if not walls.size:
+        return mask
+    # A wall stands across lines: a standing wall between lying lines, and
+    # the other way round (the rest of a tall 1 taken for a standing line
+    # lies along it, and is not a wall).
+    n, line_labels, line_stats = _components(lines)
+    lying = (line_stats[:, cv2.CC_STAT_WIDTH] >= line_stats[:, cv2.CC_STAT_HEIGHT]).astype(np.uint8)
+    lying[0] = 0
+    kernel = np.ones((5, 5), np.uint8)
+    near_lying = cv2.dilate(lying[line_labels], kernel)
+    near_standing = cv2.dilate((line_labels > 0).view(np.uint8) & (1 - lying[line_labels]), kernel)
+    drop = []
+    for k in walls:
+        x0, y0, x1, y1 = x[k - 1], y[k - 1], x[k - 1] + bw[k - 1], y[k - 1] + bh[k - 1]
+        if bh[k - 1] >= bw[k - 1]:
+            near = near_lying
+            ends = near[max(0, y0 - 2) : y0 + 2, x0:x1].any() and near[max(0, y1 - 2) : y1 + 2, x0:x1].any()
+        else:
+            near = near_standing
+            ends = near[y0:y1, max(0, x0 - 2) : x0 + 2].any() and near[y0:y1, max(0, x1 - 2) : x1 + 2].any()
+        if ends:
+            drop.append(k)
+    if not drop:
+        return mask
+    lut = np.ones(count, np.uint8)
+    lut[drop] = 0
+    return mask & lut[labels]
 
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

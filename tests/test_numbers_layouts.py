@@ -119,6 +119,31 @@ class TestCuts:
         exact, wrong_ok, misreads = score(classifier, items)
         assert exact >= 11 and wrong_ok == 0, misreads
 
+    def test_a_number_in_a_forms_digit_boxes(self, classifier, mnist):
+        """One digit per box, the boxes sharing their walls (a form's comb of
+        cells). The ruled top and bottom go as lines; the walls standing
+        between them read as 1s ("2054" read "121015141", ok: 9 of 20 right,
+        10 wrong and ok) until dropped as walls (20 of 20 measured)."""
+        rng = np.random.default_rng(9)
+        items = []
+        for _ in range(20):
+            n = int(rng.integers(2, 6))
+            idx = rng.choice(len(mnist.x_test), n, replace=False)
+            cell, t = int(rng.integers(60, 80)), int(rng.integers(1, 4))
+            page = np.ones((cell + 80, cell * n + 80), np.float32)
+            for j, i in enumerate(idx):
+                ink = scans.ink_from_mnist(mnist.x_test[i], int(cell * 0.7))
+                y0, x0 = 40 + (cell - ink.shape[0]) // 2, 40 + j * cell + (cell - ink.shape[1]) // 2
+                page[y0 : y0 + ink.shape[0], x0 : x0 + ink.shape[1]] -= ink
+            for j in range(n + 1):
+                page[40 : 40 + cell + t, 40 + j * cell : 40 + j * cell + t] = 0.2
+            page[40 : 40 + t, 40 : 40 + n * cell + t] = 0.2
+            page[40 + cell : 40 + cell + t, 40 : 40 + n * cell + t] = 0.2
+            png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
+            items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
+        exact, wrong_ok, misreads = score(classifier, items, None)
+        assert exact >= 17 and wrong_ok <= 1, misreads
+
     def test_twelve_digits(self, classifier, mnist):
         exact, wrong_ok, misreads = score(classifier, numbers(mnist, 28, 12, 12))
         assert exact >= 10 and wrong_ok <= 1, misreads
