@@ -493,7 +493,7 @@ def _drop_walls(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
     # A wall stands across lines: a standing wall between lying lines, and
     # the other way round (the rest of a tall 1 taken for a standing line
     # lies along it, and is not a wall).
-    n, line_labels, line_stats = _components(lines)
+    _, line_labels, line_stats = _components(lines)
     lying = (line_stats[:, cv2.CC_STAT_WIDTH] >= line_stats[:, cv2.CC_STAT_HEIGHT]).astype(np.uint8)
     lying[0] = 0
     kernel = np.ones((5, 5), np.uint8)
@@ -536,7 +536,7 @@ def _select(labels: np.ndarray, count: int, keep: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def _choose_components(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray | None = None) -> np.ndarray:
+def _choose_components(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray) -> np.ndarray:
     """The digit is the largest blob plus sizeable blobs close to it; specks are
     dropped. `labels`: the components (label k + 1 is row k of `stats`)."""
     h, w = shape
@@ -552,7 +552,7 @@ def _choose_components(stats: np.ndarray, shape: tuple[int, int], labels: np.nda
     frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & spans
     digit_shaped = (np.minimum(bw, bh) >= FRAME_STRIP * np.maximum(bw, bh)) & (area < FRAME_SOLID * bw * bh)
     for k in np.flatnonzero(frame & digit_shaped & (bw > 0.9 * w) & (bh > 0.9 * h)):
-        digit_shaped[k] = labels is not None and not _along_its_box(labels, int(k) + 1, stats[k])
+        digit_shaped[k] = not _along_its_box(labels, int(k) + 1, stats[k])
     frame &= ~digit_shaped
     score = np.where(frame, 0.0, area)
     if score.max() <= 0:
@@ -591,7 +591,7 @@ def _along_its_box(labels: np.ndarray, label: int, stat: np.ndarray) -> bool:
     return int(inner.sum()) < (1.0 - FRAME_ALONG) * area
 
 
-def _choose_row(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray | None = None) -> np.ndarray:
+def _choose_row(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray) -> np.ndarray:
     """The digit (as `_choose_components` finds it) plus the digits written beside
     it: blobs at least ROW_MATE of its height, overlapping a chosen blob's rows
     and within ROW_GAP heights of it sideways, repeatedly, so a whole number
