@@ -63,6 +63,7 @@ CUT_ROWS = (0.5,)  # cut paths are sought through these rows (share of the blob'
 LONE_CUTS_PER = 0.5  # ... and a lone blob one per this many
 DRIFT_ASPECT = 1.1  # only blobs wider than this per digit height (surely two digits) get drifting cuts
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
+ENCLOSED = 0.3  # a hollow outline with ink this tall (of its height) inside is a ring drawn round it
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
 # Pair candidates (read by the pair model as two digits at once): ink within
@@ -219,9 +220,10 @@ def read_scan(gray: np.ndarray, *, pairs: bool = True) -> Candidates:
     if _trim_tails(labels, pieces, work.mask.shape):
         work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask, labels, stats,
                             work.chosen)
-    boxes = [p for p in pieces if _is_box(labels, p)]
+    boxes = [p for p in pieces if _is_box(labels, p) or _encloses(labels, p, pieces)]
     if boxes:
-        # A form's box is not ink to read; the digits inside it are.
+        # A form's box (or a ring drawn round an answer) is not ink to read;
+        # the digits inside it are.
         pieces = [p for p in pieces if p not in boxes]
         if not pieces:
             raise NoInkError("no ink found: only an empty box")
@@ -303,6 +305,25 @@ def _is_box(labels: np.ndarray, p: _Piece) -> bool:
     size = math.sqrt(max(cv2.contourArea(poly), 1.0))
     worst = max(abs(cv2.pointPolygonTest(poly, (float(x), float(y)), True)) for x, y in outline[::3, 0])
     return worst <= BOX_STRAIGHT * size
+
+
+def _encloses(labels: np.ndarray, p: _Piece, pieces: list[_Piece]) -> bool:
+    """A hollow outline of any shape (a ring drawn round an answer, a rounded
+    box) with a piece of ink inside its hole at least ENCLOSED of its height.
+    Kept, the ring read as "0" with the digit inside merged into it (a
+    circled 1 read "0", ok). A digit's own loop holds no such piece."""
+    inside = [q for q in pieces if q is not p and q.x0 > p.x0 and q.x1 < p.x1 and q.y0 > p.y0 and q.y1 < p.y1
+              and q.height >= ENCLOSED * p.height]
+    if not inside:
+        return False
+    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
+    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    if own.sum() > 0.5 * cv2.contourArea(outline):
+        return False  # not hollow
+    # Inside the outline, not merely inside its box (a 7's crook, a 4's arm).
+    return any(cv2.pointPolygonTest(outline, ((q.x0 + q.x1) / 2 - p.x0, (q.y0 + q.y1) / 2 - p.y0), False) > 0
+               for q in inside)
 
 
 def _pinched(mask: np.ndarray, p: _Piece) -> bool:

@@ -8,6 +8,7 @@ The constants behind these were tuned on MNIST-train validation digits
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -118,6 +119,25 @@ class TestCuts:
             items.append((scans.ruled_page(ink, k % 3), "".join(str(int(mnist.y_test[i])) for i in idx)))
         exact, wrong_ok, misreads = score(classifier, items)
         assert exact >= 11 and wrong_ok == 0, misreads
+
+    def test_a_ring_drawn_round_the_answer(self, classifier, mnist):
+        """A digit or a number circled on a form: the ring is not a 0, the
+        ink inside it is read. Kept, the ring read "0" (8 of 16 right, the
+        circled digits all "0", some ok); 16 of 16 since a hollow outline
+        holding ink is dropped like a box."""
+        rng = np.random.default_rng(13)
+        items = []
+        for k in range(16):
+            idx = rng.choice(len(mnist.x_test), 1 if k % 2 else int(rng.integers(2, 4)), replace=False)
+            ink = scans.ink_from_number([mnist.x_test[i] for i in idx], 60, rng)
+            page = np.ones((ink.shape[0] + 100, ink.shape[1] + 100), np.float32)
+            page[50 : 50 + ink.shape[0], 50 : 50 + ink.shape[1]] -= 0.9 * ink
+            axes = (int(ink.shape[1] * rng.uniform(0.75, 0.9)) + 10, int(ink.shape[0] * 0.75) + 6)
+            cv2.ellipse(page, (page.shape[1] // 2, page.shape[0] // 2), axes, 0, 0, 360, 0.15, 3, cv2.LINE_AA)
+            png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
+            items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
+        exact, wrong_ok, misreads = score(classifier, items, None)
+        assert exact >= 14 and wrong_ok <= 1, misreads
 
     def test_a_number_in_a_forms_digit_boxes(self, classifier, mnist):
         """One digit per box, the boxes sharing their walls (a form's comb of
