@@ -63,6 +63,7 @@ CUT_ROWS = (0.5,)  # cut paths are sought through these rows (share of the blob'
 LONE_CUTS_PER = 0.5  # ... and a lone blob one per this many
 DRIFT_ASPECT = 1.1  # only blobs wider than this per digit height (surely two digits) get drifting cuts
 CUT_STEP = 0.5  # a cut path pays this much ink (pixels) per column it drifts sideways
+BOX_INSIDE = 0.25  # ink of a box's own blob inside its outline this tall (of the box) is a digit touching it
 ENCLOSED = 0.3  # a hollow outline with ink this tall (of its height) inside is a ring drawn round it
 BOX_STRAIGHT = 0.06  # a box's outline strays at most this share of its size from 4 straight sides
 MAX_DIGITS = 64  # the longest reading considered when no length is given
@@ -220,11 +221,13 @@ def read_scan(gray: np.ndarray, *, pairs: bool = True) -> Candidates:
     if _trim_tails(labels, pieces, work.mask.shape):
         work = imaging.Work(work.ink, work.smooth, (labels > 0).view(np.uint8) & work.mask, labels, stats,
                             work.chosen)
-    boxes = [p for p in pieces if _is_box(labels, p) or _encloses(labels, p, pieces)]
-    if boxes:
+    boxes = [p for p in pieces if _is_box(labels, p)]
+    rings = [p for p in pieces if p not in boxes and _encloses(labels, p, pieces)]
+    if boxes or rings:
         # A form's box (or a ring drawn round an answer) is not ink to read;
-        # the digits inside it are.
-        pieces = [p for p in pieces if p not in boxes]
+        # the digits inside it are (inside a box, touching it or not).
+        inside = [q for b in boxes for q in _inside_box(labels, b)]
+        pieces = [p for p in pieces if p not in boxes and p not in rings] + inside
         if not pieces:
             raise NoInkError("no ink found: only an empty box")
         mask = np.isin(labels, [p.labels[0] for p in pieces]).astype(np.uint8)
@@ -305,6 +308,46 @@ def _is_box(labels: np.ndarray, p: _Piece) -> bool:
     size = math.sqrt(max(cv2.contourArea(poly), 1.0))
     worst = max(abs(cv2.pointPolygonTest(poly, (float(x), float(y)), True)) for x, y in outline[::3, 0])
     return worst <= BOX_STRAIGHT * size
+
+
+def _inside_box(labels: np.ndarray, box: _Piece) -> list[_Piece]:
+    """The ink of a box's own blob inside its outline: digits written touching
+    the box (one blob with it). The outline goes (its thickness, the median
+    run of ink in from each side, and a little more for the anti-aliased
+    edge); what is left, BOX_INSIDE of the box's height or more, gets labels
+    of its own in `labels`. Dropped whole with the box, such digits were
+    "only an empty box"; kept whole, the box read "0"."""
+    region = labels[box.y0 : box.y1, box.x0 : box.x1]
+    own = region == box.labels[0]
+    h, w = own.shape
+    runs = [np.argmin(np.concatenate([line, [False]])) for line in
+            (*own.T, *own.T[:, ::-1], *own, *own[:, ::-1])]
+    band = int(np.median(runs)) + 2
+    if 2 * band >= min(h, w):
+        return []
+    inner = np.zeros(own.shape, np.uint8)
+    inner[band:-band, band:-band] = own[band:-band, band:-band]
+    count, parts, stats, _ = cv2.connectedComponentsWithStats(inner, connectivity=8)
+    out = []
+    next_label = int(labels.max()) + 1
+    near = 2 * band + 1
+    for k in range(1, count):
+        x, y, pw, ph, area = (int(v) for v in stats[k, :5])
+        if ph < BOX_INSIDE * h or next_label >= np.iinfo(labels.dtype).max:
+            continue
+        # Straight, solid ink along a side is the box's own (a hand-drawn
+        # side bowing inward) or, from one side to the other, a wall between
+        # two boxes of a grid (imaging drops walls when it finds the grid's
+        # lines): not a 1.
+        straight = max(pw, ph) >= imaging.WALL_SLENDER * min(pw, ph) and area >= imaging.WALL_SOLID * pw * ph
+        along = x <= near or x + pw >= w - near if ph >= pw else y <= near or y + ph >= h - near
+        across = y <= near and y + ph >= h - near if ph >= pw else x <= near and x + pw >= w - near
+        if straight and (along or across) or (pw >= 0.8 * w and ph >= 0.8 * h):
+            continue  # ... and what spans the box both ways is the rest of its outline
+        region[parts == k] = next_label
+        out.append(_Piece(box.x0 + x, box.y0 + y, box.x0 + x + pw, box.y0 + y + ph, [next_label]))
+        next_label += 1
+    return out
 
 
 def _encloses(labels: np.ndarray, p: _Piece, pieces: list[_Piece]) -> bool:
