@@ -486,8 +486,7 @@ def _drop_walls(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
     least one of its lines; a wall ends on both."""
     count, labels, stats = _components(mask)
     x, y, bw, bh, area = (stats[1:, i] for i in range(5))
-    long, thick = np.maximum(bw, bh), np.minimum(bw, bh)
-    walls = np.flatnonzero((long >= 8) & (long >= WALL_SLENDER * thick) & (area >= WALL_SOLID * bw * bh)) + 1
+    walls = np.flatnonzero((np.maximum(bw, bh) >= 8) & straight(bw, bh, area)) + 1
     if not walls.size:
         return mask
     # A wall stands across lines: a standing wall between lying lines, and
@@ -515,6 +514,14 @@ def _drop_walls(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
     lut = np.ones(count, np.uint8)
     lut[drop] = 0
     return mask & lut[labels]
+
+
+def straight(width, height, area):
+    """Whether blobs of these box sizes and areas (numbers or arrays) are
+    straight solid strokes, as a ruled box's wall is: WALL_SLENDER times
+    longer than thick, filling WALL_SOLID of their box."""
+    return (np.maximum(width, height) >= WALL_SLENDER * np.minimum(width, height)) & (
+        area >= WALL_SOLID * np.multiply(width, height))
 
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

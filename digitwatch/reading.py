@@ -296,18 +296,24 @@ def _is_box(labels: np.ndarray, p: _Piece) -> bool:
     is hollow too, but its outline bulges far from any four straight sides."""
     if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
         return False
-    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
-    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    outline = max(contours, key=cv2.contourArea)
-    enclosed = cv2.contourArea(outline)
-    if own.sum() > 0.5 * enclosed:
-        return False  # not hollow
+    outline = _hollow_outline(labels, p)
+    if outline is None:
+        return False
     poly = cv2.approxPolyDP(outline, 0.04 * cv2.arcLength(outline, True), True)
     if len(poly) != 4 or not cv2.isContourConvex(poly):
         return False
     size = math.sqrt(max(cv2.contourArea(poly), 1.0))
     worst = max(abs(cv2.pointPolygonTest(poly, (float(x), float(y)), True)) for x, y in outline[::3, 0])
     return worst <= BOX_STRAIGHT * size
+
+
+def _hollow_outline(labels: np.ndarray, p: _Piece) -> np.ndarray | None:
+    """The outer outline of a piece (in its box's coordinates) when its ink
+    fills at most half of what the outline encloses; None when it is solid."""
+    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
+    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    return None if own.sum() > 0.5 * cv2.contourArea(outline) else outline
 
 
 def _inside_box(labels: np.ndarray, box: _Piece) -> list[_Piece]:
@@ -320,8 +326,12 @@ def _inside_box(labels: np.ndarray, box: _Piece) -> list[_Piece]:
     region = labels[box.y0 : box.y1, box.x0 : box.x1]
     own = region == box.labels[0]
     h, w = own.shape
-    runs = [np.argmin(np.concatenate([line, [False]])) for line in
-            (*own.T, *own.T[:, ::-1], *own, *own[:, ::-1])]
+    # Each row's and column's run of ink in from either end (argmin of the
+    # line with a paper pixel appended: where the first paper pixel is).
+    def run_in(lines: np.ndarray) -> np.ndarray:  # per row
+        return np.argmin(np.pad(lines, ((0, 0), (0, 1))), 1)
+
+    runs = np.concatenate([run_in(own), run_in(own[:, ::-1]), run_in(own.T), run_in(own.T[:, ::-1])])
     band = int(np.median(runs)) + 2
     if 2 * band >= min(h, w):
         return []
@@ -339,7 +349,7 @@ def _inside_box(labels: np.ndarray, box: _Piece) -> list[_Piece]:
         # side bowing inward) or, from one side to the other, a wall between
         # two boxes of a grid (imaging drops walls when it finds the grid's
         # lines): not a 1.
-        straight = max(pw, ph) >= imaging.WALL_SLENDER * min(pw, ph) and area >= imaging.WALL_SOLID * pw * ph
+        straight = bool(imaging.straight(pw, ph, area))
         along = x <= near or x + pw >= w - near if ph >= pw else y <= near or y + ph >= h - near
         across = y <= near and y + ph >= h - near if ph >= pw else x <= near and x + pw >= w - near
         if straight and (along or across) or (pw >= 0.8 * w and ph >= 0.8 * h):
@@ -357,13 +367,9 @@ def _encloses(labels: np.ndarray, p: _Piece, pieces: list[_Piece]) -> bool:
     circled 1 read "0", ok). A digit's own loop holds no such piece."""
     inside = [q for q in pieces if q is not p and q.x0 > p.x0 and q.x1 < p.x1 and q.y0 > p.y0 and q.y1 < p.y1
               and q.height >= ENCLOSED * p.height]
-    if not inside:
+    outline = _hollow_outline(labels, p) if inside else None
+    if outline is None:
         return False
-    own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
-    contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    outline = max(contours, key=cv2.contourArea)
-    if own.sum() > 0.5 * cv2.contourArea(outline):
-        return False  # not hollow
     # Inside the outline, not merely inside its box (a 7's crook, a 4's arm).
     return any(cv2.pointPolygonTest(outline, ((q.x0 + q.x1) / 2 - p.x0, (q.y0 + q.y1) / 2 - p.y0), False) > 0
                for q in inside)

@@ -84,3 +84,12 @@ def disk_fills_half_way(monkeypatch):
         yield
     finally:
         monkeypatch.undo()
+
+
+def classify_pngs(classifier, pngs: list[bytes], low_confidence: float | None = None) -> list:
+    """PNG bytes through the product's path (prepare_bytes, classify_batch);
+    `low_confidence` None: the card's thresholds, as classify reads."""
+    from digitwatch.pipeline import classify_batch, prepare_bytes
+
+    items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=40_000_000) for i, png in enumerate(pngs)]
+    return classify_batch(classifier, items, low_confidence=low_confidence)

@@ -359,6 +359,11 @@ def ruled_page(ink: np.ndarray, below: int) -> bytes:
     page[30 : 30 + ink.shape[0], 60 : 60 + ink.shape[1]] -= ink
     y = 30 + ink.shape[0] + below
     page[y : y + 3, :] = np.minimum(page[y : y + 3, :], 0.35)
+    return gray_png(page)
+
+
+def gray_png(page: np.ndarray) -> bytes:
+    """A gray page (float, 1 = paper) as an 8-bit RGB PNG."""
     return pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
 
 

@@ -19,6 +19,7 @@ from digitwatch.errors import (
     NotPNGError,
 )
 from tests import pngwrite, scans
+from tests.conftest import classify_pngs
 
 
 def page_with_digit(mnist_digit: np.ndarray, height: int = 120, pad: int = 60):
@@ -162,8 +163,6 @@ class TestNormalization:
         round, a shadow along one side. The digit is read; the page is not
         dark paper (a dark frame all round made the page read inverted: the
         paper one solid blob, read "0", half the time)."""
-        from digitwatch.pipeline import classify_batch, prepare_bytes
-
         rng = np.random.default_rng(5)
         pngs, truth = [], []
         for _ in range(8):
@@ -181,10 +180,9 @@ class TestNormalization:
                 page[-t:] = 0.15
             else:
                 page[:, -3:] = 0.1
-            pngs.append(pngwrite.encode_flavour(np.repeat(page[..., None], 3, 2), None, "rgb8"))
+            pngs.append(scans.gray_png(page))
             truth.append(str(int(mnist.y_test[k])))
-        items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=1_000_000) for i, png in enumerate(pngs)]
-        read = [r.text for r in classify_batch(classifier, items, low_confidence=None)]
+        read = [r.text for r in classify_pngs(classifier, pngs)]
         assert sum(r == t for r, t in zip(read, truth, strict=True)) >= 7, (truth, read)
 
     @pytest.mark.parametrize("side", [16, 28])
@@ -194,8 +192,6 @@ class TestNormalization:
         16x16 crops were "no ink found" (smoothed at that size, the digit was
         one spread taken for noise; 15 of 30 read); read enlarged, 30 of 30
         at both sizes."""
-        from digitwatch.pipeline import classify_batch, prepare_bytes
-
         rng = np.random.default_rng(7)
         pngs, truth = [], []
         for k in rng.choice(len(mnist.x_test), 30, replace=False):
@@ -206,10 +202,9 @@ class TestNormalization:
             page = np.ones((side, max(side, w)), np.float32)
             x0 = (page.shape[1] - w) // 2
             page[:, x0 : x0 + w] -= cv2.resize(box, (w, side), interpolation=cv2.INTER_AREA)
-            pngs.append(pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8"))
+            pngs.append(scans.gray_png(page))
             truth.append(str(int(mnist.y_test[k])))
-        items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=1_000_000) for i, png in enumerate(pngs)]
-        results = classify_batch(classifier, items, low_confidence=None)
+        results = classify_pngs(classifier, pngs)
         right = sum(r.text == t for r, t in zip(results, truth, strict=True))
         wrong_ok = sum(r.text != t and r.status == "ok" for r, t in zip(results, truth, strict=True))
         misreads = [(t, r.text, r.status, r.error) for r, t in zip(results, truth, strict=True) if r.text != t]

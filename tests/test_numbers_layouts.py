@@ -15,13 +15,13 @@ import pytest
 from digitwatch import imaging, reading
 from digitwatch.contract import PAIR_CLASSES, PAIR_REJECT
 from digitwatch.pipeline import classify_batch, prepare_bytes
-from tests import pngwrite, scans
+from tests import scans
+from tests.conftest import classify_pngs
 
 
 def read_all(classifier, pngs: list[bytes], low_confidence: float | None = 0.5) -> list:
     """`low_confidence` None: the card's thresholds, as classify reads."""
-    items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=40_000_000) for i, png in enumerate(pngs)]
-    return classify_batch(classifier, items, low_confidence=low_confidence)
+    return classify_pngs(classifier, pngs, low_confidence)
 
 
 def score(classifier, items: list[tuple[bytes, str]], low_confidence: float | None = 0.5) -> tuple[int, int, list]:
@@ -87,7 +87,7 @@ class TestPieces:
                 if (page[y - 2 : y + d + 2, x - 2 : x + d + 2] > 0.95).all():
                     page[y : y + d, x : x + d] = 0.1
                     break
-            png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
+            png = scans.gray_png(page)
             items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
         exact, wrong_ok, misreads = score(classifier, items, None)
         print('STRAY', exact, wrong_ok, misreads)
@@ -134,7 +134,7 @@ class TestCuts:
             page[50 : 50 + ink.shape[0], 50 : 50 + ink.shape[1]] -= 0.9 * ink
             axes = (int(ink.shape[1] * rng.uniform(0.75, 0.9)) + 10, int(ink.shape[0] * 0.75) + 6)
             cv2.ellipse(page, (page.shape[1] // 2, page.shape[0] // 2), axes, 0, 0, 360, 0.15, 3, cv2.LINE_AA)
-            png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
+            png = scans.gray_png(page)
             items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
         exact, wrong_ok, misreads = score(classifier, items, None)
         assert exact >= 14 and wrong_ok <= 1, misreads
@@ -153,7 +153,7 @@ class TestCuts:
             page[50 : 50 + ink.shape[0], 50 : 50 + ink.shape[1]] -= 0.9 * ink
             g = int(rng.integers(-2, 4))  # the gap between ink and box: 0 or less touches
             cv2.rectangle(page, (48 - g, 48 - g), (51 + ink.shape[1] + g, 51 + ink.shape[0] + g), 0.15, 2)
-            png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
+            png = scans.gray_png(page)
             items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
         exact, wrong_ok, misreads = score(classifier, items, None)
         assert exact >= 16 and wrong_ok <= 1, misreads
@@ -178,7 +178,7 @@ class TestCuts:
                 page[40 : 40 + cell + t, 40 + j * cell : 40 + j * cell + t] = 0.2
             page[40 : 40 + t, 40 : 40 + n * cell + t] = 0.2
             page[40 + cell : 40 + cell + t, 40 : 40 + n * cell + t] = 0.2
-            png = pngwrite.encode_flavour(np.repeat(np.clip(page, 0, 1)[..., None], 3, 2), None, "rgb8")
+            png = scans.gray_png(page)
             items.append((png, "".join(str(int(mnist.y_test[i])) for i in idx)))
         exact, wrong_ok, misreads = score(classifier, items, None)
         assert exact >= 17 and wrong_ok <= 1, misreads
