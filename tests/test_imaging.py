@@ -185,16 +185,19 @@ class TestNormalization:
         read = [r.text for r in classify_pngs(classifier, pngs)]
         assert sum(r == t for r, t in zip(read, truth, strict=True)) >= 7, (truth, read)
 
-    @pytest.mark.parametrize("side", [16, 28])
-    def test_a_tiny_page_cropped_tight(self, mnist, classifier, side):
+    @pytest.mark.parametrize("side,light", [(16, False), (28, False), (16, True), (28, True)])
+    def test_a_tiny_page_cropped_tight(self, mnist, classifier, side, light):
         """A digit cropped to its own box on a tiny page (a 16x16 postal scan,
         a form's cell): it fills a third or more of the page. Two in three
         16x16 crops were "no ink found" (smoothed at that size, the digit was
         one spread taken for noise; 15 of 30 read); read enlarged, 30 of 30
-        at both sizes."""
-        rng = np.random.default_rng(7)
+        at both sizes. Postal data sets store the digit light on dark: a bold
+        one fills half its page's inside, and the dark-frame test
+        (ink_is_light) took such pages for light paper in a dark frame,
+        read inverted (49 and 50 of 60 right; now 57 of 60 at both sizes)."""
+        rng = np.random.default_rng(7 + 100 * light)
         pngs, truth = [], []
-        for k in rng.choice(len(mnist.x_test), 30, replace=False):
+        for k in rng.choice(len(mnist.x_test), 60 if light else 30, replace=False):
             im = mnist.x_test[k].astype(np.float32) / 255.0
             ys, xs = np.nonzero(im > 0.1)
             box = im[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
@@ -202,13 +205,13 @@ class TestNormalization:
             page = np.ones((side, max(side, w)), np.float32)
             x0 = (page.shape[1] - w) // 2
             page[:, x0 : x0 + w] -= cv2.resize(box, (w, side), interpolation=cv2.INTER_AREA)
-            pngs.append(scans.gray_png(page))
+            pngs.append(scans.gray_png(1.0 - page if light else page))
             truth.append(str(int(mnist.y_test[k])))
         results = classify_pngs(classifier, pngs)
         right = sum(r.text == t for r, t in zip(results, truth, strict=True))
         wrong_ok = sum(r.text != t and r.status == "ok" for r, t in zip(results, truth, strict=True))
         misreads = [(t, r.text, r.status, r.error) for r, t in zip(results, truth, strict=True) if r.text != t]
-        assert right >= 27 and wrong_ok <= 1, misreads
+        assert right >= 0.9 * len(truth) and wrong_ok <= 1, misreads
 
     def test_small_digit_on_large_page(self, seven, classifier):
         ink = scans.ink_from_mnist(seven, 30)
