@@ -181,6 +181,22 @@ class TestRefusal:
         assert all(r.reason == reading.REASON_NOT_DIGIT for r in two if r.status != "ok"
                    and r.confidence >= 0.965)
 
+    def test_a_date_with_slashes_is_not_read_ok(self, classifier):
+        """A date ("12/05", "3/11/26") is digits and slashes: a slash standing
+        taller than the digits and leaning was read as a 1 and ok ("12105":
+        30 of these 40). It is "not a digit" now (1 of 40 still ok)."""
+        from digitwatch import evaluation, synth
+
+        rng = np.random.default_rng(31)
+        pngs = []
+        for i in range(40):
+            date = f"{rng.integers(1, 32)}/{rng.integers(1, 13):02d}" + (f"/{rng.integers(10, 100)}" if i % 2 else "")
+            ink = synth.glyph_ink(date, synth.TRAIN_FACES[i % len(synth.TRAIN_FACES)], rng)
+            pngs.append(evaluation.page_png(ink, rng, i, "number"))
+        results = read_all(classifier, pngs)
+        marked_ok = [r.text for r in results if r.status == "ok"]
+        assert len(marked_ok) <= 2, marked_ok
+
     def test_a_filled_mark_is_not_a_digit(self, classifier, mnist):
         """A blacked-in form bubble or dot was read as a sure "0" and ok (0.96)
         by both models; alone or beside a number, it is not a digit. Real
