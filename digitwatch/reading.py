@@ -795,6 +795,7 @@ def decide(
     confidence, evidence = _confidence(row_prior, path, rows, best, top[n, m] - z, calibration)
     if (any(rejected[k] for k in path) or any(row_prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path)
             or (len(path) == 2 and _lone_not_a_pair(cands, pair_probs))
+            or _cut_not_a_pair(cands, path, pair_probs)
             or any(_filled(cands.crops[k]) for k in path if k < len(cands.crops))
             or _slash(cands, path, best)):
         return _reading(path, best, digit_probs, confidence, evidence, STATUS_LOW, REASON_NOT_DIGIT)
@@ -808,6 +809,21 @@ def _filled(crop: np.ndarray) -> bool:
     filled mark (a blacked-in form bubble, a dot), not a stroke."""
     solid = np.pad((crop > 0.5).astype(np.uint8), 1)
     return float(cv2.distanceTransform(solid, cv2.DIST_L2, 3).max()) >= FILLED
+
+
+def _cut_not_a_pair(cands: Candidates, path: list[int], pair_probs: np.ndarray | None) -> bool:
+    """Two digits of the answer cut from one stretch of ink that the pair model,
+    shown that stretch whole, says is not two digits this surely
+    (LONE_NOT_PAIR): a % after a number ("83%" read "8396" and ok), a symbol
+    whose strokes cut like two digits. _lone_not_a_pair is the same test for
+    a page whose ink is one blob."""
+    if pair_probs is None or not cands.pair_spans:
+        return False
+    n = len(cands.spans)
+    cut_at = {(cands.spans[a][0], cands.spans[b][1]) for a, b in zip(path, path[1:], strict=False)
+              if a < n and b < n and cands.spans[a][1] == cands.spans[b][0]}
+    return any(span in cut_at and float(pair_probs[k, PAIR_REJECT]) >= LONE_NOT_PAIR
+               for k, span in enumerate(cands.pair_spans))
 
 
 def _lean(crop: np.ndarray) -> float:

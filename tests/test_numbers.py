@@ -197,6 +197,19 @@ class TestRefusal:
         marked_ok = [r.text for r in results if r.status == "ok"]
         assert len(marked_ok) <= 2, marked_ok
 
+    def test_a_percentage_is_not_read_ok(self, classifier):
+        """"83%": the % sign's strokes cut like two digits ("8396", ok: 20 of
+        these 40). The pair model, shown the sign whole, says it is not two
+        digits: the answer is "not a digit" now (2 of 40 still ok)."""
+        from digitwatch import evaluation, synth
+
+        rng = np.random.default_rng(32)
+        pngs = [evaluation.page_png(synth.glyph_ink(f"{rng.integers(1, 100)}%", synth.TRAIN_FACES[i % 4], rng),
+                                    rng, i, "number") for i in range(40)]
+        results = read_all(classifier, pngs)
+        marked_ok = [r.text for r in results if r.status == "ok"]
+        assert len(marked_ok) <= 3, marked_ok
+
     def test_a_filled_mark_is_not_a_digit(self, classifier, mnist):
         """A blacked-in form bubble or dot was read as a sure "0" and ok (0.96)
         by both models; alone or beside a number, it is not a digit. Real
