@@ -210,6 +210,18 @@ class TestRefusal:
         marked_ok = [r.text for r in results if r.status == "ok"]
         assert len(marked_ok) <= 3, marked_ok
 
+    def test_brackets_and_marks_of_punctuation_are_not_ok(self, classifier):
+        """( ) [ ] { } ! ? alone, in a face the reject head never saw: each read
+        as a sure 1 (or 7) and ok until they were drawn among its non-digits
+        (36 of these 40 ok before, 3 now; a / or a | stays a 1, on purpose)."""
+        from digitwatch import evaluation, synth
+
+        rng = np.random.default_rng(33)
+        pngs = [evaluation.page_png(synth.glyph_ink("()[]{}!?"[i % 8], synth.HELD_OUT_FACE, rng), rng, i, "letter")
+                for i in range(40)]
+        marked_ok = [r.text for r in read_all(classifier, pngs) if r.status == "ok"]
+        assert len(marked_ok) <= 4, marked_ok
+
     def test_a_filled_mark_is_not_a_digit(self, classifier, mnist):
         """A blacked-in form bubble or dot was read as a sure "0" and ok (0.96)
         by both models; alone or beside a number, it is not a digit. Real
