@@ -724,6 +724,9 @@ class Work:
     labels: np.ndarray | None = None
     stats: np.ndarray | None = None
     chosen: np.ndarray | None = None
+    # Digit-sized blobs on the page left out of the row read (see unread):
+    # a second line of digits, a neighbouring field.
+    unread: int = 0
 
 
 def work_region(gray: np.ndarray) -> Work:
@@ -770,9 +773,10 @@ def _work_region(gray: np.ndarray, *, envelope: bool) -> Work:
             coarse = 1.0 - coarse
         paper = estimate_paper(coarse, envelope=envelope)
         try:
-            _, mask = segment(
+            _, mask, labels, stats, chosen = _segment(
                 ink_map(coarse, paper.over(coarse.shape, (0, 0, 1, 1))), line_span=0.7, slenderness=25
             )
+            left_out = unread(stats, chosen, mask.shape)
             break
         except NoInkError:
             if i == len(levels) - 1:
@@ -795,7 +799,35 @@ def _work_region(gray: np.ndarray, *, envelope: bool) -> Work:
     box = (cx0 / w, cy0 / h, cx1 / w, cy1 / h)
     ink = ink_map(crop, paper.over(crop.shape, box))
     smooth, mask, labels, stats, chosen = _segment(ink, line_span=0.8, slenderness=12)
-    return Work(ink=ink, smooth=smooth, mask=mask, labels=labels, stats=stats, chosen=chosen)
+    return Work(ink=ink, smooth=smooth, mask=mask, labels=labels, stats=stats, chosen=chosen,
+                unread=max(left_out, unread(stats, chosen, mask.shape)))
+
+
+# A blob left out of the row read is digit-sized when at least UNREAD_TALL of
+# the row's tallest blob high and UNREAD_AREA of its median blob's ink, and
+# no wider than UNREAD_WIDE of that height (a rule, a frame is not).
+UNREAD_TALL = 0.6
+UNREAD_AREA = 0.15
+UNREAD_WIDE = 3.0
+
+
+def unread(stats: np.ndarray, chosen: np.ndarray, shape: tuple[int, int]) -> int:
+    """How many digit-sized blobs (stats rows by label, row 0 the background)
+    lie clear of the page's edges and outside the chosen row: a second line
+    of digits or a neighbouring field, which the row's reading leaves out.
+    Blobs cut by the page's edge are pieces of what lies beyond it (a
+    neighbour's stroke in a tight crop), not something left unread."""
+    if not len(chosen):
+        return 0
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    ref = float(bh[chosen].max())
+    inside = (x > 0) & (y > 0) & (x + bw < shape[1]) & (y + bh < shape[0])
+    sized = (bh >= UNREAD_TALL * ref) & (bw < UNREAD_WIDE * ref)
+    sized &= area >= UNREAD_AREA * float(np.median(area[chosen]))
+    left = inside & sized
+    left[0] = False
+    left[chosen] = False
+    return int(left.sum())
 
 
 def finish(

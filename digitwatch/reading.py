@@ -23,6 +23,7 @@ one candidate, normalized exactly as before numbers were read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from digitwatch.results import STATUS_LOW, STATUS_OK
 # Reasons a reading is not ok (the `reason` field).
 REASON_LOW = "low confidence"
 REASON_NOT_DIGIT = "not a digit"
+REASON_UNREAD = "more writing on the page than was read"
 
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
 WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than WIDE_DIGIT heights
@@ -174,6 +176,7 @@ class Candidates:
     pair_spans: tuple[tuple[int, int], ...] = ()
     pair_prior: np.ndarray | None = None
     lone: bool = False  # the ink is one connected piece
+    unread: int = 0  # digit-sized blobs elsewhere on the page, not read (imaging.unread)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,11 @@ def read_scan(gray: np.ndarray, *, pairs: bool = True) -> Candidates:
     pair model: nothing would read them). Raises NoInkError when there is
     nothing to read."""
     work = imaging.work_region(gray)
+    cands = _cut(work, pairs=pairs)
+    return dataclasses.replace(cands, unread=work.unread) if work.unread else cands
+
+
+def _cut(work: imaging.Work, *, pairs: bool) -> Candidates:
     labels, stats = work.labels, work.stats
     assert labels is not None and stats is not None and work.chosen is not None
     pieces = [
@@ -747,7 +755,20 @@ def decide(
     pair candidates (`pair_probs`, contract.PAIR_CLASSES; None: no pairs read).
     With a `calibration` (the model card's), the confidence is its probability
     that the whole answer is right; without, the raw product (see _confidence).
-    `threshold`: one for every answer, or Thresholds by the answer's length."""
+    `threshold`: one for every answer, or Thresholds by the answer's length.
+    A page with digit-sized writing left out of the row read is never ok
+    (REASON_UNREAD): the answer may be a second line, or half a form."""
+    r = _decide(cands, probs, pair_probs=pair_probs, constraints=constraints, threshold=threshold,
+                calibration=calibration)
+    if cands.unread and r.status == STATUS_OK:
+        return dataclasses.replace(r, status=STATUS_LOW, reason=REASON_UNREAD)
+    return r
+
+
+def _decide(
+    cands: Candidates, probs: np.ndarray, *, pair_probs: np.ndarray | None, constraints: Constraints,
+    threshold: float | Thresholds, calibration: AnswerCalibration | None,
+) -> Reading:
     thresholds = Thresholds.of(threshold)
     probs = np.asarray(probs, np.float64)
     if cands.atoms == 1 and len(cands.spans) == 1 and constraints.min_len <= 1 and (

@@ -22,8 +22,8 @@ STATUS_OK = "ok"
 STATUS_LOW = "low_confidence"
 STATUS_ERROR = "error"  # the file could not be read (`error` says why)
 # low_confidence also covers what is not a digit string at all, or does not fit
-# --expect/--length: `reason` says which ("low confidence", "not a digit",
-# "expected 5 digits, read 3").
+# --expect/--length, or leaves writing unread: `reason` says which ("low confidence", "not a digit",
+# "expected 5 digits, read 3", "more writing on the page than was read").
 
 
 @dataclass(frozen=True)
