@@ -84,10 +84,11 @@ MAX_DIGITS = 64  # the longest reading considered when no length is given
 PAIR_WIDTHS = (0.9, 1.8)
 PAIR_COST = 1.5
 LONE_PAIR = 3.5
-# A page whose ink is one blob, cut into two digits, while the pair model,
-# shown that whole blob, says it is not two digits this surely: a letter
-# whose strokes cut like digits (V as "11", n as "17", % as "96"), not a
-# number. Two touching digits the pair model reads as such. A lone blob is
+# A stretch of connected ink (a page's one blob, or a piece of a longer
+# reading) cut into two digits, while the pair model, shown it whole, says
+# it is not two digits this surely: a letter whose strokes cut like digits
+# (V as "11", n as "17", % as "96"), not a number (_cut_not_a_pair). Two
+# touching digits the pair model reads as such. A lone blob is
 # shown to the pair model whole from LONE_PAIR_WIDTH heights wide (a V is
 # 0.86-0.90, under PAIR_WIDTHS: it was read "11" and ok, unasked), also one
 # narrow enough for the single-digit fast path: two digits overlapping
@@ -815,7 +816,6 @@ def _decide(
     path = _path(options, back, n, m)
     confidence, evidence = _confidence(row_prior, path, rows, best, top[n, m] - z, calibration)
     if (any(rejected[k] for k in path) or any(row_prior[k] < -WIDTH_COST * (MAX_WIDTH - WIDE_DIGIT) for k in path)
-            or (len(path) == 2 and _lone_not_a_pair(cands, pair_probs))
             or _cut_not_a_pair(cands, path, pair_probs)
             or any(_filled(cands.crops[k]) for k in path if k < len(cands.crops))
             or _slash(cands, path, best)):
@@ -835,9 +835,10 @@ def _filled(crop: np.ndarray) -> bool:
 def _cut_not_a_pair(cands: Candidates, path: list[int], pair_probs: np.ndarray | None) -> bool:
     """Two digits of the answer cut from one stretch of ink that the pair model,
     shown that stretch whole, says is not two digits this surely
-    (LONE_NOT_PAIR): a % after a number ("83%" read "8396" and ok), a symbol
-    whose strokes cut like two digits. _lone_not_a_pair is the same test for
-    a page whose ink is one blob."""
+    (LONE_NOT_PAIR): a letter whose strokes cut like two digits on a page of
+    its own (V as "11"), a % after a number ("83%" read "8396" and ok). A
+    reading of such a stretch by the pair model itself cannot be the cause:
+    it is offered only where "not two digits" is not the model's answer."""
     if pair_probs is None or not cands.pair_spans:
         return False
     n = len(cands.spans)
@@ -859,6 +860,8 @@ def _slash(cands: Candidates, path: list[int], best: np.ndarray) -> bool:
     if len(path) < 2 or cands.shape is None:
         return False
     singles = [k for k in path if k < len(cands.crops)]
+    if not any(best[k] == 1 for k in singles):
+        return False  # the moments below are only needed where a 1 was read
     lean = {k: _lean(cands.crops[k]) for k in singles}
     for k in singles:
         others = [j for j in singles if j != k]
@@ -867,14 +870,6 @@ def _slash(cands: Candidates, path: list[int], best: np.ndarray) -> bool:
                 and lean[k] - float(np.median([lean[j] for j in others])) > SLASH_LEAN):
             return True
     return False
-
-
-def _lone_not_a_pair(cands: Candidates, pair_probs: np.ndarray | None) -> bool:
-    """One blob, and the pair model says the whole of it is not two digits (LONE_NOT_PAIR)."""
-    if not cands.lone or pair_probs is None:
-        return False
-    whole = [k for k, span in enumerate(cands.pair_spans) if span == (0, cands.atoms)]
-    return bool(whole) and float(pair_probs[whole[0], PAIR_REJECT]) >= LONE_NOT_PAIR
 
 
 def _confidence(
