@@ -252,6 +252,26 @@ class TestRefusal:
         assert sum(r.reason == reading.REASON_UNREAD for r in results) >= 10
         assert not [r.text for r in read_all(classifier, one) if r.reason == reading.REASON_UNREAD]
 
+    @pytest.mark.xfail(strict=True, reason="known: heavy or blurred paper noise alone can form a stroke read as a "
+                       "sure 1 (2 of these 60 pages, before this test and after); open in the issue notes")
+    def test_paper_noise_alone_is_never_ok(self, classifier):
+        """Pages of paper and noise alone (tones, uneven light, blur): no answer
+        may be ok. Found by the attack pass: 2 of 60 read "1", ok at 0.99."""
+        from tests.scans import gray_png
+
+        rng = np.random.default_rng(0)
+        pngs = []
+        for i in range(60):
+            h, w = rng.integers(40, 900, 2)
+            g = np.full((h, w), rng.uniform(0.3, 0.95), np.float32)
+            g += rng.normal(0, rng.uniform(0.005, 0.08), (h, w)).astype(np.float32)
+            if i % 3 == 0:
+                g *= np.linspace(0.6, 1, w)[None].astype(np.float32)
+            if i % 4 == 0:
+                g = cv2.GaussianBlur(g, (0, 0), rng.uniform(0.5, 3))
+            pngs.append(gray_png(np.clip(g, 0, 1)))
+        assert not [r.text for r in read_all(classifier, pngs) if r.status == "ok"]
+
     def test_a_filled_mark_is_not_a_digit(self, classifier, mnist):
         """A blacked-in form bubble or dot was read as a sure "0" and ok (0.96)
         by both models; alone or beside a number, it is not a digit. Real
