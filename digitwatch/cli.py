@@ -19,8 +19,8 @@ import typer
 from digitwatch import __version__
 from digitwatch.config import CHOICES, HELP, KEYS, Settings
 from digitwatch.errors import DigitwatchError
-from digitwatch.imaging import DEFAULT_MAX_PIXELS
-from digitwatch.pipeline import threshold_for
+from digitwatch.reader.imaging import DEFAULT_MAX_PIXELS
+from digitwatch.reader.prepare import threshold_for
 
 Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
 
@@ -102,7 +102,7 @@ def train(
     ] = None,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
-    from digitwatch.training import TrainRequest, run_training
+    from digitwatch.training.train import TrainRequest, run_training
 
     if out.suffix != ".keras":
         raise typer.BadParameter("--out must end in .keras", param_hint="--out")
@@ -175,8 +175,8 @@ def classify(
     ] = 0,
 ) -> None:
     """Classify scans and print one record per file. Exit 1 if any file failed."""
-    from digitwatch.classify_cmd import classify_paths
-    from digitwatch.reading import constraints_for
+    from digitwatch.classify import classify_paths
+    from digitwatch.reader.reading import constraints_for
 
     try:
         constraints_for(expect.value, length)
@@ -216,10 +216,10 @@ def evaluate(
 ) -> None:
     """Score a model on the 10,000 MNIST test digits (never used in training), then
     on scans of numbers and non-digits (reliability.png with --report)."""
-    from digitwatch import evaluation
-    from digitwatch.contract import to_model_input
-    from digitwatch.data import load_mnist
-    from digitwatch.model import load_classifier
+    from digitwatch.reader.contract import to_model_input
+    from digitwatch.reader.model import load_classifier
+    from digitwatch.training import evaluation
+    from digitwatch.training.data import load_mnist
 
     mnist = load_mnist(data)
     classifier = load_classifier(model)
@@ -339,9 +339,9 @@ def watch(
     import structlog
 
     from digitwatch import logs
-    from digitwatch.config import check_paths
-    from digitwatch.daemon import Daemon
-    from digitwatch.model import load_classifier
+    from digitwatch.daemon.loop import Daemon
+    from digitwatch.daemon.startup import check_paths
+    from digitwatch.reader.model import load_classifier
 
     settings = _settings_from(config, flags)
     logs.configure(settings.log_format)
@@ -354,7 +354,7 @@ def watch(
 
 def _nfs_caveats(settings: Settings) -> list[str]:
     """What does not hold on NFS with these settings (systemd/README.md has the figures)."""
-    from digitwatch.fsinfo import nfs_warnings
+    from digitwatch.daemon.fsinfo import nfs_warnings
 
     return nfs_warnings({"inbox": settings.inbox, "results": settings.results.parent}, polling=settings.polling)
 
@@ -366,7 +366,7 @@ def check_config(
         ReportFormat.table),
 ) -> None:
     """Validate the settings (file < environment) and print the effective values."""
-    from digitwatch.config import check_paths
+    from digitwatch.daemon.startup import check_paths
 
     settings = _settings_from(config, {})
     # Nothing is created here: the folders must be makeable and writable by

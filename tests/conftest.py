@@ -38,7 +38,7 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist(mnist_dir):
-    from digitwatch.data import load_mnist
+    from digitwatch.training.data import load_mnist
 
     return load_mnist(mnist_dir)
 
@@ -50,7 +50,7 @@ def shipped_tflite() -> Path:
 
 @pytest.fixture(scope="session")
 def classifier(shipped_tflite):
-    from digitwatch.model import load_classifier
+    from digitwatch.reader.model import load_classifier
 
     # As the product loads it by default: the pair card.
     return load_classifier()
@@ -89,7 +89,7 @@ def disk_fills_half_way(monkeypatch):
 def classify_pngs(classifier, pngs: list[bytes], low_confidence: float | None = None) -> list:
     """PNG bytes through the product's path (prepare_bytes, classify_batch);
     `low_confidence` None: the card's thresholds, as classify reads."""
-    from digitwatch.pipeline import classify_batch, prepare_bytes
+    from digitwatch.reader.prepare import classify_batch, prepare_bytes
 
     items = [prepare_bytes(f"{i}.png", png, 0.0, max_pixels=40_000_000) for i, png in enumerate(pngs)]
     return classify_batch(classifier, items, low_confidence=low_confidence)

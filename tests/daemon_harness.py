@@ -151,7 +151,7 @@ PNG_GOOD = GOOD[0].read_bytes()
 
 
 def decoder_pids(parent: int) -> list[int]:
-    """The daemon's worker processes (children running digitwatch.decoder)."""
+    """The daemon's worker processes (children running digitwatch.daemon.worker)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -161,6 +161,6 @@ def decoder_pids(parent: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == parent and b"digitwatch.decoder" in cmdline:
+        if ppid == parent and b"digitwatch.daemon.worker" in cmdline:
             out.append(int(entry.name))
     return sorted(out)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.data import load_mnist
-from tests import pngwrite, scans
+from digitwatch.training import pngwrite, scans
+from digitwatch.training.data import load_mnist
 
 HERE = Path(__file__).parent / "fixtures" / "scans"
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"

@@ -98,7 +98,7 @@ def main() -> int:
               if line.split()[2] in ("nfs", "nfs4") and line.split()[1] == str(m1)]
     summary: dict = {"files": args.files, "results_mode": args.results, "same_path": args.same_path,
                      "mount": mounts}
-    from digitwatch import fsinfo
+    from digitwatch.daemon import fsinfo
 
     summary["fsinfo_on_mount"] = fsinfo.network_fs(m1)
     summary["known_classification"] = known_classification(env, out)

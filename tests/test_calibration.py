@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from digitwatch import calibration
+from digitwatch.training import calibration
 
 
 class TestECE:

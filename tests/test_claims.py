@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch import claims, commit
+from digitwatch.daemon import claims, commit
 from digitwatch.errors import ConfigError, RefusedError
 from digitwatch.results import Result
 
@@ -286,7 +286,7 @@ class TestCommitter:
     def test_target_taken_after_planning_gets_a_new_journaled_name(self, tmp_path):
         import datetime as dt
 
-        from digitwatch.results import ResultsFile
+        from digitwatch.daemon.results_file import ResultsFile
 
         ws = _ws(tmp_path)
         _drop(ws.inbox, b"a.png", b"mine")
@@ -313,8 +313,8 @@ class TestCommitter:
     def test_folder_vanishing_during_recovery_is_contained(self, tmp_path):
         import shutil
 
-        from digitwatch import recovery
-        from digitwatch.results import ResultsFile
+        from digitwatch.daemon import recovery
+        from digitwatch.daemon.results_file import ResultsFile
 
         dead = _ws(tmp_path, "dead")
         _drop(dead.inbox, b"a.png")

@@ -9,11 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from digitwatch import calibration, confidence
-from digitwatch.confidence import FEATURES, AnswerCalibration, Evidence, Thresholds
 from digitwatch.errors import ModelError
-from digitwatch.model import DEFAULT_MODEL, OutputSpec, load_classifier
-from digitwatch.pipeline import DEFAULT_LOW_CONFIDENCE, threshold_for
+from digitwatch.reader import confidence
+from digitwatch.reader.confidence import FEATURES, AnswerCalibration, Evidence, Thresholds
+from digitwatch.reader.model import DEFAULT_MODEL, OutputSpec, load_classifier
+from digitwatch.reader.prepare import DEFAULT_LOW_CONFIDENCE, threshold_for
+from digitwatch.training import calibration
 from tests.conftest import MODELS
 
 
@@ -129,7 +130,7 @@ class TestThresholds:
     def test_decide_holds_each_answer_to_its_own(self):
         """The same raw confidence (0.9) is ok for a one-digit answer and not
         for a two-digit one, at single 0.85 / longer 0.95."""
-        from digitwatch import reading
+        from digitwatch.reader import reading
 
         t = Thresholds(0.85, 0.95)
         one = reading.Candidates(np.zeros((1, 28, 28), np.float32), ((0, 1),), np.zeros(1, np.float32), 1)
@@ -154,7 +155,7 @@ def test_the_shipped_calibration_fits_its_features(classifier):
     scans (every variation and PNG flavour, digits the model reads right) come
     out ok, and every ok one is right. A map left over from other features
     (or other models) marks many of them low."""
-    from digitwatch.pipeline import classify_batch, prepare_bytes
+    from digitwatch.reader.prepare import classify_batch, prepare_bytes
     from tests.conftest import label_of
 
     paths = sorted((MODELS.parent / "tests" / "fixtures" / "scans").glob("*.png"))
@@ -181,8 +182,8 @@ def test_an_answer_longer_than_the_fitted_range_is_not_trusted_on_extrapolation(
     at most the raw product of the digits' probabilities, which falls with length."""
     import cv2
 
-    from digitwatch.reading import read_number
-    from tests import pngwrite
+    from digitwatch.reader.reading import read_number
+    from digitwatch.training import pngwrite
 
     def page(n: int) -> bytes:
         img = np.full((120, 40 * n + 40), 255, np.uint8)
@@ -203,7 +204,7 @@ def test_an_answer_longer_than_the_fitted_range_is_not_trusted_on_extrapolation(
 def test_writing_a_card_is_all_or_nothing(tmp_path, monkeypatch):
     """fit_answers --write: a write cut short (the disk fills half way, as a
     power loss would) leaves the old card whole, and no temporary file."""
-    from tests.bench.fit_answers import write_card
+    from digitwatch.training.answers import write_card
     from tests.conftest import disk_fills_half_way
 
     card = tmp_path / "m.json"
@@ -245,7 +246,7 @@ class TestChooseThresholds:
                 and (ok & (groups == "non_digit")).sum() <= 4)
 
     def test_single_digits_get_a_lower_threshold_that_keeps_every_bar(self):
-        from tests.bench.fit_answers import choose_threshold, choose_thresholds
+        from digitwatch.training.answers import choose_threshold, choose_thresholds
 
         conf, right, eligible, groups, lengths = self._scans()
         totals = {"single": 400, "low_res": 0, "font": 0, "number": 200, "non_digit": 200}
@@ -258,7 +259,7 @@ class TestChooseThresholds:
         assert not self._holds(Thresholds(lower, t.number), conf, right, eligible, groups, lengths)
 
     def test_non_digits_read_as_sure_digits_hold_the_single_threshold_up(self):
-        from tests.bench.fit_answers import choose_thresholds
+        from digitwatch.training.answers import choose_thresholds
 
         totals = {"single": 400, "low_res": 0, "font": 0, "number": 200, "non_digit": 200}
         free = choose_thresholds(*self._scans(), totals, 0.995, 0.01, 0.02)
@@ -275,7 +276,7 @@ def test_fit_answers_never_unpickles_a_cache_others_could_have_planted(tmp_path)
     import os
     import pickle
 
-    from tests.bench.fit_answers import _own_cache
+    from digitwatch.training.answers import _own_cache
 
     marker = tmp_path / "ran"
 

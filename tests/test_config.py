@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch.config import HELP, KEYS, Settings, check_paths, load_settings, read_toml
+from digitwatch.config import HELP, KEYS, Settings, load_settings, read_toml
+from digitwatch.daemon.startup import check_paths
 from digitwatch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,12 +192,12 @@ class TestNfsCaveats:
     """On NFS the daemon says what does not hold; elsewhere it says nothing."""
 
     def test_local_folders_have_no_caveats(self, tmp_path):
-        from digitwatch.fsinfo import nfs_warnings
+        from digitwatch.daemon.fsinfo import nfs_warnings
 
         assert nfs_warnings({"inbox": tmp_path, "results": tmp_path}, polling=False) == []
 
     def test_inbox_on_nfs_without_polling(self, tmp_path, monkeypatch):
-        from digitwatch import fsinfo
+        from digitwatch.daemon import fsinfo
 
         # statfs cannot be made to say NFS here; the lookup is faked, the rules are real.
         monkeypatch.setattr(fsinfo, "network_fs", lambda p: "nfs" if p == tmp_path else None)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitwatch import contract
-from digitwatch.contract import (
+from digitwatch.reader import contract
+from digitwatch.reader.contract import (
     CLASS_COUNTS,
     DIGITS,
     PAIR_CLASSES,

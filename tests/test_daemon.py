@@ -485,14 +485,14 @@ class TestBackoff:
     """Failed commits retry after 0.5, 1, 2, ... s, never more than 30 s apart."""
 
     def test_schedule(self):
-        from digitwatch.commit import MAX_BACKOFF, backoff_delay
+        from digitwatch.daemon.commit import MAX_BACKOFF, backoff_delay
 
         assert MAX_BACKOFF == 30.0
         assert [backoff_delay(n) for n in range(1, 10)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
 
     def test_a_night_of_retries_stays_capped(self):
         """Attempt 1026 (8.5 hours at 30 s) used to raise OverflowError in the loop."""
-        from digitwatch.commit import backoff_delay
+        from digitwatch.daemon.commit import backoff_delay
 
         assert [backoff_delay(n) for n in (64, 1025, 1026, 10**6)] == [30.0] * 4
 
@@ -501,7 +501,7 @@ ARENA_PROBE = """
 import ctypes, ctypes.util, os, re, sys, tempfile, threading
 cap = sys.argv[1] == "cap"
 if cap:
-    from digitwatch.daemon import limit_malloc_arenas
+    from digitwatch.daemon.runtime import limit_malloc_arenas
     assert limit_malloc_arenas(2)
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitwatch.data import IDX_FILES, load_mnist, parse_idx
 from digitwatch.errors import DataError
+from digitwatch.training.data import IDX_FILES, load_mnist, parse_idx
 
 
 def idx_images(images: np.ndarray) -> bytes:

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch import imaging
 from digitwatch.errors import ImageTooLargeError
-from tests import pngwrite
+from digitwatch.reader import imaging
+from digitwatch.training import pngwrite
 from tests.daemon_harness import DaemonProc, drop
 
 CHANNELS = {pngwrite.GRAY: 1, pngwrite.RGB: 3, pngwrite.PALETTE: 1, pngwrite.GRAY_ALPHA: 2, pngwrite.RGBA: 4}

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch.evaluation import Answer, score_scans
+from digitwatch.training.evaluation import Answer, score_scans
 from tests.conftest import run_cli
 
 
@@ -82,7 +82,7 @@ class TestEvaluateCommand:
 def test_accuracy_is_the_digit_answered_and_refusals_are_counted():
     """With 11 classes, a digit the model calls "not a digit" still stands in
     the result's `digit` (argmax over 0-9): accuracy scores that, refused counts them."""
-    from digitwatch.evaluation import evaluate
+    from digitwatch.training.evaluation import evaluate
 
     probs = np.zeros((3, 11))
     probs[0, 3] = 1.0  # right

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests import pngwrite
+from digitwatch.training import pngwrite
 from tests.daemon_harness import PNG_GOOD, DaemonProc
 
 pytestmark = pytest.mark.slow
@@ -146,7 +146,7 @@ def test_hostile_corpus(tmp_path):
 
 def _journal(folder: Path, name: str, rel: bytes, target: bytes, results: Path, roots: dict) -> bytes:
     """A well-formed journal entry, built with the daemon's own encoder."""
-    from digitwatch import claims, commit
+    from digitwatch.daemon import claims, commit
     from digitwatch.results import Result
 
     f = claims.Folder(folder.name, -1, folder)

@@ -10,15 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch import imaging
-from digitwatch.errors import (
-    CorruptImageError,
-    EmptyFileError,
-    ImageTooLargeError,
-    NoInkError,
-    NotPNGError,
-)
-from tests import pngwrite, scans
+from digitwatch.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NoInkError, NotPNGError
+from digitwatch.reader import imaging
+from digitwatch.training import pngwrite, scans
 from tests.conftest import classify_pngs
 
 
@@ -137,7 +131,8 @@ class TestNormalization:
         """A bold number filling 40-55% of a tight crop (a form's field cut
         out): the ink's own contrast once counted as paper noise, and every
         such page was 'no ink' (0 of these found before)."""
-        from digitwatch import reading, synth
+        from digitwatch.reader import reading
+        from digitwatch.training import synth
 
         found = tried = 0
         for seed in range(60):
@@ -163,7 +158,7 @@ class TestNormalization:
         down into the ink until the ink was the paper, "no ink found" (11 of
         these 60 pages; 25 read right). Now every page is read (29 right:
         digits this crowded are often read merged, never an error)."""
-        from digitwatch import synth
+        from digitwatch.training import synth
 
         pngs, truth = [], []
         for seed in range(60):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch.inbox import Settler, ignored_reason, list_folder, list_inbox, relative_name, start_observer
+from digitwatch.daemon.inbox import Settler, ignored_reason, list_folder, list_inbox, relative_name, start_observer
 
 
 class TestRules:

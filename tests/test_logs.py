@@ -15,7 +15,8 @@ import time
 import pytest
 import structlog
 
-from digitwatch import logs, systemd
+from digitwatch import logs
+from digitwatch.daemon import systemd
 from tests.daemon_harness import PNG_GOOD, ROOT, DaemonProc, drop
 
 

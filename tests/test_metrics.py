@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch.metrics import STATUSES
+from digitwatch.daemon.metrics import STATUSES
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, STATUS_OK
 from tests.daemon_harness import PNG_GOOD, DaemonProc, drop
 

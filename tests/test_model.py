@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from digitwatch.contract import CLASS_COUNTS, PAIR_CLASSES, REJECT
 from digitwatch.errors import ModelError
-from digitwatch.model import (
+from digitwatch.reader.contract import CLASS_COUNTS, PAIR_CLASSES, REJECT
+from digitwatch.reader.model import (
     LiteRTClassifier,
     OutputSpec,
     RejectHeadClassifier,
@@ -33,7 +33,7 @@ class TestShippedModel:
     """The model in models/ loads with its card and returns probabilities."""
 
     def test_classes_and_probabilities(self, classifier, mnist):
-        from digitwatch.contract import to_model_input
+        from digitwatch.reader.contract import to_model_input
 
         # The default is the pair card: the 10-class digits with the "not a digit" head.
         card = json.loads((MODELS / "digits-reject.json").read_text())
@@ -49,14 +49,14 @@ class TestCard:
     """What the card beside a model says is applied; a bad card is refused."""
 
     def test_no_card_means_raw_probabilities(self, copied_model, mnist):
-        from digitwatch.contract import to_model_input
+        from digitwatch.reader.contract import to_model_input
 
         x = to_model_input(mnist.x_test[:32])
         raw = LiteRTClassifier(copied_model, spec=OutputSpec()).predict(x)
         assert np.array_equal(LiteRTClassifier(copied_model).predict(x), raw)
 
     def test_temperature_from_the_card_is_applied(self, copied_model, mnist):
-        from digitwatch.contract import to_model_input
+        from digitwatch.reader.contract import to_model_input
 
         x = to_model_input(mnist.x_test[:32])
         spec = OutputSpec.for_model(MODELS / "digits.tflite")
@@ -145,7 +145,7 @@ class TestRejectHead:
     def test_shipped_pair_keeps_the_digit_decisions(self, mnist):
         """The real shipped files: the card names the companion, the digit
         argmax is the shipped digit model's, and r is the companion's class 10."""
-        from digitwatch.contract import to_model_input
+        from digitwatch.reader.contract import to_model_input
 
         card = json.loads((MODELS / "digits-reject.json").read_text())
         assert (card["digit_model"], card["reject_model"]) == ("digits.tflite", "reject.tflite")
@@ -175,7 +175,7 @@ class TestRejectHead:
             load_classifier(copied_model)
 
     def test_card_beside_the_digit_model_names_the_companion(self, copied_model, mnist):
-        from digitwatch.contract import to_model_input
+        from digitwatch.reader.contract import to_model_input
 
         shutil.copy(MODELS / "reject.tflite", copied_model.parent / "r.tflite")
         shutil.copy(MODELS / "reject.json", copied_model.parent / "r.json")  # its logits and temperature
@@ -212,7 +212,7 @@ class TestPairModel:
     def test_reads_a_composed_pair_of_test_digits(self, mnist):
         """MNIST *test* digits (never composed in training) side by side, overlapping:
         most are read as their two digits, and a single digit drawn wide is not a pair."""
-        from digitwatch import synth
+        from digitwatch.training import synth
 
         rng = np.random.default_rng(5)
         pairs = load_classifier().pairs
@@ -276,7 +276,7 @@ class TestWriteWhole:
         file stays whole and loadable, no temporary file is left beside it."""
         from pathlib import Path
 
-        from digitwatch.model import write_whole
+        from digitwatch.reader.model import write_whole
 
         target = tmp_path / "pairs.tflite"
         shutil.copy(MODELS / "pairs.tflite", target)
@@ -304,7 +304,7 @@ class TestWriteWhole:
         target = tmp_path / "pairs.tflite"
         shutil.copy(MODELS / "pairs.tflite", target)
         child = subprocess.Popen([sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from digitwatch.model import replace_whole\n"
+            "import sys, time; from pathlib import Path; from digitwatch.reader.model import replace_whole\n"
             "def half(tmp):\n"
             "    f = open(tmp, 'wb'); f.write(b'x' * 50_000); f.flush(); print('half', flush=True); time.sleep(60)\n"
             f"replace_whole(Path({str(target)!r}), half)\n")], stdout=subprocess.PIPE, text=True)
@@ -313,13 +313,13 @@ class TestWriteWhole:
         child.wait(timeout=10)
         leftover = tmp_path / ".pairs.tmp.tflite"
         assert leftover.exists() and target.read_bytes() == (MODELS / "pairs.tflite").read_bytes()
-        from digitwatch.model import write_whole
+        from digitwatch.reader.model import write_whole
 
         write_whole(target, b"new")
         assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["pairs.tflite"]
 
     def test_a_link_planted_as_the_temporary_file_is_not_written_through(self, tmp_path):
-        from digitwatch.model import write_whole
+        from digitwatch.reader.model import write_whole
 
         outside = tmp_path / "outside.txt"
         outside.write_text("keep me")
@@ -332,7 +332,7 @@ class TestWriteWhole:
         assert sorted(p.name for p in models.iterdir()) == ["digits.json"]
 
     def test_digitwatch_train_writes_its_card_whole(self, tmp_path, monkeypatch):
-        from digitwatch import training
+        from digitwatch.training import train as training
         from tests.conftest import disk_fills_half_way
 
         card = tmp_path / "m.json"

@@ -41,7 +41,7 @@ def _tool() -> Path | None:
 
 
 def test_fsinfo_knows_a_local_folder(tmp_path):
-    from digitwatch import fsinfo
+    from digitwatch.daemon import fsinfo
 
     assert fsinfo.fs_type(tmp_path) is not None
     assert fsinfo.network_fs(tmp_path) is None

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch import reading
 from digitwatch.errors import NoInkError
-from digitwatch.pipeline import classify_batch, prepare_bytes
-from tests import pngwrite, scans
+from digitwatch.reader import reading
+from digitwatch.reader.prepare import classify_batch, prepare_bytes
+from digitwatch.training import pngwrite, scans
 from tests.conftest import run_cli
 
 OLD_CSV_COLUMNS = ["file", "digit", "confidence", "status", "error", "sha256", "width", "height",
@@ -169,7 +169,7 @@ class TestRefusal:
         """V, n, u, N and % are one blob whose strokes cut like two digits ("11",
         "17", "96"); the pair model, shown the whole blob, says it is not two
         digits. Before that counted, 7 of these 60 (training faces) were ok."""
-        from digitwatch import evaluation, synth
+        from digitwatch.training import evaluation, synth
 
         rng = np.random.default_rng(21)
         pngs = [evaluation.page_png(synth.glyph_ink("VnuN%"[i % 5], synth.TRAIN_FACES[i % 4], rng), rng, i, "letter")
@@ -185,7 +185,7 @@ class TestRefusal:
         """A date ("12/05", "3/11/26") is digits and slashes: a slash standing
         taller than the digits and leaning was read as a 1 and ok ("12105":
         30 of these 40). It is "not a digit" now (1 of 40 still ok)."""
-        from digitwatch import evaluation, synth
+        from digitwatch.training import evaluation, synth
 
         rng = np.random.default_rng(31)
         pngs = []
@@ -201,7 +201,7 @@ class TestRefusal:
         """"83%": the % sign's strokes cut like two digits ("8396", ok: 20 of
         these 40). The pair model, shown the sign whole, says it is not two
         digits: the answer is "not a digit" now (2 of 40 still ok)."""
-        from digitwatch import evaluation, synth
+        from digitwatch.training import evaluation, synth
 
         rng = np.random.default_rng(32)
         pngs = [evaluation.page_png(synth.glyph_ink(f"{rng.integers(1, 100)}%", synth.TRAIN_FACES[i % 4], rng),
@@ -214,7 +214,7 @@ class TestRefusal:
         """( ) [ ] { } ! ? alone, in a face the reject head never saw: each read
         as a sure 1 (or 7) and ok until they were drawn among its non-digits
         (36 of these 40 ok before, 3 now; a / or a | stays a 1, on purpose)."""
-        from digitwatch import evaluation, synth
+        from digitwatch.training import evaluation, synth
 
         rng = np.random.default_rng(33)
         pngs = [evaluation.page_png(synth.glyph_ink("()[]{}!?"[i % 8], synth.HELD_OUT_FACE, rng), rng, i, "letter")
@@ -257,7 +257,7 @@ class TestRefusal:
     def test_paper_noise_alone_is_never_ok(self, classifier):
         """Pages of paper and noise alone (tones, uneven light, blur): no answer
         may be ok. Found by the attack pass: 2 of 60 read "1", ok at 0.99."""
-        from tests.scans import gray_png
+        from digitwatch.training.scans import gray_png
 
         rng = np.random.default_rng(0)
         pngs = []

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch import imaging, reading
-from digitwatch.contract import PAIR_CLASSES, PAIR_REJECT
-from digitwatch.pipeline import classify_batch, prepare_bytes
-from tests import scans
+from digitwatch.reader import imaging, reading
+from digitwatch.reader.contract import PAIR_CLASSES, PAIR_REJECT
+from digitwatch.reader.prepare import classify_batch, prepare_bytes
+from digitwatch.training import scans
 from tests.conftest import classify_pngs
 
 
@@ -347,7 +347,7 @@ class TestPairs:
         """The digit model alone (--model models/digits.tflite) reads no pair
         pictures, so none are cut, in process or in the daemon's workers;
         the digit candidates are the same either way."""
-        from digitwatch.decoder import Limits, prepare_claimed
+        from digitwatch.daemon.worker import Limits, prepare_claimed
 
         cut = []
         for png, _ in numbers(mnist, 41, 6, (2, 2), layout="overlap"):

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from digitwatch.errors import RefusedError
-from digitwatch.pipeline import read_file, read_regular
+from digitwatch.files import read_file, read_regular
 
 
 class TestReadRegular:

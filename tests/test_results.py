@@ -14,16 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch.results import (
-    DAEMON_COLUMNS,
-    NotRegularFileError,
-    Result,
-    ResultsFile,
-    csv_line,
-    defuse,
-    display_name,
-    json_line,
-)
+from digitwatch.daemon.results_file import NotRegularFileError, ResultsFile
+from digitwatch.results import DAEMON_COLUMNS, Result, csv_line, defuse, display_name, json_line
 
 
 def result(name: str = "a.png", **kw) -> Result:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from digitwatch import synth
-from digitwatch.imaging import COM_CENTRE
+from digitwatch.reader.imaging import COM_CENTRE
+from digitwatch.training import synth
 
 
 def _is_normalized(x: np.ndarray) -> None:
@@ -119,8 +119,8 @@ class TestLowRes:
         # Validation digits (never trained on) at low resolution, through the
         # digit model alone: 98.35% measured, 97.35% before it was fine-tuned
         # on low-resolution training digits (digits.json "fine_tuned_from").
-        from digitwatch.data import split_indices
-        from digitwatch.model import load_classifier
+        from digitwatch.reader.model import load_classifier
+        from digitwatch.training.data import split_indices
         from tests.conftest import MODELS
 
         _, val = split_indices(len(mnist.x_train), seed=0, limit=None)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def small_run(mnist_dir, tmp_path_factory):
-    from digitwatch.training import TrainRequest, run_training
+    from digitwatch.training.train import TrainRequest, run_training
 
     # The 11-class recipe end to end, small: drawn non-digits, font digits,
     # logits out, a temperature fitted on the validation split.
@@ -33,7 +33,7 @@ def small_run(mnist_dir, tmp_path_factory):
 def quantized_run(mnist_dir, tmp_path_factory):
     # One epoch on 600 digits leaves batch-norm statistics unsettled and the
     # answers near ties, which int8 rounding flips; a small MLP trains enough.
-    from digitwatch.training import TrainRequest, run_training
+    from digitwatch.training.train import TrainRequest, run_training
 
     out = tmp_path_factory.mktemp("train-int8") / "mlp.keras"
     card = run_training(TrainRequest(
@@ -53,8 +53,8 @@ class TestTraining:
         assert card["classes"] == 11 and card["outputs"] == "logits"
 
     def test_card_figures_are_what_the_loaded_model_measures(self, small_run, mnist):
-        from digitwatch.contract import to_model_input
-        from digitwatch.model import load_classifier
+        from digitwatch.reader.contract import to_model_input
+        from digitwatch.reader.model import load_classifier
 
         out, card = small_run
         classifier = load_classifier(out.with_suffix(".tflite"))  # reads the card: logits, temperature
@@ -91,8 +91,8 @@ class TestTraining:
     def test_keras_and_litert_loaders_agree(self, small_run, mnist):
         # Both loaders read the card (logits, temperature) themselves; the
         # export check in training compared raw outputs only.
-        from digitwatch.contract import to_model_input
-        from digitwatch.model import load_classifier
+        from digitwatch.reader.contract import to_model_input
+        from digitwatch.reader.model import load_classifier
 
         out, _ = small_run
         x = to_model_input(mnist.x_test[:200])
@@ -102,7 +102,7 @@ class TestTraining:
         assert (a.argmax(1) == b.argmax(1)).all()
 
     def test_mlp_is_the_original_network(self):
-        from digitwatch.training import build_mlp
+        from digitwatch.training.train import build_mlp
 
         m = build_mlp()
         dense = [layer for layer in m.layers if layer.__class__.__name__ == "Dense"]
@@ -110,8 +110,8 @@ class TestTraining:
         assert m.count_params() == 784 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
 
     def test_augmenter_keeps_range_and_changes_digits(self, mnist):
-        from digitwatch.contract import to_model_input
-        from digitwatch.training import make_augmenter
+        from digitwatch.reader.contract import to_model_input
+        from digitwatch.training.train import make_augmenter
 
         x = to_model_input(mnist.x_train[:64])
         y = make_augmenter(0)(x).numpy()
@@ -119,7 +119,7 @@ class TestTraining:
         assert np.abs(y - x).mean() > 0.01
 
     def test_export_mismatch_fails_loudly(self):
-        from digitwatch.training import verify_export
+        from digitwatch.training.train import verify_export
 
         p = np.full((3, 10), 0.1, np.float32)
         p[:, 0] = 0.2
@@ -131,7 +131,7 @@ class TestTraining:
             verify_export(p, p + 2e-4)
 
     def test_int8_export_judged_by_argmax_and_accuracy(self):
-        from digitwatch.training import verify_export
+        from digitwatch.training.train import verify_export
 
         labels = np.zeros(1000, np.int64)
         p = np.full((1000, 10), 0.05, np.float32)
@@ -147,7 +147,7 @@ class TestTraining:
             verify_export(p, q, labels)
 
     def test_unsafe_formats_refused(self, tmp_path):
-        from digitwatch.model import load_keras_model
+        from digitwatch.reader.model import load_keras_model
 
         (tmp_path / "m.h5").write_bytes(b"x")
         with pytest.raises(ModelError, match="only .keras"):
@@ -159,7 +159,7 @@ class TestFineTune:
 
     @pytest.fixture(scope="class")
     def base(self, mnist_dir, tmp_path_factory):
-        from digitwatch.training import TrainRequest, run_training
+        from digitwatch.training.train import TrainRequest, run_training
 
         out = tmp_path_factory.mktemp("base") / "base.keras"
         run_training(TrainRequest(
@@ -171,8 +171,8 @@ class TestFineTune:
     def test_fine_tune_starts_from_the_given_weights(self, base, mnist_dir, tmp_path):
         import keras
 
-        from digitwatch.model import load_keras_model
-        from digitwatch.training import TrainRequest, run_training, sha256_file
+        from digitwatch.reader.model import load_keras_model
+        from digitwatch.training.train import TrainRequest, run_training, sha256_file
 
         out = tmp_path / "tuned.keras"
         card = run_training(TrainRequest(
@@ -188,7 +188,7 @@ class TestFineTune:
         assert 0.0 <= card["low_res_validation_accuracy"] <= 1.0
         start, tuned = load_keras_model(base), load_keras_model(out)
         keras.utils.set_random_seed(6)
-        from digitwatch.training import build_cnn_member
+        from digitwatch.training.train import build_cnn_member
 
         fresh = build_cnn_member(4, "member_0")
         # One short epoch at a quarter of the rate moves the weights a little;
@@ -203,7 +203,7 @@ class TestFineTune:
         beside the start (a JSON nesting bomb) costs its command, not the run."""
         import shutil
 
-        from digitwatch.training import TrainRequest, run_training, sha256_file
+        from digitwatch.training.train import TrainRequest, run_training, sha256_file
 
         model = tmp_path / "m.keras"
         shutil.copy(base, model)
@@ -222,8 +222,8 @@ class TestFineTune:
 
         import keras
 
-        from digitwatch.model import load_keras_model
-        from digitwatch.training import save_without_optimizer, sha256_file
+        from digitwatch.reader.model import load_keras_model
+        from digitwatch.training.train import save_without_optimizer, sha256_file
 
         model = tmp_path / "m.keras"
         shutil.copy(base, model)
@@ -243,7 +243,7 @@ class TestFineTune:
         assert sha256_file(model) == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.keras"]
 
     def test_init_of_another_shape_is_refused(self, base, mnist_dir, tmp_path):
-        from digitwatch.training import TrainRequest, run_training
+        from digitwatch.training.train import TrainRequest, run_training
 
         with pytest.raises(ModelError, match="1 members of 10 classes, not 2 of 10"):
             run_training(TrainRequest(
@@ -256,7 +256,7 @@ class TestShippedModel:
     """The model in models/ meets the bar and matches its card."""
 
     def test_card_matches_files(self):
-        from digitwatch.training import sha256_file
+        from digitwatch.training.train import sha256_file
 
         card = json.loads((MODELS / "digits.json").read_text())
         for name, digest in card["files"].items():
@@ -265,8 +265,8 @@ class TestShippedModel:
     def test_tflite_accuracy_on_mnist_test(self, mnist, shipped_tflite):
         # The digit model alone, measured here through the loader (card
         # temperature applied), against the bar and against what its card claims.
-        from digitwatch.contract import to_model_input
-        from digitwatch.model import load_classifier
+        from digitwatch.reader.contract import to_model_input
+        from digitwatch.reader.model import load_classifier
 
         classifier = load_classifier(shipped_tflite)
 

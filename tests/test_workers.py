@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pytest
 
-from digitwatch.pipeline import prepare_file
-from digitwatch.workers import OUT_OF_MEMORY, Limits, Outcome, WorkerPool, worker_count
+from digitwatch.daemon.pool import OUT_OF_MEMORY, Limits, Outcome, WorkerPool, worker_count
+from digitwatch.reader.prepare import prepare_file
 from tests import worker_tasks
 from tests.conftest import ROOT, SCAN_FIXTURES
 
@@ -281,7 +281,7 @@ class TestMemoryLimit:
 PARENT = """
 import json, sys
 from pathlib import Path
-from digitwatch.workers import WorkerPool
+from digitwatch.daemon.pool import WorkerPool
 from tests import worker_tasks
 pool = WorkerPool(2, task=worker_tasks.marked).start()
 pool.submit("hang", sys.argv[1], Path(sys.argv[1]).name)

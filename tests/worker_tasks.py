@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.decoder import Limits, prepare_claimed
-from digitwatch.pipeline import Prepared
+from digitwatch.daemon.worker import Limits, prepare_claimed
+from digitwatch.reader.prepare import Prepared
 
 
 def marked(path: str, name: str, limits: Limits) -> Prepared:

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.confidence import Thresholds
-from digitwatch.data import load_mnist
 from digitwatch.errors import ImageError
-from digitwatch.imaging import decode_gray
-from digitwatch.model import load_classifier
-from digitwatch.pipeline import threshold_for
-from digitwatch.reading import REASON_NOT_DIGIT, decide, read_scan
-from digitwatch.reading import score as score_scans
+from digitwatch.reader.confidence import Thresholds
+from digitwatch.reader.imaging import decode_gray
+from digitwatch.reader.model import load_classifier
+from digitwatch.reader.prepare import threshold_for
+from digitwatch.reader.reading import REASON_NOT_DIGIT, decide, read_scan
+from digitwatch.reader.reading import score as score_scans
 from digitwatch.results import STATUS_OK
-from tests import scans
+from digitwatch.training import scans
+from digitwatch.training.data import load_mnist
 from tests.conftest import MNIST_DIR
 
 
@@ -60,7 +60,7 @@ def score(classifier, batch: list[scans.Scan], threshold: float | Thresholds) ->
             "ok": ok, "ok_right": ok_right}
 
 
-SETS = {"mnist": "MNIST test scans", "other": "other writers (strokes, fonts)", "uci": "low resolution (UCI 8x8)"}
+SETS = {"mnist": "MNIST test scans", "other": "other writers (strokes, fonts)", "low_res": "low resolution (MNIST test digits binned to 8x8)"}
 
 
 def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float | None = None) -> dict:
@@ -74,10 +74,12 @@ def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float 
         idx = rng.choice(len(mnist.x_test), per_variation, replace=False)
         batch = list(scans.mnist_scans(mnist.x_test[idx], mnist.y_test[idx], variation, rng))
         rows.append({"source": "mnist", "set": "mnist", "variation": variation, **score(classifier, batch, thresholds)})
-    for source in ("strokes", "font", "uci"):
+    for source in ("strokes", "font"):
         batch = list(scans.other_scans(per_variation * 2, source, rng))
-        rows.append({"source": source, "set": "uci" if source == "uci" else "other", "variation": "all",
-                     **score(classifier, batch, thresholds)})
+        rows.append({"source": source, "set": "other", "variation": "all", **score(classifier, batch, thresholds)})
+    idx = rng.choice(len(mnist.x_test), per_variation * 2, replace=False)
+    batch = list(scans.low_res_scans(mnist.x_test[idx], mnist.y_test[idx], rng))
+    rows.append({"source": "low_res", "set": "low_res", "variation": "all", **score(classifier, batch, thresholds)})
     sets = {}
     for name in SETS:
         mine = [r for r in rows if r["set"] == name]

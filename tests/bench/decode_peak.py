@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tests import pngwrite
+from digitwatch.training import pngwrite
 
 TRNS_BODY = {"gray8": 2, "gray16": 2, "rgb8": 6, "rgb16": 6}
 
@@ -49,8 +49,8 @@ def _status(key: str) -> int:
 
 
 def measure(path: str) -> dict:
-    from digitwatch import imaging
     from digitwatch.errors import ImageError
+    from digitwatch.reader import imaging
 
     # Lift the limit being measured for: load_digit takes the default.
     imaging.read_png_header.__kwdefaults__["max_decoded_bytes"] = 10**13

@@ -39,15 +39,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from digitwatch import imaging, reading, synth
-from digitwatch.confidence import Thresholds
-from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
-from digitwatch.evaluation import page_png
-from digitwatch.model import load_classifier
-from digitwatch.pipeline import threshold_for
-from digitwatch.reading import score
-from tests import pngwrite, scans
+from digitwatch.reader import imaging, reading
+from digitwatch.reader.confidence import Thresholds
+from digitwatch.reader.model import load_classifier
+from digitwatch.reader.prepare import threshold_for
+from digitwatch.reader.reading import score
+from digitwatch.training import pngwrite, scans, synth
+from digitwatch.training.data import load_mnist, split_indices
+from digitwatch.training.evaluation import page_png
 
 LAYOUTS = ["spaced", "uneven", "touching", "overlap", "drift", "broken", "ruled", "evaluate"]
 

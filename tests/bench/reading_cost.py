@@ -34,8 +34,8 @@ import json, os, sys, time
 from pathlib import Path
 import cv2
 cv2.setNumThreads(1)
-from digitwatch.pipeline import classify_batch, prepare_bytes
-from digitwatch.model import load_classifier
+from digitwatch.reader.prepare import classify_batch, prepare_bytes
+from digitwatch.reader.model import load_classifier
 folder = Path(sys.argv[1])
 clf = load_classifier(Path(sys.argv[2]))
 out = {}
@@ -67,8 +67,8 @@ print(json.dumps(out))
 
 
 def render(folder: Path, count: int, seed: int) -> None:
-    from digitwatch.data import load_mnist
-    from tests import scans
+    from digitwatch.training import scans
+    from digitwatch.training.data import load_mnist
     from tests.conftest import MNIST_DIR
 
     mnist = load_mnist(MNIST_DIR)

@@ -29,8 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from digitwatch.data import load_mnist
-from tests import pngwrite, scans
+from digitwatch.training import pngwrite, scans
+from digitwatch.training.data import load_mnist
 from tests.conftest import MNIST_DIR
 from tests.daemon_harness import DaemonProc
 
@@ -112,7 +112,7 @@ def _memory_mb(pid: int) -> dict:
 def pool_run(paths: list[Path], workers: int, *, task=None, depth: int | None = None) -> dict:
     """files/s through a WorkerPool, and CPU per file in this process (submit,
     IPC, the collector thread) and in the workers."""
-    from digitwatch import workers as wk
+    from digitwatch.daemon import pool as wk
 
     done = threading.Semaphore(0)
     kwargs = {"task": task} if task is not None else {}
@@ -145,7 +145,7 @@ def pool_run(paths: list[Path], workers: int, *, task=None, depth: int | None = 
 
 def threads_run(paths: list[Path], threads: int) -> dict:
     """files/s of today's thread pool running prepare_file, and its CPU per file."""
-    from digitwatch.pipeline import prepare_file
+    from digitwatch.reader.prepare import prepare_file
 
     def prep(p: Path):
         return prepare_file(p, p.name, follow_links=False)
@@ -163,7 +163,7 @@ def scaling(paths: list[Path]) -> list[dict]:
     import cv2 as _cv2
 
     _cv2.setNumThreads(1)  # as in the daemon
-    from digitwatch.workers import worker_count
+    from digitwatch.daemon.pool import worker_count
 
     rows = []
     for n in range(1, worker_count() + 1):
@@ -176,8 +176,8 @@ def stage_costs(paths: list[Path]) -> dict:
     worker's time goes. IPC is a worker pool's round trip for a task that does
     nothing (one worker, one file at a time: nothing overlaps), in wall time,
     and the CPU it costs the loop process and the worker."""
-    from digitwatch import imaging
-    from digitwatch.pipeline import DEFAULT_MAX_BYTES, read_file
+    from digitwatch.files import DEFAULT_MAX_BYTES, read_file
+    from digitwatch.reader import imaging
     from tests import worker_tasks
 
     cv2.setNumThreads(1)  # as in the daemon
@@ -199,7 +199,7 @@ def stage_costs(paths: list[Path]) -> dict:
 def original_loop(paths: list[Path]) -> float:
     """files/s of the student script: imread, resize, invert, model.predict per file."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from digitwatch.training import build_mlp
+    from digitwatch.training.train import build_mlp
 
     model = build_mlp()
     model.predict(np.zeros((1, 28, 28, 1), np.float32), verbose=0)  # warm up

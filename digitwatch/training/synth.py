@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from digitwatch.contract import DIGITS, PAIR_REJECT, PAIR_WIDTH, SIDE
 from digitwatch.errors import NoInkError
-from digitwatch.imaging import finish, finish_pair, mnist_box, pair_box
+from digitwatch.reader.contract import DIGITS, PAIR_REJECT, PAIR_WIDTH, SIDE
+from digitwatch.reader.imaging import finish, finish_pair, mnist_box, pair_box
 
 FACES = [
     cv2.FONT_HERSHEY_SIMPLEX,

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from digitwatch import claims, commit
 from digitwatch.config import Settings
-from digitwatch.metrics import Metrics
-from digitwatch.model import Classifier
-from digitwatch.pipeline import Prepared, classify_batch
+from digitwatch.daemon import claims, commit
+from digitwatch.daemon.metrics import Metrics
+from digitwatch.reader.model import Classifier
+from digitwatch.reader.prepare import Prepared, classify_batch
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, Result
 
 log = structlog.get_logger("digitwatch")

@@ -1,4 +1,4 @@
-"""`digitwatch classify` (classify_cmd.py): which files a folder gives, and what
+"""`digitwatch classify` (classify.py): which files a folder gives, and what
 its output lines hold."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from digitwatch.classify_cmd import expand
+from digitwatch.classify import expand
 from tests.conftest import ROOT, SCAN_FIXTURES
 
 SCAN = sorted(SCAN_FIXTURES.glob("mnist-*.png"))[0]
@@ -109,12 +109,12 @@ class TestWorkerProcesses:
     def test_prepared_in_workers_equals_prepared_here(self, tmp_path):
         from structlog.testing import capture_logs
 
-        from digitwatch import classify_cmd
+        from digitwatch import classify
 
-        items = list(classify_cmd.expand(self._items(tmp_path), recursive=False))
-        here = list(classify_cmd.prepare_here(items, max_pixels=40_000_000))
+        items = list(classify.expand(self._items(tmp_path), recursive=False))
+        here = list(classify.prepare_here(items, max_pixels=40_000_000))
         with capture_logs() as logs:
-            there = list(classify_cmd.prepare_in_workers(items, max_pixels=40_000_000, workers=2))
+            there = list(classify.prepare_in_workers(items, max_pixels=40_000_000, workers=2))
         (started,) = [e for e in logs if e["event"] == "workers_started"]
         assert started["workers"] == 2 and os.getpid() not in started["pids"]
         assert [p.name for p in there] == [p.name for p in here]
@@ -127,16 +127,16 @@ class TestWorkerProcesses:
         assert any(p.error for p in here) and any(p.candidates is not None for p in here)
 
     def test_cli_records_match_the_in_process_records(self, tmp_path, monkeypatch):
-        from digitwatch import classify_cmd
+        from digitwatch import classify
 
         items = self._items(tmp_path)
-        assert len(items) >= classify_cmd.MIN_FILES_FOR_WORKERS
+        assert len(items) >= classify.MIN_FILES_FOR_WORKERS
         r = subprocess.run([sys.executable, "-m", "digitwatch", "classify", "--format", "jsonl", "--workers", "2",
                             *map(str, items)], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 1, r.stderr  # the non-PNG and the missing file
-        monkeypatch.setattr(classify_cmd, "MIN_FILES_FOR_WORKERS", 10**9)
+        monkeypatch.setattr(classify, "MIN_FILES_FOR_WORKERS", 10**9)
         out = io.StringIO()
-        failed = classify_cmd.classify_paths(items, out=out, fmt="jsonl", model=None, debug_dir=None,
+        failed = classify.classify_paths(items, out=out, fmt="jsonl", model=None, debug_dir=None,
                                              low_confidence=None, recursive=False, max_pixels=40_000_000)
         assert failed == 2
         assert _records(r.stdout) == _records(out.getvalue())

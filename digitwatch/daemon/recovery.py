@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from digitwatch import claims, commit
-from digitwatch.crashpoints import checkpoint
+from digitwatch.daemon import claims, commit
+from digitwatch.daemon.crashpoints import checkpoint
 
 log = structlog.get_logger("digitwatch")
 

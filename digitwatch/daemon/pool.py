@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from digitwatch.decoder import EXIT_NO_MEMORY, OUT_OF_MEMORY, Limits, Task, prepare_claimed
+from digitwatch.daemon.worker import EXIT_NO_MEMORY, OUT_OF_MEMORY, Limits, Task, prepare_claimed
 from digitwatch.errors import DigitwatchError
-from digitwatch.pipeline import Prepared
-from digitwatch.reading import Candidates
+from digitwatch.reader.prepare import Prepared
+from digitwatch.reader.reading import Candidates
 
 log = structlog.get_logger("digitwatch")
 
@@ -120,7 +120,7 @@ class _Worker:
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from digitwatch.decoder import main; main()",
+                [sys.executable, "-c", "from digitwatch.daemon.worker import main; main()",
                  str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
             )

@@ -15,9 +15,11 @@ from typing import TextIO
 import cv2
 import numpy as np
 
-from digitwatch import inbox
-from digitwatch.model import Classifier, load_classifier
-from digitwatch.pipeline import DEFAULT_MAX_BYTES, Prepared, classify_batch, prepare_file, side_by_side
+from digitwatch.config import DEFAULT_PATTERNS
+from digitwatch.daemon import inbox
+from digitwatch.files import DEFAULT_MAX_BYTES
+from digitwatch.reader.model import Classifier, load_classifier
+from digitwatch.reader.prepare import Prepared, classify_batch, prepare_file, side_by_side
 from digitwatch.results import (
     CLASSIFY_COLUMNS,
     CLASSIFY_JSON,
@@ -47,7 +49,7 @@ def expand(paths: list[Path], *, recursive: bool) -> Iterator[tuple[Path, str | 
             walker = path.rglob("*") if recursive else path.iterdir()
             for child in sorted(walker):
                 if (child.is_file() and inbox.relative_name(child, path) is not None
-                        and inbox.ignored_reason(child.name, inbox.DEFAULT_PATTERNS) is None):
+                        and inbox.ignored_reason(child.name, DEFAULT_PATTERNS) is None):
                     yield child, None
         elif path.exists():
             yield path, None
@@ -75,8 +77,8 @@ def prepare_in_workers(items: list[Item], *, max_pixels: int, workers: int | Non
     """Each file in the daemon's worker processes, yielded in order. At most
     WINDOW files are handed out ahead of the one awaited, so memory stays
     flat whatever the count. A decoder that crashes or hangs costs one file."""
-    from digitwatch.decoder import Limits, prepare_named
-    from digitwatch.workers import WorkerPool
+    from digitwatch.daemon.pool import WorkerPool
+    from digitwatch.daemon.worker import Limits, prepare_named
 
     finished = threading.Semaphore(0)  # one release per outcome, from the pool's collector thread
     limits = Limits(max_pixels=max_pixels, max_bytes=DEFAULT_MAX_BYTES, pairs=pairs)

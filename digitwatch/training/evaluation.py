@@ -4,7 +4,7 @@ works with LiteRT alone.
 
 The scan sets are built from MNIST *test* digits (numbers of 1-12 digits) and
 drawn non-digits (letters in the Hershey face training never drew letters in,
-other seeds), put on pages by the test suite's scan renderer (tests/scans.py,
+other seeds), put on pages by the scan renderer (training/scans.py,
 so `evaluate --numbers/--non-digits` runs from a source checkout).
 """
 
@@ -19,9 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from digitwatch.calibration import Reliability, reliability
-from digitwatch.confidence import Thresholds
-from digitwatch.contract import DIGITS, REJECT
+from digitwatch.reader.confidence import Thresholds
+from digitwatch.reader.contract import DIGITS, REJECT
+from digitwatch.training import pngwrite, scans
+from digitwatch.training.calibration import Reliability, reliability
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def single_digit_reader(classifier, threshold: float | Thresholds) -> Reader:
     """Today's path: one digit per scan (load_digit), argmax over the classes; a
     win for "not a digit" is a refusal."""
     from digitwatch.errors import ImageError
-    from digitwatch.imaging import load_digit
+    from digitwatch.reader.imaging import load_digit
 
     single = Thresholds.of(threshold).single  # one digit per scan: always the one-digit threshold
 
@@ -190,7 +191,7 @@ def number_reader(classifier, threshold: float | Thresholds) -> Reader:
     the status: a reading refused as "not a digit" still states its text, with
     the confidence that it is right (calibrated: low)."""
     from digitwatch.errors import ImageError
-    from digitwatch.reading import STATUS_OK, read_number
+    from digitwatch.reader.reading import STATUS_OK, read_number
 
     def read(png: bytes) -> Answer:
         try:
@@ -210,24 +211,8 @@ def default_reader(classifier, threshold: float | Thresholds) -> tuple[str, Read
         return "single-digit", single_digit_reader(classifier, threshold)
 
 
-def _scan_renderer():
-    try:
-        from tests import scans
-    except ImportError as exc:
-        from digitwatch.errors import DataError
-
-        raise DataError(
-            "the scan sets need the test suite's renderer (tests/scans.py): run evaluate "
-            "from a source checkout"
-        ) from exc
-    return scans
-
-
 def page_png(ink: np.ndarray, rng: np.random.Generator, index: int, source: str) -> bytes:
     """Put ink (float, high = ink, drawn at any scale) on a realistic page."""
-    scans = _scan_renderer()
-    from tests import pngwrite
-
     variation = scans.VARIATIONS[index % len(scans.VARIATIONS)]
     flavour = pngwrite.FLAVOURS[(index * 7) % len(pngwrite.FLAVOURS)]
     tall = max(ink.shape[0], 1)
@@ -243,7 +228,7 @@ def page_png(ink: np.ndarray, rng: np.random.Generator, index: int, source: str)
 def number_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray,
                  lengths: tuple[int, int] = (1, 12)) -> list[tuple[bytes, str]]:
     """(png, digits) for numbers made of the given digits (MNIST test for reporting)."""
-    from digitwatch import synth
+    from digitwatch.training import synth
 
     rng = np.random.default_rng(seed)
     out = []
@@ -258,7 +243,7 @@ NON_DIGIT_KINDS = ("letter", "letter_pair", "tick", "cross", "scribble", "shape"
 def non_digit_scans(count: int, seed: int, faces: list[int] | None = None) -> list[tuple[bytes, str]]:
     """(png, kind): letters and pairs (by default in the face training never drew
     letters in), pen marks, shapes (a blank form box among them), smudges, specks."""
-    from digitwatch import synth
+    from digitwatch.training import synth
 
     rng = np.random.default_rng(seed)
     kinds = {k.name: k for k in synth.REJECT_KINDS}
@@ -409,7 +394,6 @@ def reliability_png(rel: Reliability, path: Path, *, title: str = "") -> None:
 
 def digit_scans(count: int, seed: int, images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, str]]:
     """(png, digit) single-digit scans cycling through every variation."""
-    scans = _scan_renderer()
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(images), count, replace=False)
     out = []

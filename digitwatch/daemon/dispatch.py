@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import structlog
 
-from digitwatch import claims
-from digitwatch.batches import Batches
+from digitwatch.daemon import claims
+from digitwatch.daemon.batches import Batches
+from digitwatch.daemon.pool import Limits, WorkerPool
 from digitwatch.errors import ImageError
-from digitwatch.pipeline import Prepared
-from digitwatch.workers import Limits, WorkerPool
+from digitwatch.reader.prepare import Prepared
 
 log = structlog.get_logger("digitwatch")
 

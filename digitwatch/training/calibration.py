@@ -4,7 +4,7 @@ error (ECE), reliability bins and the confidence threshold. Pure numpy.
 A temperature T rescales logits (softmax(z / T)); it changes confidences, never
 which class wins, so accuracy is untouched. It is fitted by minimizing the
 negative log-likelihood of the true labels on data the model was not trained
-on, and stored in the model card where `digitwatch.model` applies it.
+on, and stored in the model card where `digitwatch.reader.model` applies it.
 """
 
 from __future__ import annotations

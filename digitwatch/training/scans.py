@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tests import pngwrite
+from digitwatch.training import pngwrite
 
 VARIATIONS = [
     "clean",
@@ -117,8 +117,8 @@ def ink_from_strokes(label: int, height: int, rng: np.random.Generator) -> np.nd
     return _jitter(canvas.astype(np.float32) / 255.0, height, rng)
 
 
-def ink_from_uci(image8: np.ndarray, height: int) -> np.ndarray:
-    """scikit-learn's 8x8 UCI digits (0-16), upscaled smoothly as a fax-like source."""
+def ink_from_8x8(image8: np.ndarray, height: int) -> np.ndarray:
+    """An 8x8 bitmap (0-16), upscaled smoothly as a fax-like low-resolution source."""
     ink = np.clip(image8.astype(np.float32) / 16.0, 0, 1)
     big = cv2.resize(ink, (height, height), interpolation=cv2.INTER_CUBIC)
     return np.clip(cv2.copyMakeBorder(big, height // 4, height // 4, height // 4, height // 4,
@@ -266,25 +266,27 @@ def mnist_scans(
 
 
 def other_scans(count: int, source: str, rng: np.random.Generator) -> Iterator[Scan]:
-    """Scans of digits from other writers: 'strokes' (drawn), 'font' (Hershey), 'uci' (8x8)."""
+    """Scans of digits from other writers: 'strokes' (drawn) or 'font' (Hershey)."""
     flavours = pngwrite.FLAVOURS
-    uci = None
-    if source == "uci":
-        from sklearn.datasets import load_digits
-
-        uci = load_digits()
     for i in range(count):
         variation = VARIATIONS[i % len(VARIATIONS)]
         flavour = flavours[(i * 5) % len(flavours)]
-        if uci is not None:
-            k = int(rng.integers(len(uci.target)))
-            label = int(uci.target[k])
-            ink_for = lambda h, im=uci.images[k]: ink_from_uci(im, h)  # noqa: E731
-        else:
-            label = i % 10
-            maker = ink_from_strokes if source == "strokes" else ink_from_font
-            ink_for = lambda h, lb=label, mk=maker: mk(lb, h, rng)  # noqa: E731
-        yield make_scan(ink_for, label, variation, flavour, rng, source)
+        label = i % 10
+        maker = ink_from_strokes if source == "strokes" else ink_from_font
+        yield make_scan(lambda h, lb=label, mk=maker: mk(lb, h, rng), label, variation, flavour, rng, source)
+
+
+def to_8x8(image28: np.ndarray) -> np.ndarray:
+    """An MNIST digit as an 8x8 bitmap of 0-16 (area-averaged, as low-resolution scanners bin)."""
+    return cv2.resize(image28.astype(np.float32), (8, 8), interpolation=cv2.INTER_AREA) * (16.0 / 255.0)
+
+
+def low_res_scans(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Iterator[Scan]:
+    """Scans of digits binned to 8x8 and upscaled (a fax-like source), cycling variations and flavours."""
+    flavours = pngwrite.FLAVOURS
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        yield make_scan(lambda h, im=to_8x8(image): ink_from_8x8(im, h), int(label), VARIATIONS[i % len(VARIATIONS)],
+                        flavours[(i * 5) % len(flavours)], rng, "low_res")
 
 
 # ---------------------------------------------------------------- numbers and non-digits

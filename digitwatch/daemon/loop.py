@@ -11,9 +11,6 @@ order of events, start-up and stop, and signals.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import os
 import queue
 import select
@@ -21,36 +18,21 @@ import signal
 import threading
 import time
 
-import cv2
 import structlog
 
-from digitwatch import claims, commit, inbox, logs, recovery, systemd
-from digitwatch.batches import Batches
+from digitwatch import logs
 from digitwatch.config import Settings
-from digitwatch.handover import Handover
-from digitwatch.metrics import Metrics
-from digitwatch.model import Classifier
-from digitwatch.results import ResultsFile
-from digitwatch.workers import Limits
+from digitwatch.daemon import claims, commit, inbox, recovery, runtime, systemd
+from digitwatch.daemon.batches import Batches
+from digitwatch.daemon.dispatch import Handover
+from digitwatch.daemon.metrics import Metrics
+from digitwatch.daemon.pool import Limits
+from digitwatch.daemon.results_file import ResultsFile
+from digitwatch.reader.model import Classifier
 
 log = structlog.get_logger("digitwatch")
 
-M_ARENA_MAX = -8  # glibc <malloc.h>
 SETTLE_CHECK_SECONDS = 0.2
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas before any thread starts.
-
-    Each thread that allocates may get its own arena (up to 8 per core), and
-    megabyte buffers freed in one arena and needed in another make RSS creep
-    over a long run (figures in the CHANGELOG). Same as MALLOC_ARENA_MAX=2, but
-    it also holds under `make run` and any other launcher. No-op off glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
 
 
 class _Flag:
@@ -129,10 +111,7 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     def run(self, *, once: bool = False) -> int:
-        limit_malloc_arenas()
-        # The workers are the parallelism: OpenCV's own thread pool on top of
-        # them only adds contention.
-        cv2.setNumThreads(1)
+        runtime.tune_loop_process()
         self.metrics = Metrics(self.s.metrics_port, self.s.metrics_bind,
                                model_id=self.classifier.model_id, instance=self.instance)
         self.batches.metrics = self.metrics
@@ -153,10 +132,7 @@ class Daemon:
             self._rescan()
             log.info("daemon_started", instance=self.instance, model=self.classifier.model_id,
                      once=once, pid=os.getpid(), settings=self.s.as_dict())
-            # Start-up objects (modules, the model) live as long as the process:
-            # keep them out of the collector's full passes, which otherwise
-            # walk them again and again (~5% of the CPU in a burst, profiled).
-            gc.freeze()
+            runtime.freeze_startup_objects()
             self.status.ready(f"watching {self.inbox}", self._status())
             self._loop(once=once)
         finally:

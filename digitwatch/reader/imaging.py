@@ -29,14 +29,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from digitwatch.contract import PAIR_WIDTH, SIDE
-from digitwatch.errors import (
-    CorruptImageError,
-    EmptyFileError,
-    ImageTooLargeError,
-    NoInkError,
-    NotPNGError,
-)
+from digitwatch.errors import CorruptImageError, EmptyFileError, ImageTooLargeError, NoInkError, NotPNGError
+from digitwatch.reader.contract import PAIR_WIDTH, SIDE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MAX_PIXELS = 40_000_000  # a 600 dpi A4 scan is 35 Mpx
@@ -51,7 +45,7 @@ DEFAULT_MAX_DECODED_BYTES = 200_000_000
 _PEAK_BYTES_PER_PIXEL = {(1, False): 2.5, (1, True): 6.5, (3, False): 6.5, (3, True): 23.0,
                          (4, False): 37.0, (4, True): 41.0}
 _COLOR_NAMES = {0: "gray", 2: "RGB", 3: "palette", 4: "gray+alpha", 6: "RGBA"}
-# What this module produces is the model input `digitwatch.contract` states
+# What this module produces is the model input `digitwatch.reader.contract` states
 # (SIDE x SIDE float32 in [0, 1], ink high); MNIST's normalization puts the
 # digit's longer side at BOX and its centre of mass at COM_CENTRE.
 BOX = 20  # MNIST: the digit's longer side, before centring in 28x28

@@ -1,6 +1,6 @@
 """One worker process: reads, hashes, decodes and normalizes the files the
 loop process sends it, one at a time, under a memory limit, and dies with the
-loop process. Started and replaced by `digitwatch.workers.WorkerPool`; kept
+loop process. Started and replaced by `digitwatch.daemon.pool.WorkerPool`; kept
 apart from it so a worker imports only the pipeline (numpy, OpenCV), not the
 loop's logging (structlog and what it pulls in: ~9 MB and 0.1 s per worker).
 """
@@ -24,14 +24,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from digitwatch.config import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT
 from digitwatch.errors import ImageError
-from digitwatch.imaging import DEFAULT_MAX_PIXELS, load_digit
-from digitwatch.pipeline import DEFAULT_MAX_BYTES, Prepared, prepare_bytes, prepare_file, read_regular
+from digitwatch.files import DEFAULT_MAX_BYTES, read_regular
+from digitwatch.reader.imaging import DEFAULT_MAX_PIXELS, load_digit
+from digitwatch.reader.prepare import Prepared, prepare_bytes, prepare_file
 
-DEFAULT_TIME_LIMIT = 10.0  # seconds one file may take in a worker
-# Address space a worker may map beyond what it has when warm. A 40 Mpx RGB16
-# page (the pixel limit) decodes to 240 MB and its gray copies to ~400 MB more.
-DEFAULT_MEMORY_LIMIT = 2 * 1024**3
 EXIT_NO_MEMORY = 75  # a worker's exit status when it ran out of memory outside a file
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 OUT_OF_MEMORY = "decoder ran out of memory"

@@ -2,7 +2,7 @@
 one for `.keras` files. Only the Keras path imports TensorFlow, and lazily.
 
 A model has 10 outputs (digits 0-9) or 11 (index 10 = "not a digit"), the
-layout `digitwatch.contract` states. What the
+layout `digitwatch.reader.contract` states. What the
 graph outputs and how it is calibrated is read from the model card beside it
 (`digits.json`: "outputs" is "probabilities" or "logits", "temperature" the
 calibration fitted on held-out data); without a card, the outputs are taken as
@@ -35,8 +35,9 @@ from typing import Protocol
 
 import numpy as np
 
-from digitwatch.confidence import AnswerCalibration
-from digitwatch.contract import (
+from digitwatch.errors import ModelError
+from digitwatch.reader.confidence import AnswerCalibration
+from digitwatch.reader.contract import (
     CLASS_COUNTS,
     DIGITS,
     PAIR_CLASSES,
@@ -46,11 +47,20 @@ from digitwatch.contract import (
     to_model_input,
     to_pair_input,
 )
-from digitwatch.errors import ModelError
+
 
 # The shipped default: the 10-class digit ensemble with the "not a digit" head,
 # calibrated as a pair (models/digits-reject.json).
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits-reject.json"
+def _models_dir() -> Path:
+    """models/ beside the package in a checkout (and an editable install);
+    <prefix>/share/digitwatch/models in an installed one (pyproject data-files)."""
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    installed = Path(sys.prefix) / "share" / "digitwatch" / "models"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+MODELS_DIR = _models_dir()
+DEFAULT_MODEL = MODELS_DIR / "digits-reject.json"
 
 
 class Classifier(Protocol):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.contract import DIGITS, SIDE
 from digitwatch.errors import DataError
+from digitwatch.reader.contract import DIGITS, SIDE
 
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from digitwatch import imaging
-from digitwatch.confidence import MAX_FITTED_LENGTH, AnswerCalibration, Evidence, Thresholds
-from digitwatch.contract import DIGITS, PAIR_REJECT, REJECT
 from digitwatch.errors import NoInkError
+from digitwatch.reader import imaging
+from digitwatch.reader.confidence import MAX_FITTED_LENGTH, AnswerCalibration, Evidence, Thresholds
+from digitwatch.reader.contract import DIGITS, PAIR_REJECT, REJECT
 from digitwatch.results import STATUS_LOW, STATUS_OK
 
 # Reasons a reading is not ok (the `reason` field).

@@ -1,7 +1,7 @@
 """Training, evaluation metrics and export. The only module that imports TensorFlow.
 
 Reads like a recipe: data -> model -> train -> export -> verify. The
-augmentation prepares the network for what `digitwatch.imaging` produces from
+augmentation prepares the network for what `digitwatch.reader.imaging` produces from
 real scans (slightly different stroke widths, blur, residual noise, imperfect
 centring), so it is applied to the MNIST digits as they are, in 28x28 space.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch.contract import DIGITS, INPUT_DESCRIPTION, REJECT, SIDE, to_model_input
-from digitwatch.data import Mnist, split_indices
 from digitwatch.errors import ModelError
-from digitwatch.model import load_keras_model, replace_whole, to_probabilities, write_whole
+from digitwatch.reader.contract import DIGITS, INPUT_DESCRIPTION, REJECT, SIDE, to_model_input
+from digitwatch.reader.model import load_keras_model, replace_whole, to_probabilities, write_whole
+from digitwatch.training.data import Mnist, split_indices
 
 # TensorFlow logs a wall of CUDA probing on machines without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -275,7 +275,7 @@ def with_synthetic(
     x_train, y_train, x_val, y_val = split_train_validation(
         mnist, seed=settings.seed, limit=settings.limit
     )
-    from digitwatch import synth
+    from digitwatch.training import synth
 
     train_idx, _ = split_indices(len(mnist.x_train), seed=settings.seed, limit=settings.limit)
     images, labels = mnist.x_train[train_idx], mnist.y_train[train_idx]
@@ -503,7 +503,7 @@ class TrainRequest:
 def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
     """Non-digits never trained on: another seed, letters in the held-out face
     only, compositions of MNIST *test* digits. Reported, never selected on."""
-    from digitwatch import synth
+    from digitwatch.training import synth
 
     rng = np.random.default_rng(seed + 303)
     kinds = [
@@ -517,9 +517,9 @@ def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
 
 def run_training(request: TrainRequest) -> dict:
     """Train, save .keras, export .tflite, verify the pair on MNIST test, write the card."""
-    from digitwatch.calibration import expected_calibration_error, fit_temperature
-    from digitwatch.data import load_mnist
-    from digitwatch.model import LiteRTClassifier, OutputSpec
+    from digitwatch.reader.model import LiteRTClassifier, OutputSpec
+    from digitwatch.training.calibration import expected_calibration_error, fit_temperature
+    from digitwatch.training.data import load_mnist
 
     mnist = load_mnist(request.data)
     settings = TrainSettings(
@@ -544,7 +544,7 @@ def run_training(request: TrainRequest) -> dict:
         calibration = to_model_input(mnist.x_train[:CALIBRATION_SIZE])
         if settings.reject:
             n = CALIBRATION_SIZE // 4
-            from digitwatch import synth
+            from digitwatch.training import synth
 
             drawn, _ = synth.rejects(n, np.random.default_rng(request.seed + 404), mnist.x_train, mnist.y_train)
             calibration = np.concatenate([calibration[: CALIBRATION_SIZE - n], drawn[..., None]])
@@ -568,7 +568,7 @@ def run_training(request: TrainRequest) -> dict:
     if settings.low_res:
         # Validation digits (never trained on) as low-resolution scans, another seed.
         _, val_idx = split_indices(len(mnist.x_train), seed=settings.seed, limit=settings.limit)
-        from digitwatch import synth
+        from digitwatch.training import synth
 
         small = synth.low_res(mnist.x_train[val_idx], np.random.default_rng(settings.seed + 606))
         extra["low_res_validation_accuracy"] = accuracy(tflite.predict(small), mnist.y_train[val_idx])

@@ -36,15 +36,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from digitwatch import calibration, confidence, evaluation, synth
-from digitwatch.confidence import Thresholds
-from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
-from digitwatch.imaging import decode_gray
-from digitwatch.model import load_classifier, write_whole
-from digitwatch.reading import REASON_LOW, decide, read_scan, score
+from digitwatch.reader import confidence
+from digitwatch.reader.confidence import Thresholds
+from digitwatch.reader.imaging import decode_gray
+from digitwatch.reader.model import load_classifier, write_whole
+from digitwatch.reader.reading import REASON_LOW, decide, read_scan, score
 from digitwatch.results import STATUS_OK
-from tests import scans
+from digitwatch.training import calibration, evaluation, scans, synth
+from digitwatch.training.data import load_mnist, split_indices
 from tests.conftest import MNIST_DIR
 
 GROUPS = ("single", "low_res", "font", "number", "non_digit")
@@ -70,7 +70,7 @@ def build(singles: int, numbers: int, non_digits: int, seed: int = 9090) -> list
         out.append((scan.png, str(scan.label), "single"))
     for i, k in enumerate(rng.choice(len(images), singles // 4, replace=False)):
         small = _low_res(images[k])
-        png = scans.make_scan(lambda h, im=small: scans.ink_from_uci(im, h), int(labels[k]),
+        png = scans.make_scan(lambda h, im=small: scans.ink_from_8x8(im, h), int(labels[k]),
                               scans.VARIATIONS[i % len(scans.VARIATIONS)], "gray8", rng, "low_res").png
         out.append((png, str(int(labels[k])), "low_res"))
     for i in range(singles // 4):
@@ -208,7 +208,8 @@ def reader_fingerprint() -> str:
 
     root = Path(digitwatch.__file__).parent
     digest = hashlib.sha256()
-    for name in ("contract.py", "imaging.py", "reading.py", "synth.py", "evaluation.py", "decoder.py"):
+    for name in ("reader/contract.py", "reader/imaging.py", "reader/reading.py", "training/synth.py",
+                 "training/evaluation.py", "daemon/worker.py"):
         digest.update((root / name).read_bytes())
     digest.update(Path(scans.__file__).read_bytes())
     digest.update((inspect.getsource(build) + inspect.getsource(candidates)).encode())

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import structlog
 
-from digitwatch.crashpoints import checkpoint
+from digitwatch.daemon.crashpoints import checkpoint
+from digitwatch.daemon.inbox import WORK_DIR
 from digitwatch.errors import ConfigError
-from digitwatch.inbox import WORK_DIR
-from digitwatch.pipeline import read_regular, refuse_unless_regular
+from digitwatch.files import read_regular, refuse_unless_regular
 from digitwatch.results import display_name
 
 log = structlog.get_logger("digitwatch")

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch import synth
-from digitwatch.contract import PAIR_CLASSES, PAIR_REJECT, PAIR_WIDTH, SIDE
-from digitwatch.data import load_mnist, split_indices
+from digitwatch.reader.contract import PAIR_CLASSES, PAIR_REJECT, PAIR_WIDTH, SIDE
+from digitwatch.training import synth
+from digitwatch.training.data import load_mnist, split_indices
 
 CHANNELS = (32, 64, 128)
 HIDDEN = 256
@@ -246,8 +246,8 @@ def _int8_logits(model, mnist_dir: Path) -> bytes:
 
 
 def export(args: argparse.Namespace) -> int:
-    from digitwatch import training
-    from digitwatch.model import LiteRTClassifier, OutputSpec, write_whole
+    from digitwatch.reader.model import LiteRTClassifier, OutputSpec, write_whole
+    from digitwatch.training import train as training
 
     npz = np.load(args.weights)
     model = keras_net()

@@ -45,10 +45,11 @@ from pathlib import Path
 
 import structlog
 
-from digitwatch import claims
-from digitwatch.claims import DIR_FLAGS, NAME_MAX, Claim, Folder
-from digitwatch.crashpoints import checkpoint
-from digitwatch.results import RESULT_FIELDS, STATUS_ERROR, Result, ResultsFile, display_name, render
+from digitwatch.daemon import claims
+from digitwatch.daemon.claims import DIR_FLAGS, NAME_MAX, Claim, Folder
+from digitwatch.daemon.crashpoints import checkpoint
+from digitwatch.daemon.results_file import ResultsFile
+from digitwatch.results import RESULT_FIELDS, STATUS_ERROR, Result, display_name, render
 
 log = structlog.get_logger("digitwatch")
 

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from digitwatch import calibration, synth
-from digitwatch.contract import REJECT
-from digitwatch.data import load_mnist, split_indices
 from digitwatch.errors import ImageError
-from digitwatch.evaluation import page_png
-from digitwatch.imaging import load_digit
-from digitwatch.model import load_classifier
-from tests import scans
+from digitwatch.reader.contract import REJECT
+from digitwatch.reader.imaging import load_digit
+from digitwatch.reader.model import load_classifier
+from digitwatch.training import calibration, scans, synth
+from digitwatch.training.data import load_mnist, split_indices
+from digitwatch.training.evaluation import page_png
 from tests.conftest import MNIST_DIR
 
 

@@ -42,7 +42,6 @@ from watchdog.observers.polling import PollingObserver
 WORK_DIR = ".digitwatch"  # claims live here, inside the inbox: same filesystem, atomic renames
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", ".ds_store", ".directory"})
-DEFAULT_PATTERNS = ("*.png",)  # the `patterns` setting's default; also what `classify` takes from a folder
 
 
 def ignored_reason(name: str, patterns: tuple[str, ...]) -> str | None:

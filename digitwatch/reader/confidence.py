@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from digitwatch.contract import DIGITS, REJECT
+from digitwatch.reader.contract import DIGITS, REJECT
 
 FLOOR = -20.0  # log-probabilities below this say nothing more
 LOGIT_CAP = 12.0  # |logit| above this says nothing more
