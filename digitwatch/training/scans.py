@@ -285,7 +285,8 @@ def low_res_scans(images: np.ndarray, labels: np.ndarray, rng: np.random.Generat
     """Scans of digits binned to 8x8 and upscaled (a fax-like source), cycling variations and flavours."""
     flavours = pngwrite.FLAVOURS
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        yield make_scan(lambda h, im=to_8x8(image): ink_from_8x8(im, h), int(label), VARIATIONS[i % len(VARIATIONS)],
+        small = to_8x8(image)
+        yield make_scan(lambda h, im=small: ink_from_8x8(im, h), int(label), VARIATIONS[i % len(VARIATIONS)],
                         flavours[(i * 5) % len(flavours)], rng, "low_res")
 
 

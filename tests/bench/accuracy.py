@@ -60,7 +60,8 @@ def score(classifier, batch: list[scans.Scan], threshold: float | Thresholds) ->
             "ok": ok, "ok_right": ok_right}
 
 
-SETS = {"mnist": "MNIST test scans", "other": "other writers (strokes, fonts)", "low_res": "low resolution (MNIST test digits binned to 8x8)"}
+SETS = {"mnist": "MNIST test scans", "other": "other writers (strokes, fonts)",
+        "low_res": "low resolution (MNIST test digits binned to 8x8)"}
 
 
 def run(per_variation: int, model: Path | None, seed: int = 7, threshold: float | None = None) -> dict:
