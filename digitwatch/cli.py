@@ -52,6 +52,15 @@ class Arch(StrEnum):
     mlp = "mlp"
 
 
+class Step(StrEnum):
+    """The recipe's steps, in the order they make the shipped models (docs/training.md)."""
+
+    digits = "digits"  # the digit ensemble, or with --reject the 11-class head
+    pairs = "pairs"  # the pair reader (two touching digits as one picture)
+    temperature = "temperature"  # a model's temperature on realistic scans
+    answers = "answers"  # the whole-answer map and thresholds of a pair card
+
+
 class ReportFormat(StrEnum):
     table = "table"
     json = "json"
@@ -66,9 +75,14 @@ DataOption = Annotated[
 ]
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
+    ctx: typer.Context,
     data: DataOption = None,
+    step: Annotated[Step, typer.Option(
+        help="digits (the default), pairs, temperature or answers; the last two take their own "
+             "options after it (--model, --write, ...: `digitwatch train --step answers -- --help`).")] = Step.digits,
+    count: Annotated[int, typer.Option(min=1, help="--step pairs: training pictures drawn.")] = 600_000,
     arch: Annotated[Arch, typer.Option(help="cnn (shipped) or mlp (the original baseline).")] = Arch.cnn,
     epochs: Annotated[int | None, typer.Option(help="Default: 20 for cnn, 3 for mlp.")] = None,
     members: Annotated[int, typer.Option(help="cnn: ensemble members averaged in one graph.")] = 4,
@@ -101,7 +115,27 @@ def train(
         typer.Option(help="Fine-tune: start from this .keras model (same members, classes), at 1/4 the rate."),
     ] = None,
 ) -> None:
-    """Train on MNIST, export .tflite beside the .keras, verify, write the model card."""
+    """Train on MNIST, export .tflite beside the .keras, verify, write the model card.
+    Each shipped model is made by one or more of these steps; its card records them."""
+    command = "digitwatch " + shlex.join(sys.argv[1:])
+    if step in (Step.temperature, Step.answers):
+        from digitwatch.training import answers, calibrate
+
+        argv = (["--data", str(data)] if data else []) + [a for a in ctx.args if a != "--"]
+        (answers if step is Step.answers else calibrate).main(argv, command=command)
+        return
+    if ctx.args:
+        raise typer.BadParameter(f"unknown options for --step {step.value}: {' '.join(ctx.args)}")
+    if step is Step.pairs:
+        from digitwatch.training.pairs import PairRequest, train_pairs
+
+        if out.suffix != ".tflite":
+            raise typer.BadParameter("--step pairs: --out must end in .tflite", param_hint="--out")
+        card = train_pairs(PairRequest(data=data, out=out, command=command, count=count,
+                                       val_count=min(20_000, max(count // 30, 100)),
+                                       epochs=epochs if epochs is not None else 12, seed=seed))
+        typer.echo(f"wrote {out} and {out.with_suffix('.json')}: validation {card['training']['validation']}")
+        return
     from digitwatch.training.train import TrainRequest, run_training
 
     if out.suffix != ".keras":
@@ -123,7 +157,7 @@ def train(
         renormalized=synthetic // 2,
         low_res=low_res,
         init=init,
-        command="digitwatch " + shlex.join(sys.argv[1:]),
+        command=command,
     )
     card = run_training(request)
     typer.echo(

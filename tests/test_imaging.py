@@ -70,6 +70,10 @@ class TestFlavours:
         assert int(np.argmax(classifier.predict(digit.pixels[None]))) == 7
 
 
+# Measured spread across CPUs 25-29 of 60 (see the test); two below the lowest.
+MARKER_NUMBERS_RIGHT_AT_LEAST = 23
+
+
 class TestNormalization:
     """The MNIST normalization: 20 px box, centre of mass at the centre of 28x28."""
 
@@ -156,8 +160,10 @@ class TestNormalization:
         """A number in marker, its digits crowding each other, on a page with a
         thin margin: the strokes fill whole blocks of the paper fit, which bent
         down into the ink until the ink was the paper, "no ink found" (11 of
-        these 60 pages; 25 read right). Now every page is read (29 right:
-        digits this crowded are often read merged, never an error)."""
+        these 60 pages). Now every page is read: digits this crowded are often
+        read merged, never an error. How many are read right depends on the
+        SIMD path (29 on one Intel machine, 25 on an AMD EPYC and on another
+        Intel with AVX-512): the bar sits below that spread."""
         from digitwatch.training import synth
 
         pngs, truth = [], []
@@ -178,7 +184,7 @@ class TestNormalization:
         results = classify_pngs(classifier, pngs)
         errors = [r.error for r in results if r.status == "error"]
         right = sum(r.text == t for r, t in zip(results, truth, strict=True))
-        assert not errors and right >= 27, (errors, right)
+        assert not errors and right >= MARKER_NUMBERS_RIGHT_AT_LEAST, (errors, right)
 
     def test_the_paper_envelope_retry_finds_no_ink_in_noise(self):
         """Pages of paper and noise alone (tones, uneven light, blur) that the

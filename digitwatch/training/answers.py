@@ -2,7 +2,7 @@
 low-confidence threshold, on scans the model never trained on and the
 evaluation never reports on; optionally write both into the model card.
 
-    python -m tests.bench.fit_answers --model models/digits-reject.json \
+    digitwatch train --step answers --data DIR --model models/digits-reject.json \
         [--singles N] [--numbers N] [--non-digits N] [--precision P] [--write]
 
 The scans: MNIST *training* digits of the validation split (never trained on:
@@ -45,7 +45,6 @@ from digitwatch.reader.reading import REASON_LOW, decide, read_scan, score
 from digitwatch.results import STATUS_OK
 from digitwatch.training import calibration, evaluation, scans, synth
 from digitwatch.training.data import load_mnist, split_indices
-from tests.conftest import MNIST_DIR
 
 GROUPS = ("single", "low_res", "font", "number", "non_digit")
 
@@ -56,9 +55,10 @@ def _low_res(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(box * 1.6, 0, 1) * 16)
 
 
-def build(singles: int, numbers: int, non_digits: int, seed: int = 9090) -> list[tuple[bytes, str, str]]:
+def build(singles: int, numbers: int, non_digits: int, seed: int = 9090,
+          data: Path | None = None) -> list[tuple[bytes, str, str]]:
     """(png, truth, group): truth is the digit string, or the kind of a non-digit."""
-    mnist = load_mnist(MNIST_DIR)
+    mnist = load_mnist(data)
     _, val_idx = split_indices(len(mnist.x_train), seed=0, limit=None)
     images, labels = mnist.x_train[val_idx], mnist.y_train[val_idx]
     rng = np.random.default_rng(seed)
@@ -234,14 +234,15 @@ def _own_cache(cache: Path | None) -> dict | None:
 
 
 def run(model: Path, singles: int, numbers: int, non_digits: int, precision: float,
-        wrong_number_ok: float = 0.005, non_digit_ok: float = 0.01, cache: Path | None = None) -> dict:
+        wrong_number_ok: float = 0.005, non_digit_ok: float = 0.01, cache: Path | None = None,
+        data: Path | None = None) -> dict:
     started = time.monotonic()
     classifier = load_classifier(model)
     key = (singles, numbers, non_digits, reader_fingerprint())
     if (saved := _own_cache(cache)) is not None and saved.get("key") == key:
         items, cands = saved["items"], saved["cands"]  # our own file, from an earlier run
     else:
-        items = build(singles, numbers, non_digits)
+        items = build(singles, numbers, non_digits, data=data)
         cands = candidates(items)
         if cache is not None:
             cache.write_bytes(pickle.dumps({"key": key, "items": items, "cands": cands}))
@@ -280,8 +281,10 @@ def write_card(card_path: Path, card: dict) -> None:
     write_whole(card_path, json.dumps(card, indent=2) + "\n")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, command: str = "") -> None:
+    """`digitwatch train --step answers`: argv are the step's own options."""
+    ap = argparse.ArgumentParser(prog="digitwatch train --step answers", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, help="MNIST as an IDX folder or mnist.npz.")
     ap.add_argument("--model", type=Path, default=Path("models/digits-reject.json"))
     ap.add_argument("--singles", type=int, default=2000)
     ap.add_argument("--numbers", type=int, default=800)
@@ -291,9 +294,9 @@ def main() -> None:
     ap.add_argument("--non-digit-ok", type=float, default=0.01)
     ap.add_argument("--write", action="store_true", help="Store the map and threshold in the model's card.")
     ap.add_argument("--cache", type=Path, help="Keep the cut scans here to fit again without re-reading.")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     report = run(args.model, args.singles, args.numbers, args.non_digits, args.precision,
-                 args.wrong_number_ok, args.non_digit_ok, args.cache)
+                 args.wrong_number_ok, args.non_digit_ok, args.cache, data=args.data)
     print(json.dumps(report, indent=2))
     if args.write:
         card_path = args.model.with_suffix(".json")
@@ -304,11 +307,8 @@ def main() -> None:
         card["answer_calibration"]["fitted"] = {
             k: v for k, v in report.items() if k not in ("answer_calibration", "model")
         }
-        card["answer_calibration"]["fitted"]["command"] = (
-            f"python -m tests.bench.fit_answers --model {args.model} --singles {args.singles} "
-            f"--numbers {args.numbers} --non-digits {args.non_digits} --precision {args.precision} "
-            f"--wrong-number-ok {args.wrong_number_ok} --non-digit-ok {args.non_digit_ok} --write"
-        )
+        card["answer_calibration"]["fitted"]["command"] = command or "digitwatch train --step answers " + " ".join(
+            argv or [])
         write_card(card_path, card)
 
 

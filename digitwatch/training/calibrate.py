@@ -1,7 +1,7 @@
 """Fit the model's temperature on held-out realistic scans and write it into
 the model card.
 
-    python -m tests.bench.calibrate --model runs/r1/digits.tflite [--digits N] [--write]
+    digitwatch train --step temperature --data DIR --model runs/r1/digits.tflite [--digits N] [--write]
 
 The calibration set is data the model never trained on and the evaluation
 never reports on: MNIST *training* digits of the validation split (same seed
@@ -12,7 +12,7 @@ the negative log-likelihood there; the threshold is the lowest confidence at
 which answers marked ok are still right at least --precision of the time
 (single-digit answers: argmax over the digits, refused when "not a digit" wins),
 reported only: the whole-answer map and the card's threshold are fitted by
-tests/bench/fit_answers.py, after the temperature.
+training/answers.py (`--step answers`), after the temperature.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from digitwatch.reader.model import load_classifier
 from digitwatch.training import calibration, scans, synth
 from digitwatch.training.data import load_mnist, split_indices
 from digitwatch.training.evaluation import page_png
-from tests.conftest import MNIST_DIR
 
 
 def _pixels(pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +46,9 @@ def _pixels(pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([o for o in out if o is not None]), keep
 
 
-def calibration_set(card: dict, digits: int, seed: int = 4242) -> tuple[list[bytes], np.ndarray]:
-    mnist = load_mnist(MNIST_DIR)
+def calibration_set(card: dict, digits: int, seed: int = 4242,
+                    data: Path | None = None) -> tuple[list[bytes], np.ndarray]:
+    mnist = load_mnist(data)
     train_idx, val_idx = split_indices(len(mnist.x_train), seed=card.get("seed", 0), limit=None)
     rng = np.random.default_rng(seed)
     pick = rng.choice(val_idx, min(digits, len(val_idx)), replace=False)
@@ -84,11 +84,11 @@ def answers(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return answered, confidence, digit == labels
 
 
-def run(model: Path, digits: int, precision: float) -> dict:
+def run(model: Path, digits: int, precision: float, data: Path | None = None) -> dict:
     card_path = model.with_suffix(".json")
     card = json.loads(card_path.read_text())
     classifier = load_classifier(model)
-    pngs, labels = calibration_set(card, digits)
+    pngs, labels = calibration_set(card, digits, data=data)
     x, keep = _pixels(pngs)
     labels = labels[keep]
     probs = classifier.predict(x)
@@ -120,27 +120,25 @@ def run(model: Path, digits: int, precision: float) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None, command: str = "") -> None:
+    """`digitwatch train --step temperature`: argv are the step's own options."""
+    ap = argparse.ArgumentParser(prog="digitwatch train --step temperature")
+    ap.add_argument("--data", type=Path, help="MNIST as an IDX folder or mnist.npz.")
     ap.add_argument("--model", type=Path, default=Path("models/digits.tflite"))
     ap.add_argument("--digits", type=int, default=3000)
     ap.add_argument("--precision", type=float, default=0.997)
     ap.add_argument("--write", action="store_true", help="Store the temperature in the card.")
-    args = ap.parse_args()
-    report = run(args.model, args.digits, args.precision)
+    args = ap.parse_args(argv)
+    report = run(args.model, args.digits, args.precision, data=args.data)
     print(json.dumps(report, indent=2))
     if args.write:
         card_path = args.model.with_suffix(".json")
         card = json.loads(card_path.read_text())
-        # The whole-answer map and threshold are tests/bench/fit_answers.py's:
+        # The whole-answer map and threshold are the answers step's:
         # a threshold on single-digit probabilities is not one on its scale.
         card["temperature"] = report["temperature"]
         card["calibration"] = {k: v for k, v in report.items() if k != "model"}
-        card["calibration"]["command"] = "python -m tests.bench.calibrate " + " ".join(
-            f"--{k} {v}" for k, v in (
-                ("model", args.model), ("digits", args.digits), ("precision", args.precision),
-            )
-        ) + " --write"
+        card["calibration"]["command"] = command or "digitwatch train --step temperature " + " ".join(argv or [])
         card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 
