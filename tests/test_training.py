@@ -276,3 +276,50 @@ class TestShippedModel:
         measured = float(np.mean(probs.argmax(1) == mnist.y_test))
         assert measured >= 0.995
         assert measured == pytest.approx(card["test_accuracy"]["tflite"], abs=1e-4)
+
+
+class TestRecipeSteps:
+    """Every shipped artefact is made by `digitwatch train --step ...` from the package alone."""
+
+    def test_the_pair_step_trains_from_scratch_and_exports_a_pair_model(self, mnist_dir, tmp_path):
+        import subprocess
+        import sys
+
+        from digitwatch.reader.model import LiteRTClassifier, OutputSpec
+
+        out = tmp_path / "pairs.tflite"
+        r = subprocess.run([sys.executable, "-m", "digitwatch", "train", "--step", "pairs", "--data", str(mnist_dir),
+                            "--count", "2000", "--epochs", "1", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        card = json.loads(out.with_suffix(".json").read_text())
+        assert card["command"].startswith("digitwatch train --step pairs")
+        assert card["training"]["framework"] == "keras" and card["training"]["train_pictures"] == 2000
+        assert card["training"]["int8_same_class"] >= 0.98
+        served = LiteRTClassifier(out, pair_model=True, spec=OutputSpec(logits=True))
+        p = served.predict(np.zeros((3, 28, 56, 1), np.float32))
+        assert p.shape == (3, 101) and np.allclose(p.sum(1), 1, atol=1e-3)
+
+    def test_the_answers_step_refits_a_copy_of_the_shipped_card(self, mnist_dir, tmp_path):
+        import shutil
+        import subprocess
+        import sys
+
+        for f in MODELS.iterdir():
+            if f.suffix in (".json", ".tflite"):
+                shutil.copy(f, tmp_path / f.name)
+        card_path = tmp_path / "digits-reject.json"
+        r = subprocess.run([sys.executable, "-m", "digitwatch", "train", "--step", "answers", "--data", str(mnist_dir),
+                            "--model", str(card_path), "--singles", "40", "--numbers", "20", "--non-digits", "20",
+                            "--write"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        card = json.loads(card_path.read_text())
+        fitted = card["answer_calibration"]["fitted"]
+        assert fitted["command"].startswith("digitwatch train --step answers")
+        assert 0.0 < card["recommended_low_confidence"] <= 1.0
+
+    def test_a_step_refuses_options_it_does_not_take(self, tmp_path):
+        from tests.conftest import run_cli
+
+        r = run_cli("train", "--step", "pairs", "--bogus", "1", "--out", str(tmp_path / "p.tflite"))
+        assert r.returncode == 2 and "bogus" in r.stderr
