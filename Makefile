@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-nfs lint bench soak clean help
+.PHONY: run test test-fast test-nfs lint typecheck docs bench soak clean help
 
 help:
 	@echo "make run    create .venv, install, start the daemon on ./var/inbox"
-	@echo "make test   create .venv, install with extras, run the test suite"
+	@echo "make test   create .venv, install with extras, run the test suite (what CI runs)"
+	@echo "make test-fast  unit tests only: no daemons, containers, NFS or training (about a minute)"
+	@echo "make typecheck  mypy over the package"
+	@echo "make docs   regenerate docs/configuration.md's key table from config.HELP"
 	@echo "make bench  throughput / latency / memory benchmark (writes bench-results/)"
 	@echo "make soak   fault table and a 100k-file soak (writes bench-results/)"
 	@echo "make lint   ruff"
@@ -32,6 +35,15 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not system" -q
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/python -m mypy digitwatch
+
+docs: $(VENV)/.installed-test
+	$(BIN)/python -m tests.docs_table --write
 
 # Two hosts on real NFS (a User-Mode Linux guest, see tests/test_nfs.py):
 # 1,000 files per run; `make test` runs the 100-file shared-results case.

@@ -8,7 +8,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Hashable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -64,7 +64,7 @@ def _refused(name: str, error: str) -> Prepared:
     return Prepared(name=name, sha256="", started=time.perf_counter(), error=error)
 
 
-def prepare_here(items: list[Item], *, max_pixels: int, pairs: bool = True) -> Iterator[Prepared]:
+def prepare_here(items: list[Item], *, max_pixels: int, pairs: bool = True) -> Generator[Prepared, None, None]:
     """Each file in this process, in order."""
     for path, error in items:
         name = display_name(str(path))  # \xNN for bytes that are not UTF-8, as the daemon writes them
@@ -73,7 +73,7 @@ def prepare_here(items: list[Item], *, max_pixels: int, pairs: bool = True) -> I
 
 
 def prepare_in_workers(items: list[Item], *, max_pixels: int, workers: int | None,
-                       pairs: bool = True) -> Iterator[Prepared]:
+                       pairs: bool = True) -> Generator[Prepared, None, None]:
     """Each file in the daemon's worker processes, yielded in order. At most
     WINDOW files are handed out ahead of the one awaited, so memory stays
     flat whatever the count. A decoder that crashes or hangs costs one file."""
@@ -83,7 +83,7 @@ def prepare_in_workers(items: list[Item], *, max_pixels: int, workers: int | Non
     finished = threading.Semaphore(0)  # one release per outcome, from the pool's collector thread
     limits = Limits(max_pixels=max_pixels, max_bytes=DEFAULT_MAX_BYTES, pairs=pairs)
     with WorkerPool(workers, limits=limits, on_done=finished.release, task=prepare_named) as pool:
-        ready: dict[int, Prepared] = {}
+        ready: dict[Hashable, Prepared] = {}
         sent = 0
         for i in range(len(items)):
             while sent < min(len(items), i + WINDOW):

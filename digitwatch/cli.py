@@ -22,7 +22,8 @@ from digitwatch.errors import DigitwatchError
 from digitwatch.reader.imaging import DEFAULT_MAX_PIXELS
 from digitwatch.reader.prepare import threshold_for
 
-Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)
+# Built from config.CHOICES so the CLI and the config file accept the same words.
+Expect = Enum("Expect", [(c, c) for c in CHOICES["expect"]], type=str)  # type: ignore[misc]
 
 app = typer.Typer(
     add_completion=True,
@@ -200,7 +201,7 @@ def classify(
     ] = DEFAULT_MAX_PIXELS,
     expect: Annotated[
         Expect, typer.Option(help="'number' (1 or more digits) or 'digit' (exactly one).")
-    ] = Expect.number,
+    ] = Expect.number,  # type: ignore[attr-defined]
     length: Annotated[
         str | None, typer.Option(help="Digits a reading must have: 5 or 4-6.")
     ] = None,
@@ -293,8 +294,8 @@ ConfigOption = Annotated[
                  help="TOML settings file (keys in a digitwatch table)."),
 ]
 
-ResultsFormat = Enum("ResultsFormat", [(c, c) for c in CHOICES["format"]], type=str)
-LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
+ResultsFormat = Enum("ResultsFormat", [(c, c) for c in CHOICES["format"]], type=str)  # type: ignore[misc]
+LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)  # type: ignore[misc]
 
 # How a default reads in --help where the value itself says little.
 _SHOWN = {"review": "off", "model": "models/digits-reject.json", "instance": "the host name",
@@ -323,7 +324,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def _positive(value: float | None) -> float | None:
-    if _finite(value) is not None and value <= 0:
+    if value is not None and _finite(value) is not None and value <= 0:
         raise typer.BadParameter(f"must be more than 0, got {value}")
     return value
 

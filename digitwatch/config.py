@@ -253,7 +253,7 @@ def load_settings(
     merged.update({k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items() if v is not None})
     settings = dataclasses.replace(Settings(), **merged)
     # Absolute paths: moved_to in results and logs must not depend on a cwd.
-    absolute = {
+    absolute: dict[str, Any] = {
         f.name: _absolute(f.name, getattr(settings, f.name))
         for f in fields(Settings)
         if isinstance(getattr(settings, f.name), Path)

@@ -47,7 +47,7 @@ def processors(json_output: bool, *, journal: bool = False, colors: bool = False
     ]
     if json_output:
         chain = [*shared, structlog.processors.format_exc_info]
-        renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
+        renderer: Any = structlog.processors.JSONRenderer(ensure_ascii=False)
     else:
         chain = list(shared)
         renderer = structlog.dev.ConsoleRenderer(colors=colors and not journal)

@@ -94,8 +94,9 @@ def json_line(result: Result, columns: tuple[str, ...]) -> str:
     """One JSON object per line; json escapes newlines, so a record is always one line."""
     d = result.as_dict(columns)
     for key in ("confidence", "latency_ms"):
-        if isinstance(d.get(key), float):
-            d[key] = round(d[key], 4 if key == "confidence" else 2)
+        value = d.get(key)
+        if isinstance(value, float):
+            d[key] = round(value, 4 if key == "confidence" else 2)
     if "digits" in d:
         d["digits"] = [{"digit": int(g), "confidence": round(float(c), 4)} for g, c in result.digits]
     return json.dumps(d, ensure_ascii=False) + "\n"

@@ -92,6 +92,7 @@ class TestClassify:
                            timeout=60)
         assert r.returncode == 0 and "clean" in r.stdout, r.stderr
 
+    @pytest.mark.system
     def test_keras_model_still_works(self):
         r = run_cli("classify", str(MNIST_SCANS[0]), "--model", str(ROOT / "models" / "digits.keras"),
                     "--format", "jsonl", timeout=180)
@@ -379,7 +380,7 @@ class TestStartupChecks:
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "new" / "processed").is_dir()
 
-    @pytest.mark.slow
+    @pytest.mark.system
     def test_results_file_with_header_before_the_first_result(self, tmp_path):
         d = DaemonProc(tmp_path, fmt="csv").start()
         try:

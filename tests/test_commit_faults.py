@@ -23,7 +23,7 @@ import pytest
 
 from tests.daemon_harness import GOOD, DaemonProc, read_results
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 RAW = b"bytes-\xff\xfe.png"  # not UTF-8: kept as bytes end to end
 # name in the inbox (bytes) -> (name in results, content)

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.daemon_harness import GOOD, MODEL, RESCANNED, DaemonProc, drop, read_results
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 PNG = GOOD[0].read_bytes()
 

@@ -106,7 +106,7 @@ def test_model_covers_the_real_decode_peak(flavour):
     assert peak >= 0.5 * header.peak_decode_bytes() - 1_000_000, "model far above the real peak"
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_daemon_reports_the_refusal(tmp_path, huge_rgba16):
     d = DaemonProc(tmp_path).start()
     try:

@@ -52,7 +52,7 @@ class TestScoring:
         assert set(r.ece_by_set) == {"digits"} and r.ece_by_set["digits"] == pytest.approx(r.ece)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 class TestEvaluateCommand:
     """A small real run through the CLI, the shipped model and rendered scans."""
 

@@ -16,7 +16,7 @@ import pytest
 from digitwatch.training import pngwrite
 from tests.daemon_harness import PNG_GOOD, DaemonProc
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 def bad_images() -> dict[str, bytes]:

@@ -31,7 +31,7 @@ import pytest
 
 from tests.daemon_harness import PNG_GOOD, DaemonProc, drop
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 EX_CONFIG = 78
 SCANS = sorted((Path(__file__).parent / "fixtures" / "scans").glob("*.png"))

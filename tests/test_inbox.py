@@ -205,7 +205,7 @@ class TestRecursiveNewFolders:
             os.close(fds[0])
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_daemon_takes_files_renamed_into_new_folders_at_once(tmp_path):
     """The issue's measure: 300 files, each renamed into a folder made just
     before; all get their line long before the 60 s rescan."""

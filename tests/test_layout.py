@@ -63,3 +63,15 @@ class TestLayout:
         allowed = MAY_IMPORT[me] | {me}
         wrong = [m for m in _imports(path) if m.startswith("digitwatch.") and _part(m) not in allowed]
         assert not wrong, f"{me} imports {wrong}"
+
+
+@pytest.mark.system
+def test_mypy_passes_over_the_package():
+    """`make typecheck`, in `make test`: strict modules listed in pyproject.toml."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    r = subprocess.run([sys.executable, "-m", "mypy", "digitwatch"], capture_output=True, text=True,
+                       cwd=PACKAGE.parent, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -189,7 +189,7 @@ class _Notify:
         self.sock.close()
 
 
-@pytest.mark.slow
+@pytest.mark.system
 class TestUnderSystemd:
     """The real daemon with stdout on a pipe named by JOURNAL_STREAM (what
     systemd does) and a NOTIFY_SOCKET: priorities, and STATUS= as it changes."""

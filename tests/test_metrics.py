@@ -16,7 +16,7 @@ from digitwatch.daemon.metrics import STATUSES
 from digitwatch.results import STATUS_ERROR, STATUS_LOW, STATUS_OK
 from tests.daemon_harness import PNG_GOOD, DaemonProc, drop
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 def free_port() -> int:

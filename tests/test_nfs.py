@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 FILES = int(os.environ.get("DIGITWATCH_NFS_FILES", "100"))
 MODES = os.environ.get("DIGITWATCH_NFS_MODES", "shared").split(",")

@@ -447,6 +447,7 @@ class TestOutputs:
         assert json.loads(r.stdout)["reason"].startswith("expected 6 digits")
         assert run_cli("classify", str(files[0]), "--length", "six").returncode == 2
 
+    @pytest.mark.system
     def test_watch_routes_refusals_to_review(self, files, tmp_path):
         """The daemon sends what does not fit (here: --expect digit) to review/."""
         inbox = tmp_path / "in"
@@ -465,6 +466,7 @@ class TestOutputs:
         assert reviewed == {f.name for f in files[:2]} and processed == {files[2].name}
         assert rows[files[2].name]["digits"][0]["digit"] == int(files[2].stem.split("-")[1])
 
+    @pytest.mark.system
     def test_watch_reads_overlapping_digits_with_the_pair_model(self, classifier, mnist, tmp_path):
         """The daemon's worker processes carry the pair pictures to the pair
         model: its lines for overlapping digits match the in-process reading

@@ -221,7 +221,7 @@ class TestRegularFileOnly:
         assert path.read_bytes() == b"{}\n"
 
 
-@pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_daemon_creates_results_file_at_start(tmp_path, fmt):
     """`tail -f results.csv` works right after start: the file exists, with its header."""

@@ -34,6 +34,7 @@ def test_units_verify(unit, tmp_path):
     assert "network-online" not in text  # a local-disk daemon needs no network
 
 
+@pytest.mark.system
 def test_notify_ready_watchdog_stopping_in_order(tmp_path):
     sock_path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -69,6 +70,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.system
 def test_promtool_checks_a_scrape_of_the_real_endpoint(tmp_path):
     """`promtool check metrics` (Prometheus' own linter) on what the running
     daemon serves after a file; installed by .ci/run (apt `prometheus`)."""

@@ -33,7 +33,7 @@ import pytest
 
 from tests.conftest import ROOT, SCAN_FIXTURES, label_of
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 README = ROOT / "systemd" / "README.md"
 FIXTURES = sorted(SCAN_FIXTURES.glob("mnist-clean-*.png"))
@@ -64,17 +64,25 @@ _SUDO_SHIM = """command -v sudo >/dev/null || sudo() {
 """
 
 
-def _hidden_by_protect_home() -> list[str]:
-    """Paths the service must read that ProtectHome= would hide."""
+def _hidden_by_sandbox() -> tuple[list[str], list[str]]:
+    """Paths the service must read (the interpreter, the venv, the checkout)
+    that the unit's sandbox would hide: under /root or /home (ProtectHome=),
+    under /tmp or /var/tmp (PrivateTmp= gives the service empty ones)."""
     needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, ROOT)}
-    return sorted(p for p in needed if p.startswith(("/root/", "/home/")) or p in ("/root", "/home"))
+    home = sorted(p for p in needed if p.startswith(("/root/", "/home/")) or p in ("/root", "/home"))
+    tmp = sorted(p for p in needed if p.startswith(("/tmp/", "/var/tmp/")))
+    return home, tmp
 
 
 def _test_dropin() -> str:
     lines = ["[Service]", f"Environment=PYTHONPATH={ROOT}", f"WatchdogSec={WATCHDOG_SEC}"]
-    hidden = _hidden_by_protect_home()
-    if hidden:
-        lines += ["ProtectHome=tmpfs", "BindReadOnlyPaths=" + " ".join(hidden)]
+    home, tmp = _hidden_by_sandbox()
+    if home:
+        # tmpfs rather than an inaccessible /home, so the bind targets can be made.
+        lines.append("ProtectHome=tmpfs")
+    if home or tmp:
+        # Bound into the sandbox read-only, after its private /tmp is mounted.
+        lines.append("BindReadOnlyPaths=" + " ".join(home + tmp))
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +301,7 @@ def test_journal_warning_priority_shows_file_failed(installed):
 def test_check_config_as_the_readme_says_agrees_with_the_service(installed):
     m = installed
     prep = ""
-    if any(p.startswith("/root") for p in _hidden_by_protect_home()):
+    if any(p.startswith("/root") for p in _hidden_by_sandbox()[0]):
         prep = "chmod o+x /root\n"  # inside the container only: the venv's Python is under /root here
     r = m.sh(_SUDO_SHIM + prep + "cd /opt/digitwatch\n" + readme_block("check-config"), check=False)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -10,7 +10,7 @@ import pytest
 from digitwatch.errors import ModelError
 from tests.conftest import MODELS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")

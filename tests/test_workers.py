@@ -355,6 +355,7 @@ def state(pid: int) -> str:
         return "gone"
 
 
+@pytest.mark.system
 class TestDaemon:
     """Through the real daemon: a worker that segfaults mid-file costs that file."""
 

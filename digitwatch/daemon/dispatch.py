@@ -62,6 +62,7 @@ class Handover:
         with self._lock:
             self._submitted += 1
         self.in_flight[claim.token] = claim
+        assert self.pool is not None, "start() first"
         self.pool.submit(claim.token, fd, claim.display)
 
     def _prepared(self) -> None:
@@ -79,5 +80,6 @@ class Handover:
 
     def collect(self) -> None:
         """What the workers finished, into the waiting batch."""
+        assert self.pool is not None, "start() first"
         for outcome in self.pool.completed():
-            self.batches.add(self.in_flight.pop(outcome.token), outcome.prepared())
+            self.batches.add(self.in_flight.pop(outcome.token), outcome.prepared())  # type: ignore[call-overload]

@@ -19,6 +19,7 @@ import threading
 import time
 
 import structlog
+from watchdog.observers.api import BaseObserver
 
 from digitwatch import logs
 from digitwatch.config import Settings
@@ -103,7 +104,7 @@ class Daemon:
         self.in_flight = self.handover.in_flight  # token -> claim, in a worker process
         self.workspace: claims.Workspace | None = None
         self._retired: list[claims.Workspace] = []
-        self.observer = None
+        self.observer: BaseObserver | None = None
         self.inbox_missing = False
         self.metrics = Metrics(0, "", model_id="", instance="")  # replaced in run()
         self.status = systemd.StatusNotifier()
@@ -174,6 +175,7 @@ class Daemon:
                 self.inbox_missing = True
                 log.error("inbox_missing", inbox=str(self.inbox))
             return False
+        assert self.workspace is not None, "run() made it"
         if self.inbox_missing or not self.workspace.alive():
             self.inbox_missing = False
             # Claims in hand still name the old folder: keep it open until we stop.
@@ -286,7 +288,8 @@ class Daemon:
         while self.intake.ready and self._has_capacity():
             rel = self.intake.pop()
             if rel is not None:
-                self.handover.submit(self.workspace, self.workspace.reserve(rel))
+                workspace = self._workspace()
+                self.handover.submit(workspace, workspace.reserve(rel))
 
     # ------------------------------------------------------------ commit
 
@@ -302,10 +305,16 @@ class Daemon:
     def _recover(self, *, starting: bool = False) -> None:
         """Finish what dead instances (this one's past included) left half done.
         Runs at start and on every rescan: another instance may have died."""
+        workspace = self._workspace()
         self.counters.recovered += recovery.recover_others(
-            self.workspace, self.committer, starting=starting, stopping=self.stopping.is_set,
+            workspace, self.committer, starting=starting, stopping=self.stopping.is_set,
             on_done=lambda intent: self.batches.count(intent.result),
-            adopt=lambda claim: self.handover.submit(self.workspace, claim, take=False))
+            adopt=lambda claim: self.handover.submit(workspace, claim, take=False))
+
+    def _workspace(self) -> claims.Workspace:
+        """This instance's claim folder: made in run(), remade when the inbox is."""
+        assert self.workspace is not None, "run() makes it before any claim"
+        return self.workspace
 
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""

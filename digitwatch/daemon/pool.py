@@ -298,8 +298,10 @@ class WorkerPool:
         """Queue one claimed file, by path or as an open descriptor (the pool
         owns it from here and closes it when the file is done); its Outcome
         appears in `completed()`."""
-        fd = source if isinstance(source, int) else -1
-        job = _Job(token, None if fd >= 0 else os.fspath(source), name, fd=fd)
+        if isinstance(source, int):
+            job = _Job(token, None, name, fd=source)
+        else:
+            job = _Job(token, os.fspath(source), name, fd=-1)
         with self._lock:
             refused = self._closing or bool(self._broken and not self._crew.workers)
             if refused:

@@ -66,6 +66,8 @@ def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
 def prepare_named(source: str | int, name: str, limits: Limits) -> Prepared:
     """The work for a file named on the command line (`digitwatch classify`):
     the path as the user gave it, links followed, exactly as in-process."""
+    if isinstance(source, int):
+        raise TypeError("classify names its files: a path, not a descriptor")
     return prepare_file(Path(source), name, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
                         pairs=limits.pairs)
 

@@ -148,7 +148,7 @@ class AnswerCalibration:
             raise ValueError("answer_calibration weights and bias must be finite numbers")
         if any(abs(v) > MAX_WEIGHT for v in values):
             raise ValueError(f"answer_calibration weights and bias must be within +-{MAX_WEIGHT:g}")
-        return cls(tuple(float(w) for w in weights), float(bias))
+        return cls(tuple(float(w) for w in weights), float(bias))  # type: ignore[arg-type]  # checked above
 
 
 def fit(evidence: list[Evidence], right: np.ndarray, *, ridge: float = 1e-3, rounds: int = 50,

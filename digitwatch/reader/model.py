@@ -70,7 +70,10 @@ class Classifier(Protocol):
     model_id: str
     classes: int
     spec: OutputSpec  # outputs, temperature and recommended threshold from the card
-    pairs: Classifier | None  # the pair model (contract.py), if the card names one
+
+    @property
+    def pairs(self) -> Classifier | None:
+        """The pair model (contract.py), if the card names one."""
 
     def predict(self, digits: np.ndarray) -> np.ndarray: ...
 

@@ -474,7 +474,9 @@ def _atoms(
     """Each piece's pixel mask, wide pieces sliced along candidate cut paths;
     for each atom how many cut costs ending a digit there pays (0: a gap); and the
     atoms [i, j) of each whole piece."""
-    atoms, cut_after, whole = [], [], []
+    atoms: list[np.ndarray] = []
+    cut_after: list[float] = []
+    whole: list[tuple[int, int]] = []
     for p in pieces:
         first = len(atoms)
         window = labels[p.y0 : p.y1, p.x0 : p.x1]
@@ -716,7 +718,8 @@ def _options(
         return probs, prior, options
     pp = np.asarray(pair_probs, np.float64)
     pair_cost = LONE_PAIR if cands.lone else PAIR_COST
-    extra, extra_prior = [], []
+    extra: list = []
+    extra_prior: list = []
     single_at = {span: k for k, span in enumerate(cands.spans)}
     for k, (i, j) in enumerate(cands.pair_spans):
         if (i, j) in single_at and PAIR_VETO:
@@ -957,7 +960,7 @@ def score(classifier, scans: Sequence[Candidates]) -> list[tuple[np.ndarray, np.
     with_pairs = [k for k, c in enumerate(scans) if c.pairs is not None]
     if pairs is not None and with_pairs:
         edges = np.cumsum([0, *(len(scans[k].pairs) for k in with_pairs)])  # type: ignore[arg-type]
-        pair_probs = pairs.predict(np.concatenate([scans[k].pairs for k in with_pairs]))  # type: ignore[misc]
+        pair_probs = pairs.predict(np.concatenate([scans[k].pairs for k in with_pairs]))
         for n, k in enumerate(with_pairs):
             out[k] = (out[k][0], pair_probs[edges[n] : edges[n + 1]])
     return out

@@ -24,6 +24,7 @@ all of that still holds.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -70,7 +71,7 @@ def build(singles: int, numbers: int, non_digits: int, seed: int = 9090,
         out.append((scan.png, str(scan.label), "single"))
     for i, k in enumerate(rng.choice(len(images), singles // 4, replace=False)):
         small = _low_res(images[k])
-        png = scans.make_scan(lambda h, im=small: scans.ink_from_8x8(im, h), int(labels[k]),
+        png = scans.make_scan(functools.partial(scans.ink_from_8x8, small), int(labels[k]),
                               scans.VARIATIONS[i % len(scans.VARIATIONS)], "gray8", rng, "low_res").png
         out.append((png, str(int(labels[k])), "low_res"))
     for i in range(singles // 4):

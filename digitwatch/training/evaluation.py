@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -254,6 +254,7 @@ def non_digit_scans(count: int, seed: int, faces: list[int] | None = None) -> li
             ink = kinds[name].make(rng, faces or [synth.HELD_OUT_FACE])
         else:
             ink = synth.reject_ink(kinds[name], rng)
+        assert ink is not None, name
         out.append((page_png(ink, rng, i, name), name))
     return out
 
@@ -290,7 +291,7 @@ class ScanReport:
 
 def score_scans(numbers: list[tuple[bytes, str]], non_digits: list[tuple[bytes, str]],
                 read: Reader, *, model: str, reader: str, threshold: float | Thresholds,
-                digits: list[tuple[bytes, str]] = ()) -> ScanReport:
+                digits: Sequence[tuple[bytes, str]] = ()) -> ScanReport:
     """Read every scan and score: exact strings, ok answers, refusals, calibration.
     Calibration is over every answer given (non-empty text): a stated answer's
     confidence against whether it is right (any answer to a non-digit is wrong)."""

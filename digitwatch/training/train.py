@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -564,7 +565,7 @@ def run_training(request: TrainRequest) -> dict:
     tflite = LiteRTClassifier(tflite_path, spec=spec)
     tflite_probs = tflite.predict(x_test)
     max_diff = verify_export(keras_probs, tflite_probs, mnist.y_test if request.quantize else None)
-    extra = {}
+    extra: dict[str, Any] = {}
     if settings.low_res:
         # Validation digits (never trained on) as low-resolution scans, another seed.
         _, val_idx = split_indices(len(mnist.x_train), seed=settings.seed, limit=settings.limit)
