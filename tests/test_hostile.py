@@ -77,17 +77,20 @@ def test_hostile_corpus(tmp_path):
     # backlog scan must wait for it to settle, then take it whole.
     import threading
 
+    begun = threading.Event()
+
     def slow_writer() -> None:
         with (d.inbox / "in-progress.png").open("wb") as fh:
             step = len(PNG_GOOD) // 30 + 1
             for i in range(0, len(PNG_GOOD), step):
                 fh.write(PNG_GOOD[i : i + step])
                 fh.flush()
-                time.sleep(0.1)
+                begun.set()
+                time.sleep(0.1)  # the writer's pace, not a wait for the daemon
 
     writer = threading.Thread(target=slow_writer)
     writer.start()
-    time.sleep(0.3)
+    assert begun.wait(10)  # part of the file is on disk before the daemon starts
     d.start()
 
     expected: set[str] = set()

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,16 @@ class Machine:
 
     def journal(self, unit: str, *args: str) -> str:
         return self.sh(f"journalctl --no-pager -o cat -u {unit} {' '.join(args)}", check=False).stdout
+
+    def wait_started(self, unit: str, pid: str, timeout: float = 60) -> None:
+        """Until the daemon with this PID logged daemon_started: start-up
+        recovery and the backlog scan are done by then."""
+        deadline = time.monotonic() + timeout
+        while not any('"daemon_started"' in line and f'"pid": {pid}' in line
+                      for line in self.journal(unit).splitlines()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{unit}: no daemon_started from pid {pid} in {timeout}s")
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +381,9 @@ def _check_sigkill_run(m: Machine, unit: str, base: Path, prefix: str, n: int) -
             break
         time.sleep(0.2)
     after_kill = time.monotonic() - killed
-    time.sleep(1)  # anything duplicated would come with the recovery, now done
+    # Anything duplicated would come with the new process's start-up recovery,
+    # which is over once it says daemon_started.
+    m.wait_started(unit, v["MainPID"])
     mine = [r["file"] for r in read_csv(results) if r["file"].startswith(prefix + "-")]
     assert len(mine) == n and len(set(mine)) == n, (len(mine), len(set(mine)))
     assert set(mine) == set(names)
@@ -452,10 +465,11 @@ results = "/var/lib/digitwatch/outside/results.csv"
 EOF
 """)
     m.sh("systemctl start digitwatch@outside", check=False)
-    v = m.wait_show("digitwatch@outside", lambda v: v["ActiveState"] in ("failed", "inactive"),
-                    "ActiveState", "ExecMainStatus", "NRestarts", timeout=30)
-    time.sleep(RESTART_SEC + 2)  # a restart would have happened by now
-    v = m.show("digitwatch@outside", "ActiveState", "ExecMainStatus", "NRestarts", "Result")
+    # systemd decides on a restart when the process exits: a unit it will
+    # restart waits in SubState auto-restart; one it will not is failed for good.
+    v = m.wait_show("digitwatch@outside",
+                    lambda v: v["ActiveState"] in ("failed", "inactive") and v["SubState"] != "auto-restart",
+                    "ActiveState", "SubState", "ExecMainStatus", "NRestarts", "Result", timeout=30)
     journal = m.journal("digitwatch@outside")
     assert v["ExecMainStatus"] == "78", f"{v}\n{journal[-2000:]}"
     assert v["NRestarts"] == "0", v
@@ -477,6 +491,9 @@ def test_logrotate_three_rotations_lose_nothing_and_tail_follows(installed):
     wait_rows(results, 1)
     tail = subprocess.Popen(["tail", "-n", "+1", "-F", str(results)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
+    followed_lines: list[str] = []
+    reader = threading.Thread(target=lambda: followed_lines.extend(tail.stdout), daemon=True)
+    reader.start()
     try:
         names: list[str] = []
         for rotation in range(3):
@@ -492,10 +509,16 @@ def test_logrotate_three_rotations_lose_nothing_and_tail_follows(installed):
             if len(got) >= len(names) or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
-        time.sleep(1.5)  # let tail -F (1 s poll fallback) catch up
+        # Until tail -F (1 s poll fallback) has shown every line that was written.
+        deadline = time.monotonic() + 30
+        while (set(names) - {x.split(",")[1] for x in list(followed_lines) if x.count(",") > 1}
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
     finally:
         tail.terminate()
-        followed = tail.communicate(timeout=10)[0]
+        tail.wait(timeout=10)
+        reader.join(timeout=10)
+        followed = "".join(followed_lines)
     files = sorted(p.name for p in m.state.iterdir() if p.name.startswith("results.csv"))
     got = [x.split(",")[1] for x in _all_rotated_lines(m.state) if x.split(",")[1].startswith("rot")]
     assert len(got) == len(names) and set(got) == set(names), (len(got), len(set(got)), len(names), files)

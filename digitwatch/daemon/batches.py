@@ -9,6 +9,7 @@ batch is and what becomes of it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -36,23 +37,24 @@ class Batches:
     """The prepared files waiting for the model, and the reporting of results."""
 
     def __init__(self, settings: Settings, classifier: Classifier, committer: commit.Committer,
-                 instance: str) -> None:
+                 instance: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.s = settings
+        self.clock = clock
         self.classifier = classifier
         self.done: list[tuple[claims.Claim, Prepared]] = []
         self.oldest_done = 0.0  # monotonic: when the oldest file in `done` arrived
         self.counters = Counters()
-        self.outbox = commit.Outbox(committer, instance, on_done=self.count)
+        self.outbox = commit.Outbox(committer, instance, on_done=self.count, clock=clock)
         self.metrics = Metrics(0, "", model_id="", instance="")  # the daemon's own, once it runs
 
     def add(self, claim: claims.Claim, prepared: Prepared) -> None:
         if not self.done:
-            self.oldest_done = time.monotonic()
+            self.oldest_done = self.clock()
         self.done.append((claim, prepared))
 
     def wait_left(self) -> float:
         """Seconds until the batch in hand must go even if no more files come."""
-        age_ms = (time.monotonic() - self.oldest_done) * 1000
+        age_ms = (self.clock() - self.oldest_done) * 1000
         return max(0.0, (self.s.batch_wait_ms - age_ms) / 1000)
 
     def held_up(self) -> bool:
@@ -67,7 +69,7 @@ class Batches:
             return False
         if len(self.done) >= self.s.batch_size:
             return True
-        if (time.monotonic() - self.oldest_done) * 1000 >= self.s.batch_wait_ms:
+        if (self.clock() - self.oldest_done) * 1000 >= self.s.batch_wait_ms:
             return True
         return not more_coming
 
@@ -75,7 +77,7 @@ class Batches:
         """Classify the oldest batch_size files in one model call and hand them
         to the Outbox, grouped by claim folder. Returns how many."""
         batch, self.done = self.done[: self.s.batch_size], self.done[self.s.batch_size :]
-        self.oldest_done = time.monotonic()
+        self.oldest_done = self.clock()
         self.counters.batches += 1
         results = classify_batch(self.classifier, [p for _, p in batch],
                                  low_confidence=self.s.review_threshold,

@@ -495,7 +495,7 @@ class Pending:
     intents: list[Intent] = field(default_factory=list)
     journal: str | None = None
     attempts: int = 0
-    retry_at: float = 0.0  # time.monotonic()
+    retry_at: float = 0.0  # on the Outbox's clock (monotonic seconds)
     error: str = ""  # why the last attempt failed, for STATUS=
 
 
@@ -505,7 +505,9 @@ class Outbox:
     is parked and retried with back-off (0.5 s doubling to MAX_BACKOFF). Never
     raises for one file's trouble. `on_done` gets each result once it is reported."""
 
-    def __init__(self, committer: Committer, instance: str, on_done: Callable[[Result], None]) -> None:
+    def __init__(self, committer: Committer, instance: str, on_done: Callable[[Result], None], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.committer = committer
         self.instance = instance
         self.on_done = on_done
@@ -556,7 +558,7 @@ class Outbox:
         pending.attempts += 1
         pending.error = error
         delay = backoff_delay(pending.attempts)
-        pending.retry_at = time.monotonic() + delay
+        pending.retry_at = self.clock() + delay
         self.parked.append(pending)
         log.error("commit_failed", error=error, files=len(pending.items), retry_in_s=delay,
                   attempt=pending.attempts)

@@ -17,6 +17,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 from watchdog.observers.api import BaseObserver
@@ -81,8 +82,10 @@ class WakeQueue(queue.Queue):
 class Daemon:
     """One instance of `digitwatch watch`."""
 
-    def __init__(self, settings: Settings, classifier: Classifier) -> None:
+    def __init__(self, settings: Settings, classifier: Classifier, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.s = settings
+        self.clock = clock  # monotonic seconds: the loop's schedule, the batch wait, retries
         self.classifier = classifier
         self.instance = settings.instance_name()
         self.inbox = settings.inbox.resolve()
@@ -96,7 +99,7 @@ class Daemon:
         if settings.review is not None:
             roots["review"] = settings.review
         self.committer = commit.Committer(roots, self.results, settings.results, settings.format)
-        self.batches = Batches(settings, classifier, self.committer, self.instance)
+        self.batches = Batches(settings, classifier, self.committer, self.instance, clock=clock)
         self.outbox = self.batches.outbox
         self.counters = self.batches.counters
         self.handover = Handover(self.batches, lambda: self.events.put((None, False)),
@@ -206,18 +209,22 @@ class Daemon:
         self.events.poke()
 
     def _loop(self, *, once: bool) -> None:
-        next_rescan = time.monotonic() + self.s.rescan_seconds
+        next_rescan = self.clock() + self.s.rescan_seconds
         next_settle = 0.0
         inbox_ok = True
         watchdog = systemd.Watchdog()
         while not self.stopping.is_set():
-            now = time.monotonic()
+            now = self.clock()
             self.status.update(self._status())
             watchdog.ping(status=self.status.shown)
             if self._hups != self._hups_seen:
                 self._hups_seen = self._hups
-                self.results.reopen()
-                log.info("results_reopened", path=str(self.s.results))
+                try:
+                    self.results.reopen()
+                except OSError as exc:  # each commit retries it and reports commit_failed
+                    log.error("results_unavailable", path=str(self.s.results), error=str(exc))
+                else:
+                    log.info("results_reopened", path=str(self.s.results))
             self.outbox.retry_due(now)
             self._take_events(timeout=self._wait_time())
             if now >= next_settle:
@@ -318,11 +325,11 @@ class Daemon:
 
     def _drain_on_stop(self) -> None:
         """Finish the batch in hand within stop_timeout; whatever remains is recovered later."""
-        deadline = time.monotonic() + self.s.stop_timeout
+        deadline = self.clock() + self.s.stop_timeout
         self.intake.ready.clear()
-        while (self.in_flight or self.batches.done or self.outbox.parked) and time.monotonic() < deadline:
+        while (self.in_flight or self.batches.done or self.outbox.parked) and self.clock() < deadline:
             if self.outbox.parked and not (self.in_flight or self.batches.done):
-                self.outbox.retry_due(time.monotonic())
+                self.outbox.retry_due(self.clock())
                 time.sleep(0.05)
                 continue
             self.handover.collect()

@@ -112,7 +112,10 @@ class ResultsFile:
             self._locked(fd, lambda: self._append_locked(fd, b""))
 
     def reopen(self) -> None:
+        """Close and open again now (SIGHUP after logrotate moved the file);
+        raises OSError if it cannot be opened, and each append tries again."""
         self.close()
+        self.open()
 
     def close(self) -> None:
         if self._fd is not None:
