@@ -62,6 +62,12 @@ NOISE_SPLIT = 3.0  # see _noise_sigma
 ROW_MATE = 0.45  # a blob this fraction of the digit's height beside it is another digit
 ROW_GAP = 1.5  # ... when no further sideways than this many digit heights
 FRAME_TALL = 1.3  # a blob spanning the page is a frame only when this much taller than the digit
+FRAME_SPAN = 0.9  # a blob hugging an edge and spanning this share of the page is a frame or a shadow
+# Ruled lines removed before segmenting: ink runs `span` of the image long and
+# `slenderness` times longer than thick. Pass 1 sees the whole page coarsely,
+# pass 2 the crop around the digit, where lines are shorter but relatively thicker.
+PAGE_LINES = (0.7, 25.0)
+CROP_LINES = (0.8, 12.0)
 FRAME_STRIP = 0.25  # ... or narrower than this for its length (a frame's side, a shadow band)
 FRAME_SOLID = 0.6  # ... or filling this much of its box (a shadow; strokes fill far less)
 FRAME_BAND = 0.1  # ... or, spanning both ways, with FRAME_ALONG of its ink this near its box's edges
@@ -444,19 +450,21 @@ def _line_mask(mask: np.ndarray, span: float, slenderness: float) -> np.ndarray:
     return _select(labels, count, slender)
 
 
-def segment(
-    ink: np.ndarray, *, line_span: float, slenderness: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Smoothed ink and the uint8 mask of the ink to read: the digit, or the row
-    of digits it stands in (specks and lines removed)."""
-    smooth, digit, _, _, _ = _segment(ink, line_span=line_span, slenderness=slenderness)
-    return smooth, digit
+def _frame_like(x: np.ndarray, y: np.ndarray, bw: np.ndarray, bh: np.ndarray,
+                shape: tuple[int, int]) -> np.ndarray:
+    """Blobs that hug an edge of the image and span FRAME_SPAN of it one way:
+    page frames and scanner shadows, or digits cropped tightly (callers tell which)."""
+    h, w = shape
+    hugs = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    return hugs & ((bw > FRAME_SPAN * w) | (bh > FRAME_SPAN * h))
 
 
 def _segment(
-    ink: np.ndarray, *, line_span: float, slenderness: float
+    ink: np.ndarray, *, lines: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`segment`, plus the component labels, their stats and the chosen labels."""
+    """Smoothed ink, the uint8 mask of the ink to read (the digit, or the row of
+    digits it stands in: specks and ruled lines, `lines` = (span, slenderness),
+    removed), the component labels, their stats and the chosen labels."""
     h, w = ink.shape
     sigma = max(0.8, min(h, w) / 160)
     smooth = cv2.GaussianBlur(ink, (0, 0), sigma)
@@ -467,14 +475,14 @@ def _segment(
         raise NoInkError("no ink found: the image is blank or only noise")
     mask = (smooth > threshold).astype(np.uint8)
 
-    lines = _line_mask(mask, line_span, slenderness)
-    if lines.any():
+    ruled = _line_mask(mask, *lines)
+    if ruled.any():
         stroke = max(3, int(round(2 * sigma + 1)))
-        without = mask & ~cv2.dilate(lines, np.ones((3, 3), np.uint8))
+        without = mask & ~cv2.dilate(ruled, np.ones((3, 3), np.uint8))
         # Strokes that crossed the line lost a piece; close the gap across it.
         bridged = cv2.morphologyEx(without, cv2.MORPH_CLOSE, np.ones((stroke * 2 + 1, 1), np.uint8))
         bridged |= cv2.morphologyEx(without, cv2.MORPH_CLOSE, np.ones((1, stroke * 2 + 1), np.uint8))
-        mask = _drop_walls(without | (bridged & mask), lines)
+        mask = _drop_walls(without | (bridged & mask), ruled)
 
     count, labels, stats = _components(mask)
     if count <= 1:
@@ -561,10 +569,9 @@ def _choose_components(stats: np.ndarray, shape: tuple[int, int], labels: np.nda
     # (a frame's ink lies along its box). Taken for frames, they left a stray
     # mark to be "the digit", and digits far taller than it could not join
     # it: a tight "33185" read "1", and ok.
-    spans = (bw > 0.9 * w) | (bh > 0.9 * h)
-    frame = ((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & spans
+    frame = _frame_like(x, y, bw, bh, shape)
     digit_shaped = (np.minimum(bw, bh) >= FRAME_STRIP * np.maximum(bw, bh)) & (area < FRAME_SOLID * bw * bh)
-    for k in np.flatnonzero(frame & digit_shaped & (bw > 0.9 * w) & (bh > 0.9 * h)):
+    for k in np.flatnonzero(frame & digit_shaped & (bw > FRAME_SPAN * w) & (bh > FRAME_SPAN * h)):
         digit_shaped[k] = not _along_its_box(labels, int(k) + 1, stats[k])
     frame &= ~digit_shaped
     score = np.where(frame, 0.0, area)
@@ -619,15 +626,14 @@ def _choose_row(stats: np.ndarray, shape: tuple[int, int], labels: np.ndarray) -
     if chosen.issuperset(tall):
         return picked
     x, y, bw = (stats[:, i].astype(np.float64) for i in range(3))
-    h, w = shape
+    frame = _frame_like(x, y, bw, bh.astype(np.float64), shape)
     pool = [
         i for i in tall
         if i not in chosen and bw[i] < 4 * ref
         # Page frames and scanner shadows hug an edge and span it; digits
         # cropped tightly (a field cut from a form) do too, but are no taller
         # than the digit found.
-        and not ((x[i] == 0 or y[i] == 0 or x[i] + bw[i] == w or y[i] + bh[i] == h)
-                 and (bw[i] > 0.9 * w or bh[i] > 0.9 * h) and max(bw[i], bh[i]) > FRAME_TALL * ref)
+        and not (frame[i] and max(bw[i], bh[i]) > FRAME_TALL * ref)
     ]
     grew = True
     while grew and pool:
@@ -651,8 +657,7 @@ def _with_pieces(stats: np.ndarray, chosen: set[int], shape: tuple[int, int], re
     0.06 of the area of the digit they touch) within 0.35 of its size."""
     x, y, bw, bh, area = (stats[:, i].astype(np.float64) for i in range(5))
     h, w = shape
-    frame = (((x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)) & ((bw > 0.9 * w) | (bh > 0.9 * h))
-             & (np.maximum(bw, bh) > FRAME_TALL * ref))
+    frame = _frame_like(x, y, bw, bh, shape) & (np.maximum(bw, bh) > FRAME_TALL * ref)
     members = sorted(chosen)
     pool = [int(i) for i in np.flatnonzero(~frame) if int(i) not in chosen]
     out = set(chosen)
@@ -667,7 +672,7 @@ def _with_pieces(stats: np.ndarray, chosen: set[int], shape: tuple[int, int], re
     return out
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the non-zero pixels of a uint8 mask."""
     x, y, w, h = cv2.boundingRect(mask)
     return x, y, x + w, y + h
@@ -685,7 +690,7 @@ def _stroke_width(mask: np.ndarray) -> float:
 
 def mnist_box(ink: np.ndarray) -> np.ndarray:
     """Crop to the ink, scale the longer side to 20 px (anti-aliased), centre by mass in 28x28."""
-    x0, y0, x1, y1 = _bbox((ink > 0).view(np.uint8))
+    x0, y0, x1, y1 = bbox((ink > 0).view(np.uint8))
     crop = ink[y0:y1, x0:x1]
     h, w = crop.shape
     scale = BOX / max(h, w)
@@ -778,7 +783,7 @@ def _work_region(gray: np.ndarray, *, envelope: bool) -> Work:
         paper = estimate_paper(coarse, envelope=envelope)
         try:
             _, mask, labels, stats, chosen = _segment(
-                ink_map(coarse, paper.over(coarse.shape, (0, 0, 1, 1))), line_span=0.7, slenderness=25
+                ink_map(coarse, paper.over(coarse.shape, (0, 0, 1, 1))), lines=PAGE_LINES
             )
             left_out = unread(stats, chosen, mask.shape)
             break
@@ -786,7 +791,7 @@ def _work_region(gray: np.ndarray, *, envelope: bool) -> Work:
             if i == len(levels) - 1:
                 raise
     # Coarse pixel i covers page pixels around i*k; the margin below absorbs the rest.
-    x0, y0, x1, y1 = (v * k for v in _bbox(mask))
+    x0, y0, x1, y1 = (v * k for v in bbox(mask))
 
     # Pass 2: a crop with a wide margin, resampled so the digit is WORK_SIDE
     # tall. A row of digits is scaled by its height, not its length.
@@ -802,7 +807,7 @@ def _work_region(gray: np.ndarray, *, envelope: bool) -> Work:
         crop = 1.0 - crop
     box = (cx0 / w, cy0 / h, cx1 / w, cy1 / h)
     ink = ink_map(crop, paper.over(crop.shape, box))
-    smooth, mask, labels, stats, chosen = _segment(ink, line_span=0.8, slenderness=12)
+    smooth, mask, labels, stats, chosen = _segment(ink, lines=CROP_LINES)
     return Work(ink=ink, smooth=smooth, mask=mask, labels=labels, stats=stats, chosen=chosen,
                 unread=max(left_out, unread(stats, chosen, mask.shape)))
 
@@ -841,7 +846,7 @@ def finish(
 
     `exclude` marks ink that belongs to other digits: the anti-aliased edge
     kept around the strokes must not reach into a neighbour."""
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = bbox(mask)
     return mnist_box(_clean(ink, smooth, mask, exclude, BOX / max(x1 - x0, y1 - y0, 1)))
 
 
@@ -850,7 +855,7 @@ def finish_pair(
 ) -> np.ndarray:
     """Two digits that touch or overlap (`mask`) -> the pair model's 28x56
     picture: cleaned as one digit is, scaled by its height (see pair_box)."""
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = bbox(mask)
     return pair_box(_clean(ink, smooth, mask, exclude, _pair_scale(x1 - x0, y1 - y0)))
 
 
@@ -882,7 +887,7 @@ def _pair_scale(width: int, height: int) -> float:
 
 def pair_box(ink: np.ndarray) -> np.ndarray:
     """Crop to the ink, scale by pair_scale (anti-aliased), centre the box in 28x56."""
-    x0, y0, x1, y1 = _bbox((ink > 0).view(np.uint8))
+    x0, y0, x1, y1 = bbox((ink > 0).view(np.uint8))
     crop = ink[y0:y1, x0:x1]
     h, w = crop.shape
     scale = _pair_scale(w, h)

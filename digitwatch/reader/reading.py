@@ -45,16 +45,16 @@ REASON_UNREAD = "more writing on the page than was read"
 MAX_WIDTH = 1.6  # no candidate joining atoms is wider than this many digit heights
 WIDTH_COST = 6.0  # log-odds per digit height against a digit wider than WIDE_DIGIT heights
 WIDE_DIGIT = 0.9
-SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than 0.55 heights (a bar, a dash)
+SHORT_COST = 20.0  # log-odds per digit height against a digit shorter than SHORT_DIGIT (a bar, a dash)
+SHORT_DIGIT = 0.55  # of the digit height: shorter than this is more likely a bar or a dash
 SINGLE_ASPECT = 0.85  # one blob at most this wide per height is read as one digit, uncut
 PINCH_ASPECT = 0.5  # ... unless it is at least this wide and pinched:
 PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usual ink
 CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 # Log-odds against ending a digit at a cut rather than at a gap in the ink
 # (paid once per cut, so cuts are used only where the classifier much prefers
-# the pieces). A model with a reject class scores fragments and touching pairs
-# low by itself; one without needs the prior to keep single digits whole.
-CUT_COST = {False: 1.0, True: 1.0}  # by whether the model has the reject class
+# the pieces); the same with and without the reject class (docs/design/reading.md).
+CUT_COST = 1.0
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
 # A scan whose ink is one blob is most often one digit (however wide): cutting
@@ -117,6 +117,25 @@ SLASH_LEAN = 0.2
 # of MNIST's 10,000 test digits 6.0, marker-pen scans 4.2. The digit model
 # read a blacked-in form bubble as a sure "0" (ok at 0.96).
 FILLED = 8.0
+
+# Pieces of ink before they are read (shares of the digit height unless said).
+TAIL_THIN = 0.08  # a column with ink at most this share of a piece's height is a ruled line's tail
+TAIL_KEEP = 0.3  # ... trimmed only if at least this much of the piece is left
+BOX_MIN_WIDE = 0.6  # a box is at least this wide per its height
+BOX_MIN_TALL = 0.3  # ... and at least this tall per its width
+BOX_CORNERS = 0.04  # outline simplified to within this share of its length before counting 4 corners
+HOLLOW_FILL = 0.5  # an outline whose ink fills at most this share of what it encloses is hollow
+BOX_SPAN = 0.8  # ink inside a box spanning this share of it both ways is the rest of its outline
+TALL_PIECE = 0.5  # pieces at least this share of the tallest one set the digit height
+UNDERLINE_FLAT = 0.25  # a piece flatter than this ...
+UNDERLINE_LONG = 1.5  # ... and longer than this is an underline, never a digit
+EDGE_KEEP = 0.5  # a piece touching the region's edge is kept only from this size
+BIG_PIECE = 0.35  # pieces from this size are digits or parts of them
+NEAR_PIECE = 0.2  # a smaller piece is kept only within this distance of a big one
+STACK_OVERLAP = 0.6  # pieces sharing this share of the narrower one's columns are one digit
+STACK_GAP = 0.15  # ... as are pieces one above the other less than this far apart sideways
+CUT_SMOOTH = 0.06  # the ink profile a cut looks for thin columns in is smoothed over this width
+CUT_THIN = 0.75  # a column with at most this share of the median ink is thin enough to cut through
 
 
 @dataclass(frozen=True)
@@ -290,7 +309,7 @@ def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]
         if p.x0 > 0 and p.x1 < w or p.width <= p.height:
             continue
         own = labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]
-        thin = own.sum(0) <= max(2, int(0.08 * p.height))
+        thin = own.sum(0) <= max(2, int(TAIL_THIN * p.height))
         a, b = 0, p.width
         if p.x0 == 0:
             while a < b and thin[a]:
@@ -298,7 +317,7 @@ def _trim_tails(labels: np.ndarray, pieces: list[_Piece], shape: tuple[int, int]
         if p.x1 == w:
             while b > a and thin[b - 1]:
                 b -= 1
-        if (a, b) == (0, p.width) or b - a < 0.3 * p.height:
+        if (a, b) == (0, p.width) or b - a < TAIL_KEEP * p.height:
             continue
         labels[p.y0 : p.y1, p.x0 : p.x0 + a][own[:, :a]] = 0
         labels[p.y0 : p.y1, p.x0 + b : p.x1][own[:, b:]] = 0
@@ -313,12 +332,12 @@ def _is_box(labels: np.ndarray, p: _Piece) -> bool:
     """A drawn rectangle (a form's box): a hollow outline whose outer edge is
     a convex quadrilateral, straight to within BOX_STRAIGHT of its size. A 0
     is hollow too, but its outline bulges far from any four straight sides."""
-    if p.width < 0.6 * p.height or p.height < 0.3 * p.width:
+    if p.width < BOX_MIN_WIDE * p.height or p.height < BOX_MIN_TALL * p.width:
         return False
     outline = _hollow_outline(labels, p)
     if outline is None:
         return False
-    poly = cv2.approxPolyDP(outline, 0.04 * cv2.arcLength(outline, True), True)
+    poly = cv2.approxPolyDP(outline, BOX_CORNERS * cv2.arcLength(outline, True), True)
     if len(poly) != 4 or not cv2.isContourConvex(poly):
         return False
     size = math.sqrt(max(cv2.contourArea(poly), 1.0))
@@ -332,7 +351,7 @@ def _hollow_outline(labels: np.ndarray, p: _Piece) -> np.ndarray | None:
     own = (labels[p.y0 : p.y1, p.x0 : p.x1] == p.labels[0]).astype(np.uint8)
     contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     outline = max(contours, key=cv2.contourArea)
-    return None if own.sum() > 0.5 * cv2.contourArea(outline) else outline
+    return None if own.sum() > HOLLOW_FILL * cv2.contourArea(outline) else outline
 
 
 def _inside_box(labels: np.ndarray, box: _Piece) -> list[_Piece]:
@@ -371,7 +390,7 @@ def _inside_box(labels: np.ndarray, box: _Piece) -> list[_Piece]:
         straight = bool(imaging.straight(pw, ph, area))
         along = x <= near or x + pw >= w - near if ph >= pw else y <= near or y + ph >= h - near
         across = y <= near and y + ph >= h - near if ph >= pw else x <= near and x + pw >= w - near
-        if straight and (along or across) or (pw >= 0.8 * w and ph >= 0.8 * h):
+        if straight and (along or across) or (pw >= BOX_SPAN * w and ph >= BOX_SPAN * h):
             continue  # ... and what spans the box both ways is the rest of its outline
         region[parts == k] = next_label
         out.append(_Piece(box.x0 + x, box.y0 + y, box.x0 + x + pw, box.y0 + y + ph, [next_label]))
@@ -415,7 +434,7 @@ def _digit_height(pieces: list[_Piece]) -> float:
     """A digit's height: the median height of the tall pieces (each digit of a
     drifting line is still about as tall as the others)."""
     heights = sorted(p.height for p in pieces)
-    tall = [h for h in heights if h >= 0.5 * heights[-1]]
+    tall = [h for h in heights if h >= TALL_PIECE * heights[-1]]
     return float(tall[len(tall) // 2])
 
 
@@ -426,17 +445,17 @@ def _drop_strays(pieces: list[_Piece], height: float, shape: tuple[int, int]) ->
     h, w = shape
     kept = [
         p for p in pieces
-        if not (p.height < 0.25 * height and p.width > 1.5 * height)
-        and not (min(p.x0, p.y0) == 0 or p.x1 == w or p.y1 == h) or max(p.width, p.height) >= 0.5 * height
+        if not (p.height < UNDERLINE_FLAT * height and p.width > UNDERLINE_LONG * height)
+        and not (min(p.x0, p.y0) == 0 or p.x1 == w or p.y1 == h) or max(p.width, p.height) >= EDGE_KEEP * height
     ]
-    big = [p for p in kept if max(p.width, p.height) >= 0.35 * height]
+    big = [p for p in kept if max(p.width, p.height) >= BIG_PIECE * height]
     out = []
     for p in kept:
         if p in big:
             out.append(p)
             continue
         near = any(
-            max(q.x0 - p.x1, p.x0 - q.x1) < 0.2 * height and max(q.y0 - p.y1, p.y0 - q.y1) < 0.2 * height
+            max(q.x0 - p.x1, p.x0 - q.x1) < NEAR_PIECE * height and max(q.y0 - p.y1, p.y0 - q.y1) < NEAR_PIECE * height
             for q in big
         )
         if near:
@@ -457,7 +476,7 @@ def _stack(pieces: list[_Piece], height: float) -> list[_Piece]:
                 p, q = pieces[a], pieces[b]
                 overlap = min(p.x1, q.x1) - max(p.x0, q.x0)
                 above = min(p.y1, q.y1) <= max(p.y0, q.y0)  # no row in common
-                if overlap >= 0.6 * min(p.width, q.width) or (above and overlap > -0.15 * height):
+                if overlap >= STACK_OVERLAP * min(p.width, q.width) or (above and overlap > -STACK_GAP * height):
                     pieces[a] = _Piece(min(p.x0, q.x0), min(p.y0, q.y0), max(p.x1, q.x1),
                                        max(p.y1, q.y1), p.labels + q.labels)
                     del pieces[b]
@@ -523,9 +542,9 @@ def _cuts(own: np.ndarray, height: float, *, drift: bool = True) -> list[np.ndar
     step = CUT_STEP if drift else np.inf
     down = _path_costs(ink, step)
     up = _path_costs(np.ascontiguousarray(ink[::-1]), step)
-    k = max(3, int(height * 0.06) | 1)
+    k = max(3, int(height * CUT_SMOOTH) | 1)
     profile = own.sum(0).astype(np.float32)
-    thin = 0.75 * _median(profile[profile > 0])
+    thin = CUT_THIN * _median(profile[profile > 0])
     found = []  # (ink crossed, row, column)
     for row in CUT_ROWS:
         r = min(h - 1, int(row * h))
@@ -593,7 +612,7 @@ def _candidates(
 ) -> Candidates:
     """Every run of atoms at most MAX_WIDTH wide, and every whole piece,
     normalized to 28x28."""
-    boxes = [_bbox(a) for a in atoms]
+    boxes = [imaging.bbox(a) for a in atoms]
     crops, spans, shape, cut = [], [], [], []
     for i in range(len(atoms)):
         for j in range(i + 1, len(atoms) + 1):
@@ -641,7 +660,7 @@ def _pair_candidates(
                     continue
                 crops.append(crop)
                 spans.append((i, j))
-                prior.append(-CUT_COST[True] * cut_after[j - 1] - SHORT_COST * max(0.0, 0.55 - tall))
+                prior.append(-CUT_COST * cut_after[j - 1] - SHORT_COST * max(0.0, SHORT_DIGIT - tall))
     if not crops:
         return None, (), None
     return np.stack(crops), tuple(spans), np.array(prior, np.float32)
@@ -652,18 +671,13 @@ def shape_prior(sizes: np.ndarray) -> np.ndarray:
     are at most about as wide as tall, and about as tall as their neighbours."""
     width, tall = sizes[:, 0], sizes[:, 1]
     return (-WIDTH_COST * np.maximum(0.0, width - WIDE_DIGIT)
-            - SHORT_COST * np.maximum(0.0, 0.55 - tall)).astype(np.float32)
+            - SHORT_COST * np.maximum(0.0, SHORT_DIGIT - tall)).astype(np.float32)
 
 
 def _span_box(boxes: list[tuple[int, int, int, int]], i: int, j: int) -> tuple[int, int, int, int]:
     """The box around atoms [i, j)."""
     span = boxes[i:j]
     return min(b[0] for b in span), min(b[1] for b in span), max(b[2] for b in span), max(b[3] for b in span)
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    x, y, w, h = cv2.boundingRect(mask)
-    return x, y, x + w, y + h
 
 
 def _crop(
@@ -709,7 +723,7 @@ def _options(
     (summed over the second) and the second's given the first, each with the
     pair's "not two digits" in the reject column when the model has one."""
     best = probs[:, :DIGITS].max(axis=1)
-    cut_cost = CUT_COST[probs.shape[1] > REJECT]
+    cut_cost = CUT_COST
     cut = cands.cut if cands.cut is not None else np.zeros(len(best), np.float32)
     score = np.log(np.maximum(best, 1e-12)) + cands.prior - cut_cost * cut
     options = [_Option(i, j, float(score[k]), (k,)) for k, (i, j) in enumerate(cands.spans)]
