@@ -738,14 +738,11 @@ def work_region(gray: np.ndarray) -> Work:
         return _work_region(gray, envelope=False)
     except NoInkError as first:
         # Bold strokes (a marker number cropped with a thin margin) fill whole
-        # blocks of the paper fit, which then bends down into the ink until
-        # the ink is the paper: 18 of 240 such numbers were "no ink found".
-        # Looked at again with the paper as the blocks' bright envelope, the
-        # ink stands out. Only then: on pages read before, the envelope's
-        # upward bias on noisy paper changed 9 of 480 readings (3 for the worse).
-        # And only bold ink (ENVELOPE_INK): on a page of noise alone the bias
-        # itself reads as faint ink (10 of 60 noise pages "found ink" so; the
-        # marker numbers' ink measures 0.72 and up, those pages' 0.28 at most).
+        # blocks of the paper fit, which then bends into the ink until the ink
+        # is the paper. Looked at again with the paper as the blocks' bright
+        # envelope, the ink stands out; only as a retry, and only for bold ink
+        # (ENVELOPE_INK), because the envelope's upward bias reads noise as
+        # faint ink (figures: docs/design/reading.md).
         try:
             work = _work_region(gray, envelope=True)
         except NoInkError:

@@ -53,7 +53,7 @@ PINCH = 0.3  # somewhere inside, its columns hold at most this share of the usua
 CUT_ASPECT = 0.85  # blobs wider than this per digit height are offered cuts
 # Log-odds against ending a digit at a cut rather than at a gap in the ink
 # (paid once per cut, so cuts are used only where the classifier much prefers
-# the pieces); the same with and without the reject class (docs/design/reading.md).
+# the pieces); the same with and without the reject class.
 CUT_COST = 1.0
 MIN_PART = 0.15  # a cut leaves at least this many digit heights on each side
 CUT_SPACING = 0.2  # candidate cuts at least this many digit heights apart
@@ -73,14 +73,7 @@ MAX_DIGITS = 64  # the longest reading considered when no length is given
 # one connected piece, this many digit heights wide. Reading a span as a pair
 # costs PAIR_COST log-odds (LONE_PAIR on a page whose ink is one blob: most
 # often one digit, or a letter), so a pair wins only where the digit model
-# cannot read the same ink as well cut apart. LONE_PAIR was 6 while the pair
-# model had seen few letters (at 2 it read 1.7% of training-face letters as two
-# digits and ok); trained on three times as many letters, it reads 0.3% of them
-# so at 3.5 (as at 6), while 2-digit touching/overlapping numbers read 95.0%
-# against 94.0% (drawn-stroke ones 84.2% against 75.5%). At 3, one single 9 of
-# 1200 read as "91" took the fitted one-digit threshold from 0.938 to 0.954
-# (single digits ok 97.2% -> 95.5%). Tuned on training faces and validation
-# digits.
+# cannot read the same ink as well cut apart (tuning: docs/design/reading.md).
 PAIR_WIDTHS = (0.9, 1.8)
 PAIR_COST = 1.5
 LONE_PAIR = 3.5
@@ -97,19 +90,12 @@ LONE_NOT_PAIR = 0.99
 LONE_PAIR_WIDTH = 0.6
 # Where the pair model saw the same ink as a single-digit candidate, that
 # candidate also pays log P(not two digits) x PAIR_VETO: the digit model reads
-# a 1 overlapping an 8 as a sure "8", and only the pair model knows better
-# (measured with the previous pair model and LONE_PAIR 6: 2-digit drawn-stroke
-# touching/overlapping numbers 48% -> 78% read right; validation single
-# digits 97.8% -> 97.7%, one of 600).
+# a 1 overlapping an 8 as a sure "8", and only the pair model knows better.
 PAIR_VETO = 1.0
 # A stroke read as a 1 in a longer answer, standing SLASH_TALL times taller
 # than the answer's other digits and leaning (top to the right) SLASH_LEAN
 # more than they do (shear: the x-y moment over the y-y moment), is a slash,
-# not a 1: dates ("12/05/26" read "12105126" and ok in 24 of 40 Hershey
-# dates, "12/05" in 29 of 40). Measured on validation numbers: 2 of 196 1s
-# by MNIST writers pass both bars (digits of different writers side by
-# side), none of 178 in Hershey faces; 107 of 197 1s read in dates (about
-# 130 of them slashes).
+# not a 1: dates read "12105126" and ok before (docs/design/reading.md).
 SLASH_TALL = 1.1
 SLASH_LEAN = 0.2
 # Ink this many pixels from its edge, in the 28x28 input (20 px box), is a
