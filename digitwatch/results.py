@@ -85,9 +85,12 @@ def csv_line(result: Result, columns: tuple[str, ...]) -> str:
 
 
 def _csv_line(cells: list[str]) -> str:
+    # The writer quotes a cell holding any character of its line terminator:
+    # with "\n" alone a bare CR went out unquoted, and readers (Python's csv,
+    # spreadsheets) split the record there. Written with CRLF, then ended "\n".
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerow(cells)
-    return buf.getvalue()
+    csv.writer(buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL).writerow(cells)
+    return buf.getvalue()[:-2] + "\n"
 
 
 def json_line(result: Result, columns: tuple[str, ...]) -> str:

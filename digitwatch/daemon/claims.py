@@ -119,15 +119,23 @@ def write_new(dir_fd: int, name: bytes, data: bytes, *, replace: bool = False) -
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
+        # A full disk (or any failed write) must not leave one temporary file per retry.
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    else:
+        os.close(fd)
+    renamed = False
     try:
         if replace:
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            renamed = True
         else:
             os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     finally:
-        if not replace:
+        if not renamed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dir_fd)
     os.fsync(dir_fd)

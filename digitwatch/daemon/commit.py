@@ -255,14 +255,19 @@ def _copy(intent: Intent, day_fd: int) -> None:
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(leaf, dir_fd=cfd), tmp, dir_fd=day_fd)
             return
+        # The copy keeps the original's permission bits (never more readable:
+        # a private scan stays private); it is owned by the daemon's user.
+        perm = stat.S_IMODE(mode) & 0o777
         if stat.S_ISFIFO(mode):
-            os.mkfifo(tmp, 0o644, dir_fd=day_fd)
+            os.mkfifo(tmp, 0o600, dir_fd=day_fd)
+            os.chmod(tmp, perm, dir_fd=day_fd, follow_symlinks=False)
             return
         src = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=cfd) \
             if stat.S_ISREG(mode) else None
     try:
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=day_fd)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=day_fd)
         try:
+            os.fchmod(out, perm)
             while src is not None and os.sendfile(out, src, None, 1 << 20):
                 pass
             os.fsync(out)

@@ -25,10 +25,12 @@ pool: PR_SET_PDEATHSIG fires when the thread that started a process exits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing.connection as mpc
 import multiprocessing.reduction as reduction
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -49,6 +51,11 @@ log = structlog.get_logger("digitwatch")
 DEFAULT_DEPTH = 2  # files sent to a worker at once: the next is in its pipe while it works
 START_TIMEOUT = 60.0  # each worker imports numpy and OpenCV first (~0.2 s idle, far more under load)
 MAX_FAILED_STARTS = 3  # replacements dying before they are ready: stop replacing
+# A worker on one file this long is stuck (a file takes 5-150 ms; a 40 Mpx page
+# a few seconds): the files queued behind it go to other workers, and a spare
+# worker is started so a stuck crew still reads (until the time limit kills it).
+STUCK_AFTER = 0.5
+HASH_CHUNK = 1 << 20
 
 CANNOT_START = "decoder workers cannot start"
 
@@ -92,6 +99,7 @@ class _Job:
     name: str
     fd: int = -1  # a descriptor to hand over instead of a path; ours until the job is over
     seq: int = 0
+    started: float = field(default_factory=time.perf_counter)  # submitted: a failed file's latency counts from here
 
     def over(self) -> None:
         if self.fd >= 0:
@@ -110,6 +118,8 @@ class _Worker:
     ready: bool = False
     since: float = 0.0  # monotonic: when the head of `pending` started (at the latest)
     killed_for: str = ""
+    stuck: bool = False  # on one file past STUCK_AFTER: sent nothing more, retired when done
+    abandoned: set[int] = field(default_factory=set)  # seqs handed to others: their answers are dropped
 
     @classmethod
     def start(cls, task: Task, limits: Limits) -> _Worker:
@@ -157,6 +167,33 @@ def _death_reason(exitcode: int | None) -> str:
     return f"decoder exited with status {exitcode}"
 
 
+def _sha256_of(job: _Job, max_bytes: int) -> str:
+    """The file's sha256 for a line the worker never wrote (it timed out, crashed
+    or ran out of memory): from our own descriptor (pread: its offset is the
+    worker's too), else the path as given; "" when it cannot be read safely."""
+    fd = job.fd
+    opened = False
+    try:
+        if fd < 0:
+            if job.path is None:
+                return ""
+            fd = os.open(job.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            opened = True
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return ""
+        digest, offset = hashlib.sha256(), 0
+        while chunk := os.pread(fd, HASH_CHUNK, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return ""
+    finally:
+        if opened:
+            os.close(fd)
+
+
 class WorkerStartError(DigitwatchError):
     """The workers could not be started (they died or did not report ready)."""
 
@@ -186,8 +223,21 @@ class _Crew:
         self.failed_starts = 0
 
     def free(self, depth: int) -> list[_Worker]:
-        """Ready workers holding fewer than `depth` files."""
-        return [w for w in self.workers if w.ready and len(w.pending) < depth]
+        """Ready workers holding fewer than `depth` files, none of them stuck."""
+        return [w for w in self.workers if w.ready and not w.stuck and len(w.pending) < depth]
+
+    def find_stuck(self) -> list[tuple[_Worker, list[_Job]]]:
+        """Workers on one file for STUCK_AFTER, newly: each with the files it
+        holds behind that one, taken back (their late answers will be dropped)."""
+        now = time.monotonic()
+        out = []
+        for w in self.workers:
+            if w.pending and not w.stuck and not w.killed_for and now - w.since >= STUCK_AFTER:
+                w.stuck = True
+                behind = [w.pending.pop() for _ in range(len(w.pending) - 1)][::-1]
+                w.abandoned.update(j.seq for j in behind)
+                out.append((w, behind))
+        return out
 
     def waits(self) -> list:
         """What the collector waits on: every worker's pipe and exit sentinel."""
@@ -199,11 +249,12 @@ class _Crew:
         return out
 
     def next_deadline(self) -> float | None:
-        """Seconds until the earliest file in a worker reaches the time limit."""
-        heads = [w.since for w in self.workers if w.pending and not w.killed_for]
-        if not heads:
+        """Seconds until the earliest file in a worker is stuck or reaches the time limit."""
+        due = [w.since + (self.limits.time_limit if w.stuck else STUCK_AFTER)
+               for w in self.workers if w.pending and not w.killed_for]
+        if not due:
             return None
-        return max(0.0, min(heads) + self.limits.time_limit - time.monotonic())
+        return max(0.0, min(due) - time.monotonic())
 
     def enforce_time_limit(self) -> None:
         now = time.monotonic()
@@ -389,8 +440,10 @@ class WorkerPool:
                 w.ready = False
 
     def _fail(self, job: _Job, reason: str) -> None:
+        # The line still names the file's content and the time it took.
+        sha256 = _sha256_of(job, self.limits.max_bytes)
         job.over()
-        self._done.append(Outcome(token=job.token, name=job.name, started=time.perf_counter(), error=reason))
+        self._done.append(Outcome(token=job.token, name=job.name, sha256=sha256, started=job.started, error=reason))
 
     # ---------------------------------------------------------- collector thread
 
@@ -432,8 +485,29 @@ class WorkerPool:
             if w.sentinel in ready or w.proc.poll() is not None:
                 finished += self._bury(w)
         self._crew.enforce_time_limit()
+        self._unstick()
         self._dispatch()
         return finished
+
+    def _unstick(self) -> None:
+        """Files queued behind a stuck worker go back to the front of the queue,
+        and a spare worker starts for each stuck one (at most `size` spares).
+        A stuck worker that finishes its file retires if the crew is over size.
+        Holds the lock."""
+        for w, behind in self._crew.find_stuck():
+            self._backlog.extendleft(reversed(behind))
+            spare = len(self._crew.workers) < 2 * self.size
+            log.warning("worker_stuck", pid=w.proc.pid, file=w.pending[0].name, handed_on=len(behind),
+                        spare=spare)
+            if spare:
+                with contextlib.suppress(OSError):
+                    self._crew.add()
+        for w in [w for w in self._crew.workers if w.stuck and not w.pending]:
+            if len(self._crew.workers) > self.size:
+                self._crew.workers.remove(w)
+                _Crew.kill([w])
+            else:  # no spare took its place: back to work (late answers are still dropped)
+                w.stuck = False
 
     def _receive(self, w: _Worker) -> int:
         """Take every message the worker has sent. Holds the lock."""
@@ -450,6 +524,9 @@ class WorkerPool:
                 self._changed.notify_all()
                 continue
             seq, (sha256, started, candidates, width, height, error, worker_ms) = msg
+            if seq in w.abandoned:  # handed to another worker when this one was stuck
+                w.abandoned.discard(seq)
+                continue
             job = w.pending.popleft()
             assert job.seq == seq, (job.seq, seq)
             job.over()
@@ -471,6 +548,8 @@ class WorkerPool:
                     requeued=len(w.pending))
         if self._crew.failed_starts >= MAX_FAILED_STARTS:
             return n + self._give_up(reason)
+        if len(self._crew.workers) >= self.size:  # a spare took its place while it was stuck
+            return n
         try:
             self._crew.add()
         except OSError as exc:

@@ -11,6 +11,7 @@ them the bad journal named (and perhaps reported) cannot be known.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import structlog
 
 from digitwatch.daemon import claims, commit
 from digitwatch.daemon.crashpoints import checkpoint
+from digitwatch.results import STATUS_ERROR
 
 log = structlog.get_logger("digitwatch")
 
@@ -29,6 +31,20 @@ class Recovered:
     done: list[commit.Intent] = field(default_factory=list)  # placed, reported, released now
     adopted: list[claims.Claim] = field(default_factory=list)  # now ours, to classify again
     journals: int = 0
+
+
+def _not_as_read(intent: commit.Intent) -> str:
+    """Why a journaled claim cannot be what the journal says was read, or "".
+    The intake reads regular files only: a link, FIFO or device goes to failed/
+    as an error, never with a reading. A journal placing one otherwise is forged."""
+    if intent.result.status == STATUS_ERROR and intent.dest == "failed":
+        return ""
+    try:
+        with claims.parent_of(intent.claim.folder.fd, intent.claim.local) as (cfd, leaf):
+            mode = os.lstat(leaf, dir_fd=cfd).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return ""  # released already: placed and reported before the crash
+    return "" if stat.S_ISREG(mode) else "places a claim that is not a regular file"
 
 
 def recover_folder(ws: claims.Workspace, committer: commit.Committer, folder: claims.Folder) -> Recovered:
@@ -44,6 +60,11 @@ def recover_folder(ws: claims.Workspace, committer: commit.Committer, folder: cl
             intents = commit.read_journal(folder, name, committer.results_path, committer.roots)
         except commit.JournalError as exc:
             ws.quarantine(folder.fd, name, folder.path, f"journal {exc}")
+            untrusted = True
+            continue
+        forged = next((why for i in intents if (why := _not_as_read(i))), "")
+        if forged:
+            ws.quarantine(folder.fd, name, folder.path, f"journal {forged}")
             untrusted = True
             continue
         journaled |= {i.claim.token for i in intents}
