@@ -250,7 +250,8 @@ class _Crew:
 
     def next_deadline(self) -> float | None:
         """Seconds until the earliest file in a worker is stuck or reaches the time limit."""
-        due = [w.since + (self.limits.time_limit if w.stuck else STUCK_AFTER)
+        limit = self.limits.time_limit
+        due = [w.since + (limit if w.stuck else min(STUCK_AFTER, limit))
                for w in self.workers if w.pending and not w.killed_for]
         if not due:
             return None
