@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from digitwatch.daemon.batches import Batches
 from digitwatch.daemon.results_file import ResultsFile
 from digitwatch.reader.model import OutputSpec
 from digitwatch.reader.prepare import Prepared
+from digitwatch.results import Result
 
 
 class Clock:
@@ -172,3 +174,46 @@ class TestLoopSchedule:
         with capture_logs() as logs:
             d._loop(once=False)
         assert [e["event"] for e in logs if e["event"].startswith("results_")] == ["results_unavailable"]
+
+
+class TestWorkersRead:
+    """The daemon's workers read the files; the loop process makes no model call for them."""
+
+    def test_results_from_the_workers_are_committed_without_a_model_call(self, tmp_path):
+        clock = Clock()
+        batches, ws, results = _setup(tmp_path, clock, batch_size=8)
+        read = Result(file="a.png", digit=7, confidence=0.99, status="ok", error="", sha256="ab" * 32, width=28,
+                      height=28, model="w", latency_ms=3.0, text="7", reason="")
+        started = time.perf_counter() - 0.25
+        batches.add(_claimed(ws, "a.png"), Prepared("a.png", "ab" * 32, started), read)
+        assert batches.commit_next() == 1  # NoModel raises if called
+        [line] = [json.loads(x) for x in results.read_text().splitlines()]
+        assert line["text"] == "7" and line["status"] == "ok" and line["model"] == "w"
+        assert line["latency_ms"] >= 250  # to the commit, as before: not the worker's 3 ms
+
+    @pytest.mark.system
+    def test_a_worker_reads_as_the_loop_process_would(self):
+        import threading
+
+        from digitwatch.daemon.pool import WorkerPool
+        from digitwatch.daemon.worker import Limits, Reading
+        from digitwatch.reader.model import load_classifier
+        from digitwatch.reader.prepare import classify_batch, prepare_file
+        from tests.conftest import SCAN_FIXTURES
+
+        files = sorted(SCAN_FIXTURES.glob("*.png"))[:12]
+        done = threading.Semaphore(0)
+        with WorkerPool(2, limits=Limits(reading=Reading()), on_done=done.release) as pool:
+            for f in files:
+                pool.submit(f.name, str(f), f.name)
+            got = {}
+            while len(got) < len(files):
+                assert done.acquire(timeout=60)
+                got.update((o.token, o) for o in pool.completed())
+        here = classify_batch(load_classifier(), [prepare_file(f, f.name) for f in files], low_confidence=None)
+        for f, mine in zip(files, here, strict=True):
+            theirs = got[f.name].result
+            assert theirs is not None and got[f.name].candidates is None  # only the result crosses the pipe
+            assert (theirs.text, theirs.status, theirs.reason, theirs.sha256) == (
+                mine.text, mine.status, mine.reason, mine.sha256)
+            assert theirs.confidence == pytest.approx(mine.confidence, abs=1e-6)

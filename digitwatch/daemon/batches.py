@@ -1,7 +1,9 @@
-"""From prepared files to reported results: prepared files wait here for one
-model call; when a batch is due it is classified, each result routed
-(processed/, review/ or failed/) and handed to the commit Outbox, and every
-committed result is reported (counters, metrics, the `file_classified` line).
+"""From read files to reported results: files the workers have read (or
+failed to) wait here; when a batch is due each result is routed (processed/,
+review/ or failed/) and the batch handed to the commit Outbox in one journal,
+and every committed result is reported (counters, metrics, the
+`file_classified` line). A file a worker prepared but did not read (it
+failed) is turned into its error line here, with no model call.
 The watch loop (`daemon`) decides when to look; this module decides what a
 batch is and what becomes of it.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -41,16 +43,17 @@ class Batches:
         self.s = settings
         self.clock = clock
         self.classifier = classifier
-        self.done: list[tuple[claims.Claim, Prepared]] = []
+        self.done: list[tuple[claims.Claim, Prepared, Result | None]] = []
         self.oldest_done = 0.0  # monotonic: when the oldest file in `done` arrived
         self.counters = Counters()
         self.outbox = commit.Outbox(committer, instance, on_done=self.count, clock=clock)
         self.metrics = Metrics(0, "", model_id="", instance="")  # the daemon's own, once it runs
 
-    def add(self, claim: claims.Claim, prepared: Prepared) -> None:
+    def add(self, claim: claims.Claim, prepared: Prepared, result: Result | None = None) -> None:
+        """A file back from the workers: its result when a worker read it."""
         if not self.done:
             self.oldest_done = self.clock()
-        self.done.append((claim, prepared))
+        self.done.append((claim, prepared, result))
 
     def wait_left(self) -> float:
         """Seconds until the batch in hand must go even if no more files come."""
@@ -74,15 +77,21 @@ class Batches:
         return not more_coming
 
     def commit_next(self) -> int:
-        """Classify the oldest batch_size files in one model call and hand them
-        to the Outbox, grouped by claim folder. Returns how many."""
+        """Hand the oldest batch_size files to the Outbox, grouped by claim
+        folder: the workers' results, and one classify_batch call for any the
+        workers only prepared. Returns how many."""
         batch, self.done = self.done[: self.s.batch_size], self.done[self.s.batch_size :]
         self.oldest_done = self.clock()
         self.counters.batches += 1
-        results = classify_batch(self.classifier, [p for _, p in batch],
-                                 low_confidence=self.s.review_threshold,
-                                 expect=self.s.expect, length=self.s.length)
-        items = [(c, r, self.destination(r)) for (c, _), r in zip(batch, results, strict=True)]
+        unread = [p for _, p, r in batch if r is None]
+        computed = iter(classify_batch(self.classifier, unread, low_confidence=self.s.review_threshold,
+                                       expect=self.s.expect, length=self.s.length) if unread else [])
+        now = time.perf_counter()
+        # A worker's result measured its own work; the line's latency runs to
+        # now, as when the loop process classified (from the start of work).
+        results = [next(computed) if r is None else replace(r, latency_ms=(now - p.started) * 1000.0)
+                   for _, p, r in batch]
+        items = [(c, r, self.destination(r)) for (c, _, _), r in zip(batch, results, strict=True)]
         by_folder: dict[claims.Folder, list] = {}  # one folder, unless the inbox was recreated
         for item in items:
             by_folder.setdefault(item[0].folder, []).append(item)

@@ -82,4 +82,5 @@ class Handover:
         """What the workers finished, into the waiting batch."""
         assert self.pool is not None, "start() first"
         for outcome in self.pool.completed():
-            self.batches.add(self.in_flight.pop(outcome.token), outcome.prepared())  # type: ignore[call-overload]
+            claim = self.in_flight.pop(outcome.token)  # type: ignore[call-overload]
+            self.batches.add(claim, outcome.prepared(), outcome.result)

@@ -28,8 +28,8 @@ from digitwatch.daemon import claims, commit, inbox, recovery, runtime, systemd
 from digitwatch.daemon.batches import Batches
 from digitwatch.daemon.dispatch import Handover
 from digitwatch.daemon.metrics import Metrics
-from digitwatch.daemon.pool import Limits
 from digitwatch.daemon.results_file import ResultsFile
+from digitwatch.daemon.worker import Limits, Reading
 from digitwatch.reader.model import Classifier
 
 log = structlog.get_logger("digitwatch")
@@ -120,9 +120,13 @@ class Daemon:
                                model_id=self.classifier.model_id, instance=self.instance)
         self.batches.metrics = self.metrics
         self.workspace = claims.Workspace(self.inbox, self.instance, self.s.results)
-        # Worker processes read, hash, decode and normalize; warm before READY.
+        # Worker processes read, hash, decode, normalize and read the digits (the
+        # model calls and the decision); warm, model loaded, before READY.
+        reading = Reading(model=str(self.s.model) if self.s.model else None, low_confidence=self.s.review_threshold,
+                          expect=self.s.expect, length=self.s.length)
         limits = Limits(max_pixels=self.s.max_pixels, time_limit=self.s.worker_timeout_s,
-                        memory_limit=self.s.worker_memory_mb << 20, pairs=self.classifier.pairs is not None)
+                        memory_limit=self.s.worker_memory_mb << 20, pairs=self.classifier.pairs is not None,
+                        reading=reading)
         self.handover.start(self.s.workers or None, limits)
         try:
             self._install_signals()

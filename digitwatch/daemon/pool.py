@@ -45,6 +45,7 @@ from digitwatch.daemon.worker import EXIT_NO_MEMORY, OUT_OF_MEMORY, Limits, Task
 from digitwatch.errors import DigitwatchError
 from digitwatch.reader.prepare import Prepared
 from digitwatch.reader.reading import Candidates
+from digitwatch.results import Result
 
 log = structlog.get_logger("digitwatch")
 
@@ -82,6 +83,7 @@ class Outcome:
     height: int | None = None
     error: str = ""
     worker_ms: float = 0.0  # wall time the worker spent on it
+    result: Result | None = None  # read in the worker too (Limits.reading); None: prepared only
 
     def prepared(self) -> Prepared:
         """The record `classify_batch` takes."""
@@ -524,7 +526,7 @@ class WorkerPool:
                 self._crew.became_ready(w)
                 self._changed.notify_all()
                 continue
-            seq, (sha256, started, candidates, width, height, error, worker_ms) = msg
+            seq, (sha256, started, candidates, width, height, error, worker_ms, result) = msg
             if seq in w.abandoned:  # handed to another worker when this one was stuck
                 w.abandoned.discard(seq)
                 continue
@@ -534,7 +536,7 @@ class WorkerPool:
             w.since = time.monotonic()
             self._done.append(Outcome(token=job.token, name=job.name, sha256=sha256, started=started,
                                       candidates=candidates, width=width, height=height, error=error,
-                                      worker_ms=worker_ms))
+                                      worker_ms=worker_ms, result=result))
             n += 1
 
     def _bury(self, w: _Worker) -> int:

@@ -1,7 +1,10 @@
 """One worker process: reads, hashes, decodes and normalizes the files the
 loop process sends it, one at a time, under a memory limit, and dies with the
-loop process. Started and replaced by `digitwatch.daemon.pool.WorkerPool`; kept
-apart from it so a worker imports only the pipeline (numpy, OpenCV), not the
+loop process. The daemon's workers also read what they prepared (the model
+calls and the decision, `Limits.reading`): the loop process only claims, hands
+over and commits, so throughput grows with the workers. Started and replaced
+by `digitwatch.daemon.pool.WorkerPool`; kept apart from it so a worker imports
+only the pipeline (numpy, OpenCV, LiteRT), not the
 loop's logging (structlog and what it pulls in: ~9 MB and 0.1 s per worker).
 """
 
@@ -28,7 +31,9 @@ from digitwatch.config import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT
 from digitwatch.errors import ImageError
 from digitwatch.files import DEFAULT_MAX_BYTES, read_regular
 from digitwatch.reader.imaging import DEFAULT_MAX_PIXELS, load_digit
-from digitwatch.reader.prepare import Prepared, prepare_bytes, prepare_file
+from digitwatch.reader.model import Classifier, load_classifier
+from digitwatch.reader.prepare import Prepared, classify_batch, prepare_bytes, prepare_file
+from digitwatch.results import Result
 
 EXIT_NO_MEMORY = 75  # a worker's exit status when it ran out of memory outside a file
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -36,14 +41,26 @@ OUT_OF_MEMORY = "decoder ran out of memory"
 
 
 @dataclass(frozen=True)
+class Reading:
+    """How a worker reads a prepared file: the model (loaded once per worker)
+    and the constraints and threshold of `classify_batch`."""
+
+    model: str | None = None  # a path; None: the shipped default
+    low_confidence: float | None = None  # None: the model card's thresholds
+    expect: str = "number"
+    length: str = ""
+
+
+@dataclass(frozen=True)
 class Limits:
-    """What one worker may spend on one file."""
+    """What one worker may spend on one file, and (`reading`) whether it reads it too."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     time_limit: float = DEFAULT_TIME_LIMIT
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT  # None: no RLIMIT_AS
     pairs: bool = True  # cut pair pictures: False when the model has no pair model to read them
+    reading: Reading | None = None  # None: prepare only, the caller classifies
 
 
 def prepare_claimed(source: str | int, name: str, limits: Limits) -> Prepared:
@@ -92,20 +109,45 @@ def _address_space() -> int:
     return 0
 
 
-def _warm() -> None:
+def _warm(reading: Reading | None) -> None:
     """Run the pipeline once on a drawn digit, so the first real file does not
-    pay for first calls (OpenCV's lazy init, numpy's dispatch caches)."""
+    pay for first calls (OpenCV's lazy init, numpy's dispatch caches, the
+    model's load and first invoke)."""
     page = np.full((96, 96), 255, np.uint8)
     cv2.putText(page, "7", (24, 78), cv2.FONT_HERSHEY_SIMPLEX, 2.4, 0, 6)
     ok, png = cv2.imencode(".png", page)
-    if ok:
+    if not ok:
+        return
+    if reading is None:
         load_digit(png.tobytes())
+        return
+    read_prepared(prepare_bytes("warm.png", png.tobytes(), time.perf_counter(), max_pixels=DEFAULT_MAX_PIXELS),
+                  reading)
 
 
-def _pack(prepared: Prepared, worker_ms: float) -> tuple:
-    # The candidates, not the side-by-side debug image: that is derived from them.
-    return (prepared.sha256, prepared.started, prepared.candidates, prepared.width, prepared.height,
-            prepared.error, worker_ms)
+def _pack(prepared: Prepared, worker_ms: float, result: Result | None) -> tuple:
+    # The candidates, not the side-by-side debug image: that is derived from
+    # them; and not even those once the file is read here (the result says it all).
+    candidates = None if result is not None else prepared.candidates
+    return (prepared.sha256, prepared.started, candidates, prepared.width, prepared.height,
+            prepared.error, worker_ms, result)
+
+
+_CLASSIFIERS: dict[Reading, Classifier] = {}
+
+
+def _classifier(reading: Reading) -> Classifier:
+    """This worker's model, loaded on first use (at warm-up) and kept."""
+    if reading not in _CLASSIFIERS:
+        _CLASSIFIERS[reading] = load_classifier(Path(reading.model) if reading.model else None)
+    return _CLASSIFIERS[reading]
+
+
+def read_prepared(prepared: Prepared, reading: Reading) -> Result:
+    """The file's result, as the loop process would have made it (one file per model call)."""
+    [result] = classify_batch(_classifier(reading), [prepared], low_confidence=reading.low_confidence,
+                              expect=reading.expect, length=reading.length)
+    return result
 
 
 def main() -> None:
@@ -132,7 +174,7 @@ def _failure(exc: Exception) -> str:
 def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
     """A worker's life: warm up, say ready, then one file at a time until EOF."""
     cv2.setNumThreads(1)  # the workers are the parallelism
-    _warm()
+    _warm(limits.reading)
     if limits.memory_limit is not None:
         cap = _address_space() + limits.memory_limit
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -150,9 +192,10 @@ def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
             started = time.perf_counter()
             try:
                 prepared = task(source, name, limits)
-                reply = _pack(prepared, (time.perf_counter() - started) * 1000)
+                result = read_prepared(prepared, limits.reading) if limits.reading is not None else None
+                reply = _pack(prepared, (time.perf_counter() - started) * 1000, result)
             except Exception as exc:  # noqa: BLE001 - one bad file must not take the worker down
-                reply = ("", started, None, None, None, _failure(exc), 0.0)
+                reply = ("", started, None, None, None, _failure(exc), 0.0, None)
             conn.send((seq, reply))
     except MemoryError:
         os._exit(EXIT_NO_MEMORY)
