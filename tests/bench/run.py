@@ -279,9 +279,10 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def daemon_run(base: Path, staged: list[Path], rate: float | None) -> dict:
+def daemon_run(base: Path, staged: list[Path], rate: float | None, workers: int | None = None) -> dict:
     """Drop staged files into a running daemon's inbox by rename; time each line."""
-    d = DaemonProc(base, "--batch-size", "32", "--batch-wait-ms", "20", settle=0.5).start()
+    extra = ["--workers", str(workers)] if workers else []
+    d = DaemonProc(base, "--batch-size", "32", "--batch-wait-ms", "20", *extra, settle=0.5).start()
     tail = Tail(d.results)
     tail.start()
     dropped: dict[str, float] = {}
@@ -326,6 +327,37 @@ def daemon_run(base: Path, staged: list[Path], rate: float | None) -> dict:
         "cpu_ms_per_file": cpu * 1000 / len(staged),
         "loop_process_cpu_ms_per_file": own * 1000 / len(staged),
     }
+
+
+def small_report(work: Path, small_pool: list, args: argparse.Namespace) -> dict:
+    """Small scans dropped at once (the case where the loop process used to be
+    the bottleneck) against a 2-thread decode-only loop over the same files,
+    and, with --daemon-scaling, the same burst with 1, 2, 4 ... workers."""
+    n = args.small_files or 3000
+    small = stage(work / "stage-small", small_pool, n, prefix="burst")
+    decode = decode_only(small)
+    burst = daemon_run(work / "small-burst", small, rate=None)
+    rows = [
+        ("small scans: decode-only loop, 2 threads", f"{decode:.0f} files/s", f"{n} files"),
+        ("small scans: daemon end to end (burst)", f"{burst['files_per_s']:.0f} files/s",
+         f"{burst['lines']} lines, {burst['errors']} errors"),
+        ("  vs decode-only", f"{burst['files_per_s'] / decode:.2f}x", "bar: >= 0.30"),
+        ("  cores used", f"{burst['cores_used']:.2f}", "bar: >= 1.8"),
+        ("  CPU per file (daemon + workers)", f"{burst['cpu_ms_per_file']:.2f} ms",
+         f"of which the loop process {burst['loop_process_cpu_ms_per_file']:.2f} ms"),
+        ("  peak RSS, daemon; with workers",
+         f"{burst['peak_rss_mb']:.0f} MB; {burst['peak_rss_with_workers_mb']:.0f} MB", "bar: <= 300"),
+    ]
+    scaling_rows = []
+    for k in [int(x) for x in args.daemon_scaling.split(",") if x.strip()]:
+        again = stage(work / f"stage-small-{k}", small_pool, n, prefix=f"w{k}")
+        r = daemon_run(work / f"small-w{k}", again, rate=None, workers=k)
+        scaling_rows.append({"workers": k, **r})
+        rows.append((f"  {k} worker(s): files/s, cores, p50/p99", f"{r['files_per_s']:.0f}",
+                     f"{r['cores_used']:.2f} cores; {r['latency_ms_p50']:.0f}/{r['latency_ms_p99']:.0f} ms; "
+                     f"loop {r['loop_process_cpu_ms_per_file']:.2f} ms/file"))
+    return {"files": n, "decode_only_files_per_s": decode, "burst": burst,
+            "ratio_vs_decode_only": burst["files_per_s"] / decode, "scaling": scaling_rows, "rows": rows}
 
 
 def _scaling_rows(label: str, rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -400,6 +432,11 @@ def main() -> None:
                     help="scans per kind for the reading-cost table (tests/bench/reading_cost.py); 0 skips")
     ap.add_argument("--cost-only", action="store_true", help="only the reading-cost table")
     ap.add_argument("--base", type=Path, help="a checkout to compare the reading cost with (its default model)")
+    ap.add_argument("--small-files", type=int, default=3000,
+                    help="small scans (12-30 KB) dropped at once: the loop-bound case; 0 skips")
+    ap.add_argument("--daemon-scaling", default="",
+                    help="comma-separated worker counts for the end-to-end scaling table on small scans (1,2,4)")
+    ap.add_argument("--small-only", action="store_true", help="only the small-scan burst and the scaling table")
     args = ap.parse_args()
     if args.quick:
         args.files, args.paced_seconds, args.accuracy, args.scaling_files = 300, 5.0, 0, 200
@@ -411,8 +448,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="digitwatch-bench-"))
     try:
         distinct = 12 if args.quick else 40  # page-sized scans take ~6 s each to make here
-        pool = make_pool(distinct)
         small_pool = make_pool(distinct, seed=1, kb=(12, 30), height=(28, 70))
+        if args.small_only:
+            report = small_report(work, small_pool, args)
+            _print(report.pop("rows"))
+            (args.out / "bench-small.json").write_text(json.dumps(report, indent=2))
+            print(f"\nwrote {args.out / 'bench-small.json'}")
+            return
+        pool = make_pool(distinct)
         sizes = [len(d) for d, _ in pool]
         files = stage(work / "stage-a", pool, args.files)
         small = stage(work / "stage-s", small_pool, args.scaling_files, prefix="small")
@@ -429,6 +472,7 @@ def main() -> None:
         burst = daemon_run(work / "burst", files, rate=None)
         paced_files = stage(work / "stage-b", pool, int(50 * args.paced_seconds))
         paced = daemon_run(work / "paced", paced_files, rate=50.0)
+        small_burst = small_report(work, small_pool, args) if args.small_files else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
@@ -460,6 +504,9 @@ def main() -> None:
         ("  with its workers (sum of peaks)", f"{burst['peak_rss_with_workers_mb']:.0f} MB", "bar: <= 300"),
         ("daemon peak RSS (paced)", f"{paced['peak_rss_mb']:.0f} MB", ""),
     ]
+    if small_burst is not None:
+        rows += small_burst.pop("rows")
+        report["small"] = small_burst
     rows += _worker_rows(costs, scale)
     if args.accuracy:
         from tests.bench import accuracy
