@@ -272,6 +272,18 @@ def tree_rss_peak_mb(pid: int) -> float:
     return total
 
 
+def tree_pss_mb(pid: int) -> float:
+    """PSS now of a process and its live children: shared pages (libraries,
+    the page cache of the models) split between the processes that map them."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+    return total
+
+
 def rss_peak_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -309,6 +321,7 @@ def daemon_run(base: Path, staged: list[Path], rate: float | None, workers: int 
     tail.stop.set()
     peak = rss_peak_mb(d.proc.pid)
     peak_tree = tree_rss_peak_mb(d.proc.pid)
+    pss_tree = tree_pss_mb(d.proc.pid)
     d.terminate()
     lat = np.array([(tail.seen[n] - t) * 1000 for n, t in dropped.items() if n in tail.seen])
     rows = d.lines()
@@ -323,6 +336,7 @@ def daemon_run(base: Path, staged: list[Path], rate: float | None, workers: int 
         "latency_ms_max": float(lat.max()),
         "peak_rss_mb": peak,
         "peak_rss_with_workers_mb": peak_tree,
+        "pss_with_workers_mb_after": pss_tree,
         "cores_used": cpu / (end - start),
         "cpu_ms_per_file": cpu * 1000 / len(staged),
         "loop_process_cpu_ms_per_file": own * 1000 / len(staged),
@@ -347,6 +361,7 @@ def small_report(work: Path, small_pool: list, args: argparse.Namespace) -> dict
          f"of which the loop process {burst['loop_process_cpu_ms_per_file']:.2f} ms"),
         ("  peak RSS, daemon; with workers",
          f"{burst['peak_rss_mb']:.0f} MB; {burst['peak_rss_with_workers_mb']:.0f} MB", "bar: <= 300"),
+        ("  PSS after the burst, daemon + workers", f"{burst['pss_with_workers_mb_after']:.0f} MB", ""),
     ]
     scaling_rows = []
     for k in [int(x) for x in args.daemon_scaling.split(",") if x.strip()]:
