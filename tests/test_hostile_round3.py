@@ -317,3 +317,29 @@ class TestMetricsEndpoint:
             assert b"digitwatch_files_total" in body
         finally:
             m.close()
+
+
+@pytest.mark.system
+class TestReadingWorkersBlameTheRightFile:
+    """A reading worker batches what it holds: a file that hangs after another
+    was prepared costs only itself."""
+
+    def test_the_file_prepared_before_a_hang_is_read_elsewhere(self, tmp_path):
+        from digitwatch.daemon.pool import WorkerPool
+        from digitwatch.daemon.worker import Reading
+
+        good = tmp_path / "a-good.png"
+        good.write_bytes(GOOD[0].read_bytes())
+        hang = tmp_path / "hang-z.png"
+        hang.write_bytes(GOOD[1].read_bytes())
+        done = threading.Semaphore(0)
+        got: dict = {}
+        limits = Limits(time_limit=3.0, reading=Reading())
+        with WorkerPool(1, limits=limits, on_done=done.release, task=worker_tasks.marked, depth=4) as pool:
+            pool.submit("good", str(good), good.name)
+            pool.submit("hang", str(hang), hang.name)
+            while len(got) < 2:
+                assert done.acquire(timeout=60)
+                got.update((o.token, o) for o in pool.completed())
+        assert got["good"].error == "" and got["good"].result is not None and got["good"].result.text
+        assert got["hang"].error == "decoding took longer than 3 s"

@@ -14,11 +14,13 @@ import structlog
 
 from digitwatch.daemon import claims
 from digitwatch.daemon.batches import Batches
-from digitwatch.daemon.pool import Limits, WorkerPool
+from digitwatch.daemon.pool import DEFAULT_DEPTH, Limits, WorkerPool
 from digitwatch.errors import ImageError
 from digitwatch.reader.prepare import Prepared
 
 log = structlog.get_logger("digitwatch")
+
+READING_DEPTH = 4  # files sent to a reading worker at once: its model call takes all it holds
 
 
 class Handover:
@@ -35,7 +37,9 @@ class Handover:
 
     def start(self, workers: int | None, limits: Limits) -> None:
         """Start the worker processes; returns once every one is warm."""
-        self.pool = WorkerPool(workers, limits=limits, on_done=self._prepared).start()
+        # Reading workers batch what they hold into one model call: let them hold more.
+        depth = READING_DEPTH if limits.reading is not None else DEFAULT_DEPTH
+        self.pool = WorkerPool(workers, limits=limits, on_done=self._prepared, depth=depth).start()
 
     def close(self) -> None:
         if self.pool is not None:

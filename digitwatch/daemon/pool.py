@@ -102,6 +102,7 @@ class _Job:
     fd: int = -1  # a descriptor to hand over instead of a path; ours until the job is over
     seq: int = 0
     started: float = field(default_factory=time.perf_counter)  # submitted: a failed file's latency counts from here
+    prepared: bool = False  # a reading worker said it is prepared: it waits only for the batch's model call
 
     def over(self) -> None:
         if self.fd >= 0:
@@ -236,7 +237,11 @@ class _Crew:
         for w in self.workers:
             if w.pending and not w.stuck and not w.killed_for and now - w.since >= STUCK_AFTER:
                 w.stuck = True
-                behind = [w.pending.pop() for _ in range(len(w.pending) - 1)][::-1]
+                current = next((j for j in w.pending if not j.prepared), w.pending[0])
+                behind = [j for j in w.pending if j is not current]  # prepared ones too: their batch waits on it
+                for job in behind:
+                    job.prepared = False
+                w.pending = deque([current])
                 w.abandoned.update(j.seq for j in behind)
                 out.append((w, behind))
         return out
@@ -273,7 +278,12 @@ class _Crew:
         with contextlib.suppress(subprocess.TimeoutExpired):
             w.proc.wait(5)  # its socket closes a moment before it can be reaped
         reason = w.killed_for or _death_reason(w.proc.returncode)
-        culprit = w.pending.popleft() if w.pending else None
+        # The file it was on: the first it had not finished preparing.
+        culprit = next((j for j in w.pending if not j.prepared), w.pending[0] if w.pending else None)
+        if culprit is not None:
+            w.pending.remove(culprit)
+        for job in w.pending:
+            job.prepared = False  # done again elsewhere, from the start
         self.workers.remove(w)
         w.release()
         self.replaced += 1
@@ -525,6 +535,12 @@ class WorkerPool:
             if msg[0] == "ready":
                 self._crew.became_ready(w)
                 self._changed.notify_all()
+                continue
+            if msg[0] == "prepared":  # the worker moves on to its next file: that one's clock starts
+                job = next((j for j in w.pending if j.seq == msg[1]), None)
+                if job is not None:
+                    job.prepared = True
+                    w.since = time.monotonic()
                 continue
             seq, (sha256, started, candidates, width, height, error, worker_ms, result) = msg
             if seq in w.abandoned:  # handed to another worker when this one was stuck

@@ -139,15 +139,22 @@ _CLASSIFIERS: dict[Reading, Classifier] = {}
 def _classifier(reading: Reading) -> Classifier:
     """This worker's model, loaded on first use (at warm-up) and kept."""
     if reading not in _CLASSIFIERS:
-        _CLASSIFIERS[reading] = load_classifier(Path(reading.model) if reading.model else None)
+        # One thread: the worker processes are the parallelism (two LiteRT
+        # threads per worker only spin against each other on a busy machine).
+        _CLASSIFIERS[reading] = load_classifier(Path(reading.model) if reading.model else None, threads=1)
     return _CLASSIFIERS[reading]
 
 
 def read_prepared(prepared: Prepared, reading: Reading) -> Result:
-    """The file's result, as the loop process would have made it (one file per model call)."""
-    [result] = classify_batch(_classifier(reading), [prepared], low_confidence=reading.low_confidence,
-                              expect=reading.expect, length=reading.length)
+    """One file's result, as the loop process would have made it."""
+    [result] = read_batch([prepared], reading)
     return result
+
+
+def read_batch(prepared: list[Prepared], reading: Reading) -> list[Result]:
+    """The results of the files this worker holds, with one model call for all of them."""
+    return classify_batch(_classifier(reading), prepared, low_confidence=reading.low_confidence,
+                          expect=reading.expect, length=reading.length)
 
 
 def main() -> None:
@@ -181,21 +188,57 @@ def _serve(conn: mpc.Connection, task: Task, limits: Limits) -> None:
     conn.send(("ready", os.getpid()))
     try:
         while True:
-            try:
-                job = conn.recv()
-            except EOFError:
+            jobs = _take_jobs(conn)
+            if jobs is None:
                 return
-            if job is None:
-                return
-            seq, path, name = job
-            source = reduction.recv_handle(conn) if path is None else path
-            started = time.perf_counter()
+            if limits.reading is None:
+                for seq, source, name in jobs:
+                    conn.send((seq, _prepare_one(task, source, name, limits)[1]))
+                continue
+            # Reading too: every file this worker holds is prepared, then read
+            # with one model call for all of them (per-file calls cost twice the
+            # CPU). After each file is prepared the pool hears so, so a file that
+            # hangs later is the one blamed, and the prepared ones can go elsewhere.
+            done = []
+            for seq, source, name in jobs:
+                prepared, reply = _prepare_one(task, source, name, limits)
+                done.append((seq, prepared, reply))
+                conn.send(("prepared", seq))
+            good = [(seq, prepared, reply[6]) for seq, prepared, reply in done if prepared is not None]
             try:
-                prepared = task(source, name, limits)
-                result = read_prepared(prepared, limits.reading) if limits.reading is not None else None
-                reply = _pack(prepared, (time.perf_counter() - started) * 1000, result)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not take the worker down
-                reply = ("", started, None, None, None, _failure(exc), 0.0, None)
-            conn.send((seq, reply))
+                started = time.perf_counter()
+                results = read_batch([p for _, p, _ in good], limits.reading) if good else []
+                share = (time.perf_counter() - started) * 1000 / max(1, len(good))
+                replies = {seq: _pack(p, ms + share, r) for (seq, p, ms), r in zip(good, results, strict=True)}
+            except Exception as exc:  # noqa: BLE001 - the model failing fails these files, not the worker
+                replies = {seq: ("", p.started, None, None, None, _failure(exc), ms, None) for seq, p, ms in good}
+            for seq, _prepared, reply in done:
+                conn.send((seq, replies.get(seq, reply)))
     except MemoryError:
         os._exit(EXIT_NO_MEMORY)
+
+
+def _take_jobs(conn: mpc.Connection) -> list[tuple[int, str | int, str]] | None:
+    """The next job, waiting for it, and every other one already sent (the pool
+    sends at most its depth); None at EOF."""
+    jobs: list[tuple[int, str | int, str]] = []
+    while not jobs or conn.poll(0):
+        try:
+            job = conn.recv()
+        except EOFError:
+            return jobs or None
+        if job is None:
+            return jobs or None
+        seq, path, name = job
+        jobs.append((seq, reduction.recv_handle(conn) if path is None else path, name))
+    return jobs
+
+
+def _prepare_one(task: Task, source: str | int, name: str, limits: Limits) -> tuple[Prepared | None, tuple]:
+    """(prepared, the reply if nothing more is done with it); prepared None when the task failed."""
+    started = time.perf_counter()
+    try:
+        prepared = task(source, name, limits)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not take the worker down
+        return None, ("", started, None, None, None, _failure(exc), 0.0, None)
+    return prepared, _pack(prepared, (time.perf_counter() - started) * 1000, None)

@@ -330,7 +330,7 @@ def _card_entry(card_path: Path, key: str) -> Path | None:
     return named
 
 
-def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
+def _load_pair_card(card_path: Path, threads: int) -> RejectHeadClassifier:
     """A card of its own for a pair: "digit_model" and "reject_model" (each
     calibrated by its own card) and the pair's "recommended_low_confidence"."""
     digits, reject = _card_entry(card_path, "digit_model"), _card_entry(card_path, "reject_model")
@@ -338,13 +338,14 @@ def _load_pair_card(card_path: Path) -> RejectHeadClassifier:
         raise ModelError(f"{card_path}: a model card given as --model names digit_model and reject_model")
     spec = OutputSpec.for_model(card_path)
     pairs = _card_entry(card_path, "pair_model")
-    return RejectHeadClassifier(LiteRTClassifier(digits), LiteRTClassifier(reject),
+    return RejectHeadClassifier(LiteRTClassifier(digits, threads=threads), LiteRTClassifier(reject, threads=threads),
                                 OutputSpec(low_confidence=spec.low_confidence,
                                            low_confidence_single=spec.low_confidence_single, answers=spec.answers),
-                                pairs=LiteRTClassifier(pairs, pair_model=True) if pairs is not None else None)
+                                pairs=LiteRTClassifier(pairs, pair_model=True, threads=threads)
+                                if pairs is not None else None)
 
 
-def load_classifier(path: Path | None = None) -> Classifier:
+def load_classifier(path: Path | None = None, *, threads: int = 2) -> Classifier:
     """Pick the implementation by file type; .tflite never touches TensorFlow.
     A .tflite whose card names a reject companion, or a pair's .json card,
     loads as the pair."""
@@ -354,10 +355,11 @@ def load_classifier(path: Path | None = None) -> Classifier:
     if path.suffix == ".tflite":
         companion = _card_entry(path.with_suffix(".json"), "reject_model")
         if companion is None:
-            return LiteRTClassifier(path)
-        return RejectHeadClassifier(LiteRTClassifier(path), LiteRTClassifier(companion))
+            return LiteRTClassifier(path, threads=threads)
+        return RejectHeadClassifier(LiteRTClassifier(path, threads=threads),
+                                    LiteRTClassifier(companion, threads=threads))
     if path.suffix == ".keras":
         return KerasClassifier(path)
     if path.suffix == ".json":
-        return _load_pair_card(path)
+        return _load_pair_card(path, threads)
     raise ModelError(f"{path}: unsupported model type {path.suffix!r} (use .tflite, .keras or a pair's .json card)")
