@@ -299,7 +299,8 @@ LogFormat = Enum("LogFormat", [(c, c) for c in CHOICES["log_format"]], type=str)
 
 # How a default reads in --help where the value itself says little.
 _SHOWN = {"review": "off", "model": "models/digits-reject.json", "instance": "the host name",
-          "recursive": "no-recursive", "polling": "no-polling", "length": "any", "workers": "0 (one per CPU)"}
+          "recursive": "no-recursive", "polling": "no-polling", "length": "any", "workers": "0 (one per CPU)",
+          "review_token_file": "none", "corrections": "<results folder>/corrections"}
 
 
 def _setting(key: str, *names: str, **kwargs) -> typer.models.OptionInfo:
@@ -367,6 +368,10 @@ def watch(
     log_format: Annotated[LogFormat | None, _setting("log_format")] = None,
     metrics_port: Annotated[int | None, _setting("metrics_port", min=0, max=65535)] = None,
     metrics_bind: Annotated[str | None, _setting("metrics_bind")] = None,
+    review_bind: Annotated[str | None, _setting("review_bind")] = None,
+    review_port: Annotated[int | None, _setting("review_port", min=1, max=65535)] = None,
+    review_token_file: Annotated[Path | None, _setting("review_token_file")] = None,
+    corrections: Annotated[Path | None, _setting("corrections")] = None,
 ) -> None:
     """Watch the inbox: classify each new PNG, append a result line, move it aside."""
     # Every settings key is a parameter of the same name; None means "not given".
@@ -385,6 +390,25 @@ def watch(
         structlog.get_logger("digitwatch").warning("nfs_caveat", message=caveat)
     classifier = load_classifier(settings.model)
     raise typer.Exit(Daemon(settings, classifier).run(once=once))
+
+
+@app.command()
+def review(
+    config: ConfigOption = None,
+    bind: Annotated[str | None, typer.Option(help="Address to listen on (review_bind).",
+                                             show_default="127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="TCP port (review_port).",
+                                             show_default="8765")] = None,
+) -> None:
+    """Serve the review station: a page where people settle what the daemon would not vouch for."""
+    flags = {k: v for k, v in (("review_bind", bind), ("review_port", port)) if v is not None}
+    settings = _settings_from(config, flags)
+    from digitwatch import logs
+
+    logs.configure(settings.log_format)
+    from digitwatch.review.run import serve
+
+    raise typer.Exit(serve(settings, os.environ.get("DIGITWATCH_REVIEW_TOKEN")))
 
 
 def _nfs_caveats(settings: Settings) -> list[str]:

@@ -66,6 +66,10 @@ class Settings:
     log_format: str = "auto"
     metrics_port: int = 0
     metrics_bind: str = "127.0.0.1"
+    review_bind: str = "127.0.0.1"  # the review station (`digitwatch review`)
+    review_port: int = 8765
+    review_token_file: Path | None = None
+    corrections: Path | None = None  # None: <results folder>/corrections
 
     def instance_name(self) -> str:
         return self.instance or socket.gethostname()
@@ -112,6 +116,10 @@ HELP: dict[str, str] = {
     "log_format": "Log lines: console on a terminal, JSON lines otherwise (auto).",
     "metrics_port": "Prometheus port; 0 = off.",
     "metrics_bind": "Address the metrics port listens on.",
+    "review_bind": "Address the review station (digitwatch review) listens on; beyond loopback it needs a token.",
+    "review_port": "TCP port of the review station.",
+    "review_token_file": "A file holding the token the review station requires (or DIGITWATCH_REVIEW_TOKEN).",
+    "corrections": "Where review decisions keep what the model saw, with the answer; empty: beside the results.",
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "format": ("csv", "jsonl"),
@@ -284,6 +292,8 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{key} = {getattr(s, key)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError("metrics_port must be 0 (off) or a TCP port")
+    if not 1 <= s.review_port <= 65535:
+        raise ConfigError("review_port must be a TCP port (1-65535)")
     for key in ("batch_size", "max_pixels", "worker_memory_mb"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key} must be at least 1")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 STATUS_OK = "ok"
 STATUS_LOW = "low_confidence"
 STATUS_ERROR = "error"  # the file could not be read (`error` says why)
+STATUS_REVIEWED = "reviewed"  # a person decided (`digitwatch review`): `text` is theirs
 # low_confidence also covers what is not a digit string at all, or does not fit
 # --expect/--length, or leaves writing unread: `reason` says which ("low confidence", "not a digit",
 # "expected 5 digits, read 3", "more writing on the page than was read").

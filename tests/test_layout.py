@@ -19,7 +19,8 @@ MAY_IMPORT = {
     "daemon": {"basics", "config", "reader", "daemon"},
     "training": {"basics", "reader", "training"},
     "classify": {"basics", "config", "reader", "daemon"},
-    "cli": {"basics", "config", "reader", "daemon", "training", "classify"},
+    "review": {"basics", "config", "reader", "daemon"},
+    "cli": {"basics", "config", "reader", "daemon", "training", "classify", "review"},
     "__main__": {"cli"},
 }
 
@@ -28,7 +29,7 @@ def _part(module: str) -> str:
     """'digitwatch.daemon.claims' -> 'daemon'; 'digitwatch.errors' -> 'basics'."""
     parts = module.split(".")[1:] or ["__init__"]
     head = parts[0]
-    if head in ("reader", "daemon", "training"):
+    if head in ("reader", "daemon", "training", "review"):
         return head
     return "basics" if head in BASICS else head
 

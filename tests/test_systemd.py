@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.daemon_harness import PNG_GOOD, DaemonProc, drop
 
-UNITS = ["digitwatch.service", "digitwatch@.service"]
+UNITS = ["digitwatch.service", "digitwatch@.service", "digitwatch-review.service"]
 
 
 @pytest.mark.parametrize("unit", UNITS)
