@@ -115,6 +115,12 @@ def train(
         Path | None,
         typer.Option(help="Fine-tune: start from this .keras model (same members, classes), at 1/4 the rate."),
     ] = None,
+    corrections: Annotated[
+        Path | None,
+        typer.Option(help="A review station's corrections folder: its training part joins MNIST "
+                          "(with --init: fine-tune the shipped model on what people corrected)."),
+    ] = None,
+    corrections_repeat: Annotated[int, typer.Option(min=1, help="How many times over the corrections are seen.")] = 20,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card.
     Each shipped model is made by one or more of these steps; its card records them."""
@@ -158,6 +164,8 @@ def train(
         renormalized=synthetic // 2,
         low_res=low_res,
         init=init,
+        corrections=corrections,
+        corrections_repeat=corrections_repeat,
         command=command,
     )
     card = run_training(request)
@@ -248,6 +256,10 @@ def evaluate(
         float | None,
         typer.Option(min=0.0, max=1.0, help="Answers below this are not ok; default: the model card's."),
     ] = None,
+    corrections: Annotated[
+        Path | None,
+        typer.Option(help="Also score the held-out part of a review station's corrections folder."),
+    ] = None,
 ) -> None:
     """Score a model on the 10,000 MNIST test digits (never used in training), then
     on scans of numbers and non-digits (reliability.png with --report)."""
@@ -272,12 +284,27 @@ def evaluate(
             threshold=threshold_for(classifier, low_confidence),
             report=report,
         )
+    held = None
+    if corrections is not None:
+        from digitwatch.training.corrections import load as load_corrections
+
+        fixed = load_corrections(corrections)
+        right = None
+        if len(fixed.x_held):
+            p = classifier.predict(to_model_input(fixed.x_held))
+            right = float(np.mean(p[:, :10].argmax(1) == fixed.y_held))
+        held = {"decisions": fixed.decisions, "held_out_inputs": len(fixed.x_held), "digit_accuracy": right}
     if format is ReportFormat.json:
         doc = json.loads(ev.to_json())
         doc["scans"] = scan_report.to_dict() if scan_report else None
+        doc["corrections"] = held
         typer.echo(json.dumps(doc, indent=2))
     else:
         typer.echo(evaluation.format_table(ev), nl=False)
+        if held is not None:
+            acc = "n/a" if held["digit_accuracy"] is None else f"{held['digit_accuracy']:.4f}"
+            typer.echo(f"corrections held out: {held['held_out_inputs']} inputs of {held['decisions']} decisions, "
+                       f"digit accuracy {acc}")
         if scan_report:
             typer.echo("\n" + evaluation.format_scan_report(scan_report), nl=False)
 

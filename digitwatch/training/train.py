@@ -65,6 +65,8 @@ class TrainSettings:
     renormalized: int = 0  # with reject: training digits again, through synth's crop normalization
     low_res: int = 0  # training digits again as low-resolution scans (synth.low_res)
     init: Path | None = None  # start from this .keras model's weights (fine-tuning) instead of at random
+    corrections: Path | None = None  # a review station's corrections folder: its training part is added
+    corrections_repeat: int = 20  # ... this many times over (a few hundred inputs among 54,000)
 
     @property
     def classes(self) -> int:
@@ -286,6 +288,16 @@ def with_synthetic(
         x_train = np.concatenate([x_train, synth.low_res(images[pick], rng)[..., None]])
         y_train = np.concatenate([y_train, labels[pick]])
         print(f"training on {len(pick)} training digits again as low-resolution scans", flush=True)
+    if settings.corrections is not None:
+        from digitwatch.training import corrections
+
+        fixed = corrections.load(settings.corrections)
+        if len(fixed.x_train):
+            x_train = np.concatenate([x_train, np.repeat(fixed.x_train[..., None], settings.corrections_repeat, 0)])
+            y_train = np.concatenate([y_train, np.repeat(fixed.y_train, settings.corrections_repeat)])
+        print(f"training on {len(fixed.x_train)} corrected inputs x{settings.corrections_repeat} "
+              f"({fixed.decisions} decisions, {fixed.unusable} unusable, {len(fixed.x_held)} inputs held out)",
+              flush=True)
     if not settings.reject:
         return x_train, y_train, x_val, y_val
     rng = np.random.default_rng(settings.seed + 101)
@@ -499,6 +511,8 @@ class TrainRequest:
     renormalized: int = 0
     low_res: int = 0
     init: Path | None = None
+    corrections: Path | None = None
+    corrections_repeat: int = 20
 
 
 def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
@@ -528,7 +542,8 @@ def run_training(request: TrainRequest) -> dict:
         width=request.width, seed=request.seed, limit=request.limit, augment=request.augment,
         reject=request.reject, synthetic_rejects=request.synthetic_rejects,
         font_digits=request.font_digits, renormalized=request.renormalized,
-        low_res=request.low_res, init=request.init,
+        low_res=request.low_res, init=request.init, corrections=request.corrections,
+        corrections_repeat=request.corrections_repeat,
     )
     # Before training: with --out the same file as --init, the start is
     # overwritten by the end, and its checksum would name the wrong model.
@@ -611,6 +626,8 @@ def run_training(request: TrainRequest) -> dict:
             if settings.reject else None
         ),
         "low_res_digits": settings.low_res,
+        "corrections": None if settings.corrections is None else {
+            "folder": str(settings.corrections), "repeat": settings.corrections_repeat},
         "fine_tuned_from": provenance,
         "command": request.command,
         "epochs": settings.epochs,
