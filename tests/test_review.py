@@ -197,6 +197,10 @@ def test_two_hundred_items_reviewed_by_keys_alone(site, browser):
     assert site.waiting() == []
     assert len([p for p in (site.base / "processed").rglob("*.png")]) == 200
     assert not page.dialogs and not page.external
+    from digitwatch.training import corrections
+
+    kept = corrections.load(site.base / "corrections")  # what the model saw, with the answers
+    assert kept.decisions == 200 and len(kept.x_train) + len(kept.x_held) >= 190
 
 
 def test_two_browsers_race_for_one_item_and_one_wins(site, browser):

@@ -323,3 +323,29 @@ class TestRecipeSteps:
 
         r = run_cli("train", "--step", "pairs", "--bogus", "1", "--out", str(tmp_path / "p.tflite"))
         assert r.returncode == 2 and "bogus" in r.stderr
+
+
+class TestCorrections:
+    """`digitwatch train --corrections`: what people corrected joins the training data."""
+
+    def test_a_small_run_trains_on_the_corrections_and_records_them(self, mnist_dir, tmp_path, capsys):
+        import hashlib
+
+        from digitwatch.training.train import TrainRequest, run_training
+
+        folder = tmp_path / "corrections"
+        folder.mkdir()
+        rng = np.random.default_rng(1)
+        for i in range(30):
+            sha = hashlib.sha256(str(i).encode()).hexdigest()
+            np.save(folder / f"{sha[:32]}.npy", rng.random((1, 28, 28)).astype(np.float32), allow_pickle=False)
+            (folder / f"{sha[:32]}.json").write_text(json.dumps(
+                {"sha256": sha, "label": str(i % 10), "inputs": f"{sha[:32]}.npy"}))
+        card = run_training(TrainRequest(
+            data=mnist_dir, arch="mlp", epochs=1, members=1, width=8, out=tmp_path / "m.keras", seed=3,
+            limit=2000, augment=False, command="digitwatch train (test)", quantize=False,
+            corrections=folder, corrections_repeat=5,
+        ))
+        assert card["corrections"] == {"folder": str(folder), "repeat": 5}
+        out = capsys.readouterr().out
+        assert "corrected inputs x5 (30 decisions, 0 unusable" in out
