@@ -340,6 +340,12 @@ def test_the_page_fits_a_phone(site, browser):
     page = _open(browser, site, size=(390, 844))
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, width
+    assert page.locator("#pageview").is_hidden()  # the whole page only on demand
+    page.keyboard.press("p")
+    expect(page.locator("#pageview")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#pageview")).to_be_hidden()
+    assert page.locator(".item img").first.evaluate("img => img.complete && img.naturalWidth > 0")
     # The results file is CSV (no per-digit confidences): the page asks the server for them.
     expect(page.locator(".item .conf").first).to_contain_text(":", timeout=30000)
     page.screenshot(path=str(site.base / "phone.png"))

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -155,7 +156,8 @@ class Decider:
             prepared = prepare_bytes(item.name, data, time.perf_counter(), max_pixels=self.s.max_pixels)
             crops = prepared.candidates.crops if prepared.candidates is not None else np.zeros((0, 28, 28))
             self.corrections.mkdir(parents=True, exist_ok=True)
-            stem = self.corrections / f"{sha[:32]}"
+            # One card per decision, even for files with the same content (each was decided).
+            stem = self.corrections / f"{sha[:32]}-{secrets.token_hex(4)}"
             np.save(stem.with_suffix(".npy"), np.asarray(crops, np.float32), allow_pickle=False)
             write_whole(stem.with_suffix(".json"), json.dumps({
                 "sha256": sha, "label": answer, "unreadable": answer is None, "kind": kind,

@@ -42,6 +42,7 @@ CROP_SCALE = 4  # 28 px candidates shown 112 px tall: large enough to judge
 PAGE_SIDE = 1600  # the whole page, on demand, at most this many pixels on its longer side
 IMAGE_CACHE = 256  # rendered images kept in memory (the page asks for each item's crop once)
 TOKEN_COOKIE = "digitwatch_review"
+LATENCY_WINDOW = 1000  # decisions the latency quantiles of /metrics are taken over
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
@@ -265,6 +266,14 @@ def create_app(station: Station) -> Starlette:
             "# TYPE digitwatch_review_decisions_total counter",
         ]
         lines += [f'digitwatch_review_decisions_total{{kind="{k}"}} {v}' for k, v in station.decider.counts.items()]
+        recent = sorted(station.latency_ms[-LATENCY_WINDOW:])
+        if recent:
+            lines += ["# HELP digitwatch_review_decision_seconds Time to commit a decision (the last "
+                      f"{LATENCY_WINDOW})", "# TYPE digitwatch_review_decision_seconds summary"]
+            for q in (0.5, 0.99):
+                value = recent[min(len(recent) - 1, int(q * len(recent)))] / 1000
+                lines.append(f'digitwatch_review_decision_seconds{{quantile="{q}"}} {value:.6f}')
+            lines.append(f"digitwatch_review_decision_seconds_count {len(station.latency_ms)}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4",
                                  headers=SECURITY_HEADERS)
 

@@ -2,6 +2,7 @@
 // and is set with textContent, never parsed as HTML.
 "use strict";
 
+const IDLE_BEFORE_REFRESH_MS = 30000;
 const SHOWN = 300; // items on the page at once; the rest follow as these are decided
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
 const $ = (id) => document.getElementById(id);
@@ -183,5 +184,12 @@ document.addEventListener("keydown", (e) => {
 
 $("reviewer").value = localStorage.getItem("digitwatch-reviewer") || "";
 load();
-// New files arrive while people work: refresh when nothing on the page was touched.
-setInterval(() => { if (!busy && screen.every((s) => !s.typing && !s.postponed && !s.unreadable)) load(); }, 15000);
+// New files arrive while people work: refresh, but never under someone's
+// fingers (nothing typed or marked, and no key for a while): a page rebuilt
+// between looking and typing would put the answer on another file.
+let lastKey = 0;
+document.addEventListener("keydown", () => { lastKey = Date.now(); }, true);
+setInterval(() => {
+  const idle = Date.now() - lastKey > IDLE_BEFORE_REFRESH_MS;
+  if (!busy && idle && screen.every((s) => !s.typing && !s.postponed && !s.unreadable)) load();
+}, 15000);
