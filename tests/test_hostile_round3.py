@@ -219,10 +219,11 @@ class TestStuckWorkers:
             everything = time.monotonic() - t0
             busy = pool.busy()
         assert all(not o.error for o in got.values())
-        # Stuck after 0.5 s, a spare worker warm in well under a second here;
-        # the time limit (60 s) never comes into it.
-        assert first < 2.0, first
-        assert everything < 30.0, everything
+        # Stuck after 0.5 s, a spare worker warm in well under a second (first
+        # line at ~1 s here): no file waited for the time limit (60 s). The
+        # bounds are far from both, so a loaded machine does not fail them.
+        assert first < 15.0, first
+        assert everything < 45.0, everything
         assert sorted(t for tokens in busy.values() for t in tokens) == sorted(p.name for p in hangs)
 
 

@@ -1,9 +1,12 @@
 """A simulated site whose writing the models do not know, reviewed and learnt from.
 
-    python -m tests.bench.review_site --data DIR --work runs/site [--reviewed 300] [--next 1000]
+    python -m tests.bench.review_site --data DIR --work runs/site [--font FILE] [--reviewed 300] [--next 1000]
 
-The site writes its digits in OpenCV's held-out Hershey face (synth.HELD_OUT_FACE:
-never in any training or calibration set), on realistic pages. Its scans are
+The site writes its digits in a font no model here was trained on: a
+handwriting font from a registry package (`--font`, a .ttf/.woff file, e.g.
+`npm pack @fontsource/patrick-hand`: files/patrick-hand-latin-400-normal.woff;
+never one of the nine families reserved for evaluation), or by default
+OpenCV's held-out Hershey face (synth.HELD_OUT_FACE), on realistic pages. Its scans are
 read with the shipped models until `--reviewed` of them were not ok (what a
 review queue would hold); a person's answers (the true digits) go into a
 corrections folder exactly as the review station writes them. The digit model
@@ -33,11 +36,27 @@ from tests.conftest import MODELS, ROOT
 BATCH = 64
 
 
-def site_scans(count: int, rng: np.random.Generator, start: int) -> list[tuple[bytes, str]]:
+FONT_PX = 96  # glyphs drawn this tall, then scaled onto the page like every other source
+
+
+def font_ink(digit: str, font_path: Path) -> np.ndarray:
+    """A digit in a TrueType/WOFF font, as ink (high = ink), cropped to its box."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(str(font_path), FONT_PX)
+    canvas = Image.new("L", (FONT_PX * 2, FONT_PX * 2), 0)
+    ImageDraw.Draw(canvas).text((FONT_PX // 3, FONT_PX // 8), digit, font=font, fill=255)
+    ink = np.asarray(canvas, np.float32) / 255.0
+    ys, xs = np.nonzero(ink > 0.05)
+    return ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def site_scans(count: int, rng: np.random.Generator, start: int, font: Path | None) -> list[tuple[bytes, str]]:
     out = []
     for i in range(count):
         d = str(int(rng.integers(10)))
-        out.append((evaluation.page_png(synth.glyph_ink(d, synth.HELD_OUT_FACE, rng), rng, start + i, "site"), d))
+        ink = font_ink(d, font) if font is not None else synth.glyph_ink(d, synth.HELD_OUT_FACE, rng)
+        out.append((evaluation.page_png(ink, rng, start + i, "site"), d))
     return out
 
 
@@ -83,11 +102,11 @@ def run(args: argparse.Namespace) -> dict:
     reviewed: list = []
     made = 0
     while len(reviewed) < args.reviewed and made < args.max_scans:
-        rows = read(shipped, site_scans(500, rng, made))
+        rows = read(shipped, site_scans(500, rng, made, args.font))
         made += 500
         reviewed += [row for row in rows if row[1].status != "ok"]
     reviewed = reviewed[: args.reviewed]
-    nxt = site_scans(args.next, np.random.default_rng(args.seed + 1), 10_000_000)
+    nxt = site_scans(args.next, np.random.default_rng(args.seed + 1), 10_000_000, args.font)
     before = score(read(shipped, nxt))
     kept = keep_corrections(reviewed, work / "corrections")
     models = work / "models"
@@ -111,7 +130,8 @@ def run(args: argparse.Namespace) -> dict:
     after = score(read(models / "digits-reject.json", nxt))
     card = json.loads((models / "digits.json").read_text())
     shipped_card = json.loads((MODELS / "digits.json").read_text())
-    return {"site": "held-out Hershey face (script complex), realistic pages", "scans_read_to_fill_review": made,
+    site = f"font {args.font.name}" if args.font else "held-out Hershey face (script complex)"
+    return {"site": f"{site}, realistic pages", "scans_read_to_fill_review": made,
             "reviewed": len(reviewed), "corrections_kept": kept, "next": before | {"when": "before"},
             "next_after": after, "mnist_test_tflite": {"before": shipped_card["test_accuracy"]["tflite"],
                                                         "after": card["test_accuracy"]["tflite"]},
@@ -126,6 +146,7 @@ def main() -> None:
     ap.add_argument("--next", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=77)
+    ap.add_argument("--font", type=Path, help="a .ttf/.woff handwriting font the site writes in")
     ap.add_argument("--max-scans", type=int, default=20_000)
     print(json.dumps(run(ap.parse_args()), indent=2))
 
