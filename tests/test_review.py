@@ -200,7 +200,10 @@ def test_two_hundred_items_reviewed_by_keys_alone(site, browser):
     from digitwatch.training import corrections
 
     kept = corrections.load(site.base / "corrections")  # what the model saw, with the answers
-    assert kept.decisions == 200 and len(kept.x_train) + len(kept.x_held) >= 190
+    assert kept.decisions == 200  # one card per decision, even for files of the same content
+    # Usable as examples: a decision whose candidates match its answer's digits
+    # (182 of these 200 here; the rest were cut into another count of pieces).
+    assert kept.unusable <= 40 and len(kept.x_train) + len(kept.x_held) >= 160
 
 
 def test_two_browsers_race_for_one_item_and_one_wins(site, browser):
