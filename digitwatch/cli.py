@@ -121,6 +121,8 @@ def train(
                           "(with --init: fine-tune the shipped model on what people corrected)."),
     ] = None,
     corrections_repeat: Annotated[int, typer.Option(min=1, help="How many times over the corrections are seen.")] = 20,
+    fine_tune_rate: Annotated[float, typer.Option(min=0.001, max=1.0,
+                                                  help="With --init: the share of the peak learning rate.")] = 0.25,
 ) -> None:
     """Train on MNIST, export .tflite beside the .keras, verify, write the model card.
     Each shipped model is made by one or more of these steps; its card records them."""
@@ -166,6 +168,7 @@ def train(
         init=init,
         corrections=corrections,
         corrections_repeat=corrections_repeat,
+        fine_tune_rate=fine_tune_rate,
         command=command,
     )
     card = run_training(request)

@@ -67,6 +67,7 @@ class TrainSettings:
     init: Path | None = None  # start from this .keras model's weights (fine-tuning) instead of at random
     corrections: Path | None = None  # a review station's corrections folder: its training part is added
     corrections_repeat: int = 20  # ... this many times over (a few hundred inputs among 54,000)
+    fine_tune_rate: float = FINE_TUNE_LR  # with init: the peak rate's share
 
     @property
     def classes(self) -> int:
@@ -243,7 +244,7 @@ def _train_member(
     model = start or build_cnn_member(
         settings.width, name=f"member_{index}", classes=settings.classes, logits=settings.reject
     )
-    peak = PEAK_LR * (FINE_TUNE_LR if start is not None else 1.0)
+    peak = PEAK_LR * (settings.fine_tune_rate if start is not None else 1.0)
     steps = math.ceil(len(x_train) / BATCH_SIZE) * settings.epochs
     warmup = min(steps // 10, math.ceil(len(x_train) / BATCH_SIZE))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -360,10 +361,10 @@ def train(mnist: Mnist, settings: TrainSettings) -> TrainOutcome:
     )
 
 
-def _provenance(init: Path) -> dict:
+def _provenance(init: Path, rate: float = FINE_TUNE_LR) -> dict:
     """Where a fine-tuned model started: the file, and how that was made (its
     card's command and own provenance), so the chain can be retraced."""
-    entry: dict = {"model": str(init), "sha256": sha256_file(init), "peak_lr_factor": FINE_TUNE_LR}
+    entry: dict = {"model": str(init), "sha256": sha256_file(init), "peak_lr_factor": rate}
     try:
         card = json.loads(init.with_suffix(".json").read_text())
     except (OSError, ValueError, RecursionError):  # no card, or not one: the checksum still says what it was
@@ -513,6 +514,7 @@ class TrainRequest:
     init: Path | None = None
     corrections: Path | None = None
     corrections_repeat: int = 20
+    fine_tune_rate: float = FINE_TUNE_LR
 
 
 def _held_out_rejects(mnist: Mnist, seed: int, count: int = 2000) -> np.ndarray:
@@ -543,11 +545,11 @@ def run_training(request: TrainRequest) -> dict:
         reject=request.reject, synthetic_rejects=request.synthetic_rejects,
         font_digits=request.font_digits, renormalized=request.renormalized,
         low_res=request.low_res, init=request.init, corrections=request.corrections,
-        corrections_repeat=request.corrections_repeat,
+        corrections_repeat=request.corrections_repeat, fine_tune_rate=request.fine_tune_rate,
     )
     # Before training: with --out the same file as --init, the start is
     # overwritten by the end, and its checksum would name the wrong model.
-    provenance = _provenance(settings.init) if settings.init else None
+    provenance = _provenance(settings.init, settings.fine_tune_rate) if settings.init else None
     outcome = train(mnist, settings)
     out = request.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     train = [sys.executable, "-m", "digitwatch", "train", "--data", str(args.data), "--arch", "cnn",
              "--epochs", str(args.epochs), "--members", "4", "--width", "24", "--low-res", "30000",
              "--init", str(MODELS / "digits.keras"), "--corrections", str(work / "corrections"),
-             "--corrections-repeat", str(args.repeat),
+             "--corrections-repeat", str(args.repeat), "--fine-tune-rate", str(args.rate),
              "--out", str(models / "digits.keras")]
     t0 = time.monotonic()
     subprocess.run(train, check=True, cwd=ROOT)
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--next", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=20, help="how many times over the corrections are seen")
+    ap.add_argument("--rate", type=float, default=0.25, help="the fine-tune's share of the peak learning rate")
     ap.add_argument("--seed", type=int, default=77)
     ap.add_argument("--font", type=Path, help="a .ttf/.woff handwriting font the site writes in")
     ap.add_argument("--max-scans", type=int, default=20_000)
